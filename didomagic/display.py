@@ -1,0 +1,48 @@
+"""Re-publishing a remote cell's outputs in the notebook, as if the cell ran here."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from IPython.display import clear_output, publish_display_data
+
+from didomagic.protocol import Output
+
+
+class RemoteResult:
+    """The value of a remote cell's last expression, shown with the runner's rich reprs.
+
+    Returned by ``%%remote`` so the notebook shows it as the cell's ``Out[n]``.
+    """
+
+    def __init__(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        self.data = data
+        self.metadata = metadata or {}
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
+        return self.data, self.metadata
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", "<remote result>"))
+
+
+def show(output: Output) -> RemoteResult | None:
+    """Show one remote output here; return it instead when it is the cell's result."""
+    content = output.content
+    if output.msg_type == "stream":
+        stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
+        stream.write(content.get("text", ""))
+        stream.flush()
+    elif output.msg_type in ("display_data", "update_display_data"):
+        publish_display_data(
+            content.get("data", {}),
+            content.get("metadata", {}),
+            transient=content.get("transient") or None,
+            update=output.msg_type == "update_display_data",
+        )
+    elif output.msg_type == "clear_output":
+        clear_output(wait=bool(content.get("wait", False)))
+    elif output.msg_type == "execute_result":
+        return RemoteResult(content.get("data", {}), content.get("metadata", {}))
+    return None

@@ -1,0 +1,120 @@
+"""Exceptions raised by didomagic.
+
+Every error a user can meet is a subclass of :class:`DidomagicError`, carries a
+message that says what went wrong and what to do next, and renders in a notebook
+as that one paragraph, without the plumbing's traceback::
+
+    DidomagicError
+    ├── ConfigurationError        a bad connection URL, option or argument
+    ├── ProtocolError             a peer sent something the wire format forbids
+    ├── ConnectError              no session could be opened
+    │   ├── RunnerUnreachable
+    │   ├── FingerprintMismatch   the runner's certificate is not the pinned one
+    │   ├── AuthenticationFailed  missing or wrong token
+    │   ├── VersionMismatch       protocol, Python or cloudpickle versions differ
+    │   └── RunnerBusy            every session slot is taken
+    ├── ConnectionLost            the connection broke during a cell
+    ├── RunnerStartError          the embedded runner did not start
+    └── CellFailed                the cell ran but did not finish normally
+        ├── RemoteError           the cell raised; carries the remote traceback
+        ├── CellTimeout           --timeout expired; the cell was interrupted
+        └── KernelDied            the runner's kernel died during the cell
+"""
+
+from __future__ import annotations
+
+
+class DidomagicError(Exception):
+    """Base class of every didomagic error.
+
+    IPython shows an exception's ``_render_traceback_`` instead of its Python
+    traceback; ours is the message alone, so a failed cell shows one clear
+    paragraph rather than frames from inside didomagic.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class ConfigurationError(DidomagicError, ValueError):
+    """A connection URL, option or argument is not valid."""
+
+
+class ProtocolError(DidomagicError):
+    """A message broke the wire protocol (malformed, out of order, too large)."""
+
+
+class ConnectError(DidomagicError):
+    """A session with a runner could not be opened."""
+
+
+class RunnerUnreachable(ConnectError):
+    """Nothing answered at the runner's address, or the TLS handshake failed."""
+
+
+class FingerprintMismatch(ConnectError):
+    """The runner's certificate does not have the fingerprint pinned in its URL."""
+
+    def __init__(self, address: str, expected: str, got: str) -> None:
+        self.address = address
+        self.expected = expected
+        self.got = got
+        super().__init__(
+            f"The runner at {address} presented a certificate with SHA-256 fingerprint "
+            f"{got}, but the connection URL pins {expected}. Nothing was sent to it "
+            "(not even the token). If the runner was restarted with a new certificate, "
+            "copy its new connection URL; otherwise something else is answering at that "
+            "address."
+        )
+
+
+class AuthenticationFailed(ConnectError):
+    """The runner refused the token."""
+
+
+class VersionMismatch(ConnectError):
+    """The two sides cannot exchange pickles or messages safely."""
+
+
+class RunnerBusy(ConnectError):
+    """The runner has no free session slot."""
+
+
+class ConnectionLost(DidomagicError):
+    """The connection to the runner broke while a cell was in flight."""
+
+
+class RunnerStartError(DidomagicError):
+    """The embedded runner subprocess did not start."""
+
+
+class CellFailed(DidomagicError):
+    """The cell ran on the runner but did not finish normally."""
+
+
+class RemoteError(CellFailed):
+    """The cell raised an exception on the runner.
+
+    ``ename`` and ``evalue`` name the remote exception; ``traceback`` holds the
+    remote traceback lines (with ANSI colours), which IPython shows in place of
+    a local traceback.
+    """
+
+    def __init__(self, ename: str, evalue: str, traceback: list[str], runner: str = "") -> None:
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = list(traceback)
+        self.runner = runner
+        where = f" on runner {runner}" if runner else " on the runner"
+        super().__init__(f"{ename}: {evalue} (raised{where})")
+
+    def _render_traceback_(self) -> list[str]:
+        return [*self.traceback, f"RemoteError: {self}"]
+
+
+class CellTimeout(CellFailed):
+    """The cell ran longer than its timeout and was interrupted."""
+
+
+class KernelDied(CellFailed):
+    """The runner's kernel process died while running the cell."""

@@ -1,0 +1,563 @@
+"""The didomagic wire protocol: message types, encoding and the session state machine.
+
+Theory of operation
+-------------------
+A client and a runner talk over one websocket. Control messages are JSON text
+frames; values travel as binary frames. Nothing in this module does I/O: the
+client and the runner feed it what they receive and send what it returns, the
+way ``websockets.protocol`` separates the protocol from the transport.
+
+One session, from the client's point of view::
+
+    client                                runner
+    hello ─────────────────────────────▶            versions checked
+          ◀───────────────────────────── welcome    (or error, then close)
+    execute ───────────────────────────▶            declares values + their sizes
+    binary frames (values) ────────────▶
+          ◀───────────────────────────── output     stream, display_data, ...
+    interrupt ─────────────────────────▶            (any time while running)
+          ◀───────────────────────────── result     declares returned values
+          ◀───────────────────────────── binary frames (values)
+    execute ... (the next cell)
+
+A value is pickled with protocol 5: one pickle stream plus zero or more
+out-of-band buffers (array memory). Its *parts* are that stream and those
+buffers; a :class:`ValueHeader` declares each part's size, and the binary
+frames that follow carry the parts in order, each part split into frames of at
+most :data:`CHUNK_SIZE` bytes. A frame never spans two parts, and empty parts
+have no frame, so a receiver always knows where each byte goes before it
+arrives and can write it straight into its destination.
+
+:class:`Session` enforces the order above with a transition table. A message
+that is not legal in the current state raises :class:`ProtocolError`, so each
+side rejects out-of-order or unexpected input in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum, StrEnum
+from typing import Any, ClassVar
+
+from didomagic.errors import ProtocolError, VersionMismatch
+
+PROTOCOL_VERSION = 1
+"""Bumped on any change that an older peer could misread."""
+
+CHUNK_SIZE = 1 << 20
+"""Largest binary frame a sender produces (1 MiB)."""
+
+MAX_TEXT_SIZE = 16 << 20
+"""Largest control message accepted (16 MiB: a cell's source fits with room)."""
+
+
+def python_version() -> str:
+    """This interpreter's ``major.minor`` version, as exchanged in the hello."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def cloudpickle_version() -> str:
+    """The installed cloudpickle version, as exchanged in the hello."""
+    import cloudpickle
+
+    return str(cloudpickle.__version__)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class ValueHeader:
+    """A value that travels: its name and the byte size of each of its parts."""
+
+    name: str
+    sizes: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the value's parts."""
+        return sum(self.sizes)
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base class of every control message; ``kind`` is its wire ``type``."""
+
+    kind: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Client → runner, first message: what the client speaks."""
+
+    kind: ClassVar[str] = "hello"
+    protocol: int
+    python: str
+    cloudpickle: str
+    client: str = ""
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Runner → client: the session is open; ``runner`` describes the runner."""
+
+    kind: ClassVar[str] = "welcome"
+    protocol: int
+    python: str
+    cloudpickle: str
+    session: str
+    runner: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Execute(Message):
+    """Client → runner: run ``code``; the declared values follow as binary frames.
+
+    ``fetch`` names are sent back after the cell if they are bound then;
+    ``deletes`` are names the cell deletes, reported back if they are gone.
+    """
+
+    kind: ClassVar[str] = "execute"
+    cell: str
+    code: str
+    values: tuple[ValueHeader, ...] = ()
+    fetch: tuple[str, ...] = ()
+    deletes: tuple[str, ...] = ()
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Interrupt(Message):
+    """Client → runner: interrupt the running cell (like the stop button)."""
+
+    kind: ClassVar[str] = "interrupt"
+    cell: str
+
+
+@dataclass(frozen=True)
+class Output(Message):
+    """Runner → client: one iopub message of the running cell, as the kernel sent it.
+
+    ``msg_type`` is one of :data:`OUTPUT_TYPES`; ``content`` is the Jupyter
+    message content, unchanged.
+    """
+
+    kind: ClassVar[str] = "output"
+    cell: str
+    msg_type: str
+    content: dict[str, Any]
+
+
+OUTPUT_TYPES = frozenset(
+    {"stream", "display_data", "update_display_data", "execute_result", "clear_output"}
+)
+
+
+class Status(StrEnum):
+    """How a cell ended."""
+
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    KERNEL_DIED = "kernel-died"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    """Runner → client: the cell ended; the declared values follow as binary frames.
+
+    ``failures`` maps a name to why it could not travel (either way);
+    ``deleted`` lists names of ``Execute.deletes`` that are unbound now;
+    ``error`` holds ``ename``, ``evalue`` and ``traceback`` for an error,
+    or a ``message`` for a timeout or a dead kernel.
+    """
+
+    kind: ClassVar[str] = "result"
+    cell: str
+    status: Status
+    values: tuple[ValueHeader, ...] = ()
+    deleted: tuple[str, ...] = ()
+    failures: dict[str, str] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+
+
+class ErrorCode(StrEnum):
+    """Why a runner ends a session with an :class:`Error`."""
+
+    PROTOCOL = "protocol"
+    VERSION = "version"
+    BUSY = "busy"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """Runner → client: the session cannot go on; the runner closes it next."""
+
+    kind: ClassVar[str] = "error"
+    code: ErrorCode
+    message: str
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.kind: cls for cls in (Hello, Welcome, Execute, Interrupt, Output, Result, Error)
+}
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode(message: Message) -> str:
+    """Serialize a message to the JSON text of one websocket frame."""
+    body = asdict(message)
+    body["type"] = message.kind
+    return json.dumps(body, separators=(",", ":"), default=_enum_value)
+
+
+def _enum_value(obj: object) -> object:
+    if isinstance(obj, Enum):
+        return obj.value
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def decode(text: str | bytes) -> Message:
+    """Parse and validate one text frame; raise :class:`ProtocolError` if it is not valid."""
+    if len(text) > MAX_TEXT_SIZE:
+        raise ProtocolError(f"control message of {len(text)} bytes exceeds {MAX_TEXT_SIZE}")
+    try:
+        body = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"control message is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("control message must be a JSON object")
+    kind = body.pop("type", None)
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(
+            f"unknown message type {kind!r}; expected one of {sorted(MESSAGE_TYPES)}"
+        )
+    known = {f.name for f in fields(cls)}
+    extra = set(body) - known
+    if extra:
+        raise ProtocolError(f"{kind} message has unknown fields {sorted(extra)}")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in body:
+            if _is_required(f):
+                raise ProtocolError(f"{kind} message is missing the field {f.name!r}")
+            continue
+        values[f.name] = _FIELD_TYPES[f.type](kind, f.name, body[f.name])
+    return cls(**values)
+
+
+def _is_required(f: Any) -> bool:
+    from dataclasses import MISSING
+
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _check(kind: str, name: str, ok: bool, expected: str, value: object) -> None:
+    if not ok:
+        raise ProtocolError(
+            f"{kind}.{name} must be {expected}, got {type(value).__name__} {value!r:.60}"
+        )
+
+
+def _as_int(kind: str, name: str, v: Any) -> int:
+    _check(kind, name, isinstance(v, int) and not isinstance(v, bool), "an integer", v)
+    return int(v)
+
+
+def _as_str(kind: str, name: str, v: Any) -> str:
+    _check(kind, name, isinstance(v, str), "a string", v)
+    return str(v)
+
+
+def _as_str_tuple(kind: str, name: str, v: Any) -> tuple[str, ...]:
+    _check(
+        kind,
+        name,
+        isinstance(v, list) and all(isinstance(s, str) for s in v),
+        "a list of strings",
+        v,
+    )
+    return tuple(v)
+
+
+def _as_object(kind: str, name: str, v: Any) -> dict[str, Any]:
+    _check(kind, name, isinstance(v, dict), "a JSON object", v)
+    return dict(v)
+
+
+def _as_optional_object(kind: str, name: str, v: Any) -> dict[str, Any] | None:
+    return None if v is None else _as_object(kind, name, v)
+
+
+def _as_str_map(kind: str, name: str, v: Any) -> dict[str, str]:
+    ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+    _check(kind, name, ok, "an object of strings", v)
+    return dict(v)
+
+
+def _as_timeout(kind: str, name: str, v: Any) -> float | None:
+    if v is None:
+        return None
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    _check(kind, name, ok, "a positive number of seconds or null", v)
+    return float(v)
+
+
+def _as_values(kind: str, name: str, v: Any) -> tuple[ValueHeader, ...]:
+    _check(kind, name, isinstance(v, list), "a list of values", v)
+    headers = []
+    for item in v:
+        ok = (
+            isinstance(item, dict)
+            and set(item) == {"name", "sizes"}
+            and isinstance(item["name"], str)
+            and isinstance(item["sizes"], list)
+            and len(item["sizes"]) >= 1
+            and all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in item["sizes"]
+            )
+        )
+        _check(kind, name, ok, 'a list of {"name": str, "sizes": [int >= 0, ...]}', item)
+        headers.append(ValueHeader(item["name"], tuple(item["sizes"])))
+    return tuple(headers)
+
+
+def _enum_of(enum: type[Enum]) -> Callable[[str, str, Any], Any]:
+    def convert(kind: str, name: str, v: Any) -> Any:
+        try:
+            return enum(v)
+        except ValueError:
+            raise ProtocolError(
+                f"{kind}.{name} must be one of {[e.value for e in enum]}, got {v!r:.60}"
+            ) from None
+
+    return convert
+
+
+_FIELD_TYPES: dict[str, Callable[[str, str, Any], Any]] = {
+    "int": _as_int,
+    "str": _as_str,
+    "tuple[str, ...]": _as_str_tuple,
+    "dict[str, Any]": _as_object,
+    "dict[str, Any] | None": _as_optional_object,
+    "dict[str, str]": _as_str_map,
+    "float | None": _as_timeout,
+    "tuple[ValueHeader, ...]": _as_values,
+    "Status": _enum_of(Status),
+    "ErrorCode": _enum_of(ErrorCode),
+}
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def check_compatible(*, protocol: int, python: str, cloudpickle: str, side: str = "runner") -> None:
+    """Raise :class:`VersionMismatch` unless the peer's versions match ours.
+
+    Pickles made by cloudpickle only load under the same Python minor version
+    and the same cloudpickle version, so both must match exactly.
+    """
+    ours = (PROTOCOL_VERSION, python_version(), cloudpickle_version())
+    theirs = (protocol, python, cloudpickle)
+    if ours == theirs:
+        return
+    here = "this side" if side == "runner" else "this notebook"
+    raise VersionMismatch(
+        f"Version mismatch: {here} has protocol {ours[0]}, Python {ours[1]}, cloudpickle "
+        f"{ours[2]}; the {side} has protocol {theirs[0]}, Python {theirs[1]}, cloudpickle "
+        f"{theirs[2]}. Values are pickled, so both sides need the same Python minor version "
+        "and the same cloudpickle (and didomagic) version: install matching versions."
+    )
+
+
+# --------------------------------------------------------------------------- session
+
+
+class Role(StrEnum):
+    """Which end of the websocket a :class:`Session` tracks."""
+
+    CLIENT = "client"
+    RUNNER = "runner"
+
+
+class State(StrEnum):
+    """Where a session stands (see the module docstring)."""
+
+    HELLO = "hello"  # waiting for the client's hello
+    WELCOME = "welcome"  # hello sent, waiting for the runner's welcome
+    IDLE = "idle"  # ready for the next cell
+    UPLOAD = "upload"  # execute sent; its values are in flight
+    RUNNING = "running"  # the cell runs on the runner
+    DOWNLOAD = "download"  # result sent; its values are in flight
+    CLOSED = "closed"
+
+
+_SENDER = {
+    Hello: Role.CLIENT,
+    Execute: Role.CLIENT,
+    Interrupt: Role.CLIENT,
+    Welcome: Role.RUNNER,
+    Output: Role.RUNNER,
+    Result: Role.RUNNER,
+    Error: Role.RUNNER,
+}
+
+_TRANSITIONS: dict[tuple[State, type[Message]], State] = {
+    (State.HELLO, Hello): State.WELCOME,
+    (State.WELCOME, Welcome): State.IDLE,
+    (State.IDLE, Execute): State.UPLOAD,
+    (State.UPLOAD, Interrupt): State.UPLOAD,
+    (State.RUNNING, Output): State.RUNNING,
+    (State.RUNNING, Interrupt): State.RUNNING,
+    (State.RUNNING, Result): State.DOWNLOAD,
+    # An interrupt may cross the result on the wire; it is then a no-op.
+    (State.DOWNLOAD, Interrupt): State.DOWNLOAD,
+    (State.IDLE, Interrupt): State.IDLE,
+}
+"""Legal moves: (state, message type) → next state. An :class:`Error` closes from any state."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Where the bytes of one binary frame belong: value, part and offset in that part."""
+
+    value: int
+    part: int
+    offset: int
+    data: memoryview
+
+
+class Session:
+    """The state of one connection, for one role; validates every message in order.
+
+    Call :meth:`send` before sending a control message, :meth:`receive` on each
+    text frame received, :meth:`frames` to produce the binary frames of the
+    values just declared, and :meth:`receive_binary` on each binary frame.
+    """
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.state = State.HELLO
+        self._pending: list[tuple[int, int, int]] = []  # (value, part, size) still to move
+        self._offset = 0  # bytes of the current part already moved
+
+    # -- control messages
+
+    def send(self, message: Message) -> str:
+        """Check that this side may send ``message`` now, advance, and return its text."""
+        if _SENDER[type(message)] is not self.role:
+            raise ProtocolError(f"a {self.role.value} does not send {message.kind} messages")
+        self._advance(message)
+        return encode(message)
+
+    def receive(self, text: str | bytes) -> Message:
+        """Decode a received text frame, check it is legal now, and advance."""
+        message = decode(text)
+        if self._receiving_blobs() and not isinstance(message, Interrupt | Error):
+            raise ProtocolError(
+                f"got a {message.kind} message while "
+                f"{self._bytes_left()} bytes of values were still expected"
+            )
+        if _SENDER[type(message)] is self.role:
+            raise ProtocolError(f"a {self.role.value} does not receive {message.kind} messages")
+        self._advance(message)
+        return message
+
+    def _advance(self, message: Message) -> None:
+        if isinstance(message, Error):
+            self.state = State.CLOSED
+            return
+        nxt = _TRANSITIONS.get((self.state, type(message)))
+        if nxt is None:
+            raise ProtocolError(
+                f"{message.kind} message is not allowed in state {self.state.value!r}"
+            )
+        if isinstance(message, Execute | Result):
+            self._expect(message.values)
+        self.state = nxt
+        self._settle()
+
+    # -- binary frames
+
+    def _receiving_blobs(self) -> bool:
+        upload_in = self.state is State.UPLOAD and self.role is Role.RUNNER
+        download_in = self.state is State.DOWNLOAD and self.role is Role.CLIENT
+        return upload_in or download_in
+
+    def _expect(self, values: Sequence[ValueHeader]) -> None:
+        self._pending = [
+            (v, p, size)
+            for v, header in enumerate(values)
+            for p, size in enumerate(header.sizes)
+            if size > 0
+        ]
+        self._offset = 0
+
+    def _bytes_left(self) -> int:
+        return sum(size for _, _, size in self._pending) - self._offset
+
+    def _settle(self) -> None:
+        """Leave UPLOAD / DOWNLOAD once every declared byte has moved."""
+        if self._pending:
+            return
+        if self.state is State.UPLOAD:
+            self.state = State.RUNNING
+        elif self.state is State.DOWNLOAD:
+            self.state = State.IDLE
+
+    def _take(self, nbytes: int) -> tuple[int, int, int]:
+        value, part, size = self._pending[0]
+        offset = self._offset
+        if nbytes > size - offset:
+            raise ProtocolError(
+                f"binary frame of {nbytes} bytes overruns value {value} part {part} "
+                f"({size - offset} bytes left in it)"
+            )
+        self._offset += nbytes
+        if self._offset == size:
+            self._pending.pop(0)
+            self._offset = 0
+        return value, part, offset
+
+    def receive_binary(self, data: bytes | bytearray | memoryview) -> Chunk:
+        """Place one received binary frame; raise if none was expected or it overruns."""
+        if not self._receiving_blobs() or not self._pending:
+            raise ProtocolError(f"unexpected binary frame in state {self.state.value!r}")
+        if len(data) == 0:
+            raise ProtocolError("empty binary frame")
+        value, part, offset = self._take(len(data))
+        self._settle()
+        return Chunk(value, part, offset, memoryview(data))
+
+    def frames(self, parts: Sequence[Sequence[memoryview]]) -> Iterator[memoryview]:
+        """Yield the binary frames for the values just declared by :meth:`send`.
+
+        ``parts[v][p]`` is the memory of part ``p`` of value ``v``; frames are
+        zero-copy slices of it, at most :data:`CHUNK_SIZE` bytes each.
+        """
+        sending = (self.state is State.UPLOAD and self.role is Role.CLIENT) or (
+            self.state is State.DOWNLOAD and self.role is Role.RUNNER
+        )
+        if self._pending and not sending:
+            raise ProtocolError(f"no values to send in state {self.state.value!r}")
+        while self._pending:
+            value, part, size = self._pending[0]
+            buf = parts[value][part]
+            if buf.nbytes != size:
+                raise ProtocolError(
+                    f"value {value} part {part} has {buf.nbytes} bytes, declared {size}"
+                )
+            end = min(self._offset + CHUNK_SIZE, size)
+            chunk = buf[self._offset : end]
+            self._take(end - self._offset)
+            yield chunk
+        self._settle()

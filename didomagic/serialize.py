@@ -1,0 +1,153 @@
+"""Packing values for the wire and unpacking them, one name at a time.
+
+A value becomes *parts*: a cloudpickle stream (protocol 5) and the out-of-band
+buffers it refers to, so array memory is never copied into the pickle. Parts
+are flat byte ``memoryview`` objects; the wire protocol moves them as binary
+frames and the runner keeps them in one file per value, laid end to end.
+
+A name that cannot be pickled or unpickled does not stop the others: the
+functions here return the failures by name with the reason.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from didomagic.protocol import ValueHeader
+
+PICKLE_PROTOCOL = 5
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One value ready to travel: its name and its parts (pickle stream first)."""
+
+    name: str
+    parts: tuple[memoryview, ...]
+
+    @property
+    def header(self) -> ValueHeader:
+        """The header that declares this value on the wire."""
+        return ValueHeader(self.name, tuple(p.nbytes for p in self.parts))
+
+
+def _flat(buffer: pickle.PickleBuffer | bytes | bytearray | memoryview) -> memoryview:
+    view = buffer.raw() if isinstance(buffer, pickle.PickleBuffer) else memoryview(buffer)
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for a failure, as shown to the user."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def pack(name: str, value: Any) -> Packed:
+    """Pickle one value with out-of-band buffers; raise if it cannot be pickled."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    return Packed(name, (memoryview(stream), *(_flat(b) for b in buffers)))
+
+
+def pack_names(
+    namespace: Mapping[str, Any], names: Iterable[str]
+) -> tuple[list[Packed], dict[str, str]]:
+    """Pack every name bound in ``namespace``; return the packed values and the failures."""
+    packed: list[Packed] = []
+    failures: dict[str, str] = {}
+    for name in names:
+        if name not in namespace:
+            continue
+        try:
+            packed.append(pack(name, namespace[name]))
+        except Exception as exc:
+            failures[name] = f"could not be pickled: {describe(exc)}"
+    return packed, failures
+
+
+def unpack(parts: Sequence[bytes | bytearray | memoryview]) -> Any:
+    """Rebuild a value from its parts (pickle stream first, then its buffers)."""
+    return pickle.loads(parts[0], buffers=parts[1:])
+
+
+def unpack_into(
+    namespace: MutableMapping[str, Any], values: Iterable[tuple[str, Sequence[Any]]]
+) -> dict[str, str]:
+    """Unpickle ``(name, parts)`` pairs into ``namespace``; return the failures by name."""
+    failures: dict[str, str] = {}
+    for name, parts in values:
+        try:
+            namespace[name] = unpack(parts)
+        except Exception as exc:
+            failures[name] = f"could not be unpickled: {describe(exc)}"
+    return failures
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_file(path: Path, parts: Sequence[memoryview]) -> None:
+    """Write a value's parts end to end into ``path`` (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb", buffering=0) as f:
+        for part in parts:
+            view = part
+            while view.nbytes:
+                written = f.write(view)
+                view = view[written:]
+
+
+def read_file(path: Path, sizes: Sequence[int]) -> list[memoryview]:
+    """Map a value file and return its parts as writable copy-on-write views.
+
+    The views share the page cache with the file, so a large array costs no
+    extra copy until it is written to.
+    """
+    total = sum(sizes)
+    if total == 0:
+        return [memoryview(b"") for _ in sizes]
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size != total:
+            raise ValueError(
+                f"{path.name} holds {os.fstat(f.fileno()).st_size} bytes, expected {total}"
+            )
+        mapped = mmap.mmap(f.fileno(), total, access=mmap.ACCESS_COPY)
+    view = memoryview(mapped)
+    parts, offset = [], 0
+    for size in sizes:
+        parts.append(view[offset : offset + size])
+        offset += size
+    return parts
+
+
+# --------------------------------------------------------------------------- what returns
+
+_MISSING = object()
+
+
+def snapshot(namespace: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The objects bound to ``names`` now (identity, not copies), to compare after a cell."""
+    return {name: namespace.get(name, _MISSING) for name in names}
+
+
+def names_to_return(
+    namespace: Mapping[str, Any], before: Mapping[str, Any], succeeded: bool
+) -> list[str]:
+    """Which snapshotted names go back after a cell.
+
+    After success, every one that is bound. After an exception, only those the
+    cell rebound, so an older value never overwrites the caller's.
+    """
+    return [
+        name
+        for name, old in before.items()
+        if name in namespace and (succeeded or namespace[name] is not old)
+    ]

@@ -1,0 +1,109 @@
+"""The helper loaded into every runner kernel: moves values in and out of its namespace.
+
+The runner and the agent share a private *exchange* directory. Before sending
+a cell as an ordinary ``execute_request``, the runner writes each incoming
+value to a file there and then ``cell.json`` describing them. The agent's
+``pre_run_cell`` hook loads those values into the user namespace; its
+``post_run_cell`` hook pickles the names the client asked for into files and
+writes ``result.json``. The cell thus costs one kernel round trip, and values
+never pass through ZMQ.
+
+After a cell that raised, only names the cell actually rebound go back, so a
+stale value from an earlier cell never overwrites the notebook's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from didomagic import serialize
+
+CELL_FILE = "cell.json"
+RESULT_FILE = "result.json"
+
+
+def input_file(exchange: Path, index: int) -> Path:
+    """Where the runner writes incoming value number ``index``."""
+    return exchange / f"in-{index}.bin"
+
+
+def output_file(exchange: Path, index: int) -> Path:
+    """Where the agent writes returned value number ``index``."""
+    return exchange / f"out-{index}.bin"
+
+
+def write_json(path: Path, body: dict[str, Any]) -> None:
+    """Write ``body`` to ``path`` atomically (a reader sees all of it or nothing)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, path)
+
+
+class Agent:
+    """Loads and dumps values around each cell of one kernel."""
+
+    def __init__(self, shell: Any, exchange: Path) -> None:
+        self.shell = shell
+        self.exchange = exchange
+        self._request: dict[str, Any] | None = None
+        self._before: dict[str, Any] = {}
+        self._failures: dict[str, str] = {}
+
+    def pre_run_cell(self, info: Any = None) -> None:
+        """Load the values the runner left for this cell."""
+        cell = self.exchange / CELL_FILE
+        if not cell.exists():
+            self._request = None
+            return
+        request = json.loads(cell.read_text())
+        cell.unlink()
+        ns = self.shell.user_ns
+        pairs, failures = [], {}
+        for i, value in enumerate(request["values"]):
+            path = input_file(self.exchange, i)
+            try:
+                pairs.append((value["name"], serialize.read_file(path, value["sizes"])))
+            except Exception as exc:
+                failures[value["name"]] = f"could not be read: {serialize.describe(exc)}"
+            path.unlink(missing_ok=True)
+        failures.update(serialize.unpack_into(ns, pairs))
+        self._failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
+        self._before = serialize.snapshot(ns, request["fetch"])
+        self._request = request
+
+    def post_run_cell(self, result: Any = None) -> None:
+        """Pickle the names to send back and write ``result.json``."""
+        request, self._request = self._request, None
+        if request is None:
+            return
+        ns = self.shell.user_ns
+        succeeded = bool(getattr(result, "success", False))
+        names = serialize.names_to_return(ns, self._before, succeeded)
+        packed, failures = serialize.pack_names(ns, names)
+        values = []
+        for i, item in enumerate(packed):
+            serialize.write_file(output_file(self.exchange, i), item.parts)
+            values.append({"name": item.name, "sizes": [p.nbytes for p in item.parts]})
+        failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
+        write_json(
+            self.exchange / RESULT_FILE,
+            {
+                "values": values,
+                "failures": {**self._failures, **failures},
+                "deleted": [name for name in request["deletes"] if name not in ns],
+            },
+        )
+        self._before, self._failures = {}, {}
+
+
+def install(exchange: str) -> None:
+    """Register the agent's hooks in this kernel (called once, silently, by the runner)."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    agent = Agent(shell, Path(exchange))
+    shell.events.register("pre_run_cell", agent.pre_run_cell)
+    shell.events.register("post_run_cell", agent.post_run_cell)

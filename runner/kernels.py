@@ -1,0 +1,299 @@
+"""Real ipykernel kernels for runner sessions, driven through jupyter_client, and a warm pool.
+
+Each kernel gets a directory of its own under the runner's work root::
+
+    <root>/<kernel id>/            mode 0700
+        private/                   connection file, IPC sockets, exchange files
+        scratch/                   the kernel's working directory, empty at start
+
+Kernels talk to the runner over IPC sockets in ``private/`` (TCP on Windows),
+so no port is opened that other local users could reach. Both directories are
+removed when the kernel is shut down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from didomagic.protocol import OUTPUT_TYPES, Status
+from runner import agent
+
+logger = logging.getLogger("didomagic.runner")
+
+START_TIMEOUT = 60.0
+"""Seconds a kernel may take to start and load the agent."""
+
+INTERRUPT_GRACE = 10.0
+"""Seconds an interrupted cell may take to stop before its kernel is restarted."""
+
+DEATH_POLL = 0.2
+"""Seconds between checks that a busy kernel's process is still alive."""
+
+OutputCallback = Callable[[str, dict[str, Any]], None]
+
+
+class _SpecManager(KernelSpecManager):
+    """Always the runner's own Python with ipykernel, whatever kernelspecs are installed."""
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        source_root = str(Path(agent.__file__).resolve().parent.parent)
+        pythonpath = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
+        return KernelSpec(
+            argv=[
+                sys.executable,
+                "-m",
+                "ipykernel_launcher",
+                "-f",
+                "{connection_file}",
+                # Runner kernels must not write into the runner user's IPython history.
+                "--HistoryManager.enabled=False",
+            ],
+            display_name="didomagic runner kernel",
+            language="python",
+            interrupt_mode="signal",
+            env={"PYTHONPATH": pythonpath, "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
+        )
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    """How a cell ended in the kernel, with the error details when it did not succeed."""
+
+    status: Status
+    error: dict[str, Any] | None = None
+
+
+class Kernel:
+    """One ipykernel process with its private and scratch directories."""
+
+    def __init__(self, root: Path) -> None:
+        self.id = secrets.token_hex(6)
+        self.home = root / self.id
+        self.private = self.home / "private"
+        self.scratch = self.home / "scratch"
+        self.exchange = self.private / "exchange"
+        self._km: AsyncKernelManager | None = None
+        self._kc: Any = None
+        self._iopub_task: asyncio.Task[None] | None = None
+        self._listeners: dict[str, tuple[OutputCallback, asyncio.Event]] = {}
+
+    async def start(self) -> None:
+        """Start the kernel process in its scratch directory and load the agent."""
+        self.home.mkdir(mode=0o700)
+        self.private.mkdir(mode=0o700)
+        self.exchange.mkdir(mode=0o700)
+        self.scratch.mkdir(mode=0o700)
+        ipc = os.name == "posix"
+        self._km = AsyncKernelManager(
+            kernel_name="didomagic",
+            kernel_spec_manager=_SpecManager(),
+            transport="ipc" if ipc else "tcp",
+            ip=str(self.private / "k") if ipc else "127.0.0.1",
+            connection_file=str(self.private / "kernel.json"),
+        )
+        await self._km.start_kernel(cwd=str(self.scratch))
+        self._kc = self._km.client()
+        self._kc.start_channels()
+        await self._kc.wait_for_ready(timeout=START_TIMEOUT)
+        self._iopub_task = asyncio.create_task(self._read_iopub())
+        reply = await self._run(
+            f"__import__('runner.agent').agent.install({str(self.exchange)!r})", silent=True
+        )
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"agent did not load: {reply['content'].get('evalue')}")
+        logger.debug("kernel %s ready in %s", self.id, self.scratch)
+
+    async def _read_iopub(self) -> None:
+        while True:
+            msg = await self._kc.get_iopub_msg()
+            parent = msg.get("parent_header", {}).get("msg_id")
+            listener = self._listeners.get(parent)
+            if listener is None:
+                continue
+            on_output, idle = listener
+            msg_type = msg["header"]["msg_type"]
+            if msg_type in OUTPUT_TYPES:
+                on_output(msg_type, msg["content"])
+            elif msg_type == "status" and msg["content"].get("execution_state") == "idle":
+                idle.set()
+
+    async def _run(
+        self, code: str, *, silent: bool = False, on_output: OutputCallback | None = None
+    ) -> dict[str, Any]:
+        """Execute ``code``; return its reply once the kernel is idle again."""
+        msg_id = self._kc.execute(
+            code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False
+        )
+        idle = asyncio.Event()
+        self._listeners[msg_id] = (on_output or (lambda t, c: None), idle)
+        try:
+            while True:
+                reply = await self._kc.get_shell_msg()
+                if reply.get("parent_header", {}).get("msg_id") == msg_id:
+                    break
+            await idle.wait()
+            return dict(reply)
+        finally:
+            self._listeners.pop(msg_id, None)
+
+    async def _died(self) -> None:
+        assert self._km is not None
+        while await self._km.is_alive():
+            await asyncio.sleep(DEATH_POLL)
+
+    async def execute(
+        self, code: str, on_output: OutputCallback, timeout: float | None = None
+    ) -> CellOutcome:
+        """Run a cell, streaming its outputs; enforce ``timeout`` by interrupting it."""
+        run = asyncio.ensure_future(self._run(code, on_output=on_output))
+        death = asyncio.ensure_future(self._died())
+        try:
+            done, _ = await asyncio.wait(
+                {run, death}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            timed_out = not done
+            if timed_out:
+                logger.info(
+                    "kernel %s: cell exceeded its %ss timeout; interrupting", self.id, timeout
+                )
+                await self.interrupt()
+                done, _ = await asyncio.wait(
+                    {run, death}, timeout=INTERRUPT_GRACE, return_when=asyncio.FIRST_COMPLETED
+                )
+            if run in done:
+                content = run.result()["content"]
+                if timed_out:
+                    return CellOutcome(
+                        Status.TIMEOUT,
+                        {
+                            "message": f"the cell ran longer than its timeout of {timeout:g} s "
+                            "and was interrupted; the session's state is kept"
+                        },
+                    )
+                if content["status"] == "ok":
+                    return CellOutcome(Status.OK)
+                return CellOutcome(
+                    Status.ERROR,
+                    {
+                        "ename": content.get("ename", "Error"),
+                        "evalue": content.get("evalue", ""),
+                        "traceback": content.get("traceback", []),
+                    },
+                )
+            if timed_out and death not in done:
+                return CellOutcome(
+                    Status.KERNEL_DIED,
+                    {
+                        "message": f"the cell ran longer than its timeout of {timeout:g} s and did "
+                        f"not stop within {INTERRUPT_GRACE:g} s of an interrupt, so its "
+                        "kernel was stopped; the session's state is lost"
+                    },
+                )
+            return CellOutcome(
+                Status.KERNEL_DIED,
+                {
+                    "message": "the runner's kernel died while running the cell (for example "
+                    "os._exit, a crash in native code, or running out of memory); "
+                    "the next cell starts in a fresh kernel, so earlier remote state "
+                    "is lost"
+                },
+            )
+        finally:
+            for task in (run, death):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell (SIGINT, like the notebook's stop button)."""
+        if self._km is not None and await self._km.is_alive():
+            await self._km.interrupt_kernel()
+
+    async def shutdown(self) -> None:
+        """Stop the kernel process and remove both of its directories."""
+        if self._iopub_task is not None:
+            self._iopub_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._iopub_task
+        if self._kc is not None:
+            self._kc.stop_channels()
+        if self._km is not None:
+            with contextlib.suppress(Exception):
+                await self._km.shutdown_kernel(now=True)
+        shutil.rmtree(self.home, ignore_errors=True)
+        logger.debug("kernel %s shut down", self.id)
+
+
+class KernelPool:
+    """Keeps ``size`` kernels started ahead, so a new session does not wait for one."""
+
+    def __init__(self, root: Path, size: int) -> None:
+        self.root = root
+        self.size = size
+        self._warm: list[Kernel] = []
+        self._starting: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def fill(self) -> None:
+        """Start kernels in the background until ``size`` are warm or starting."""
+        while not self._closed and len(self._warm) + len(self._starting) < self.size:
+            task = asyncio.create_task(self._start_one())
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _start_one(self) -> None:
+        kernel = Kernel(self.root)
+        try:
+            await kernel.start()
+        except asyncio.CancelledError:
+            await kernel.shutdown()
+            raise
+        except Exception:
+            logger.exception("a warm kernel failed to start")
+            await kernel.shutdown()
+            return
+        if self._closed:
+            await kernel.shutdown()
+        else:
+            self._warm.append(kernel)
+
+    async def wait_warm(self) -> None:
+        """Wait until the kernels being started now are up."""
+        if self._starting:
+            await asyncio.wait(set(self._starting))
+
+    async def take(self) -> Kernel:
+        """A started kernel: a warm one if there is one, else one started now."""
+        if self._warm:
+            kernel = self._warm.pop(0)
+        else:
+            kernel = Kernel(self.root)
+            try:
+                await kernel.start()
+            except BaseException:
+                await kernel.shutdown()
+                raise
+        self.fill()
+        return kernel
+
+    async def close(self) -> None:
+        """Stop every warm kernel and any still starting."""
+        self._closed = True
+        for task in list(self._starting):
+            task.cancel()
+        await asyncio.gather(*self._starting, return_exceptions=True)
+        await asyncio.gather(*(k.shutdown() for k in self._warm))
+        self._warm.clear()

@@ -1,0 +1,427 @@
+"""The runner's websocket server: TLS, token check, sessions, one kernel per session.
+
+A connection is authenticated during the HTTP upgrade (``Authorization:
+Bearer``, compared in constant time), so an unauthenticated peer gets a 401
+before any websocket message is read and before any kernel is touched. Each
+authenticated connection is one session: it gets a kernel from the pool, runs
+cells one at a time, and its kernel and directories go when it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import platform
+import secrets
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import IO, Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+import didomagic
+from didomagic import serialize
+from didomagic.errors import ProtocolError, VersionMismatch
+from didomagic.protocol import (
+    CHUNK_SIZE,
+    MAX_TEXT_SIZE,
+    PROTOCOL_VERSION,
+    Error,
+    ErrorCode,
+    Execute,
+    Hello,
+    Interrupt,
+    Output,
+    Result,
+    Role,
+    Session,
+    State,
+    Status,
+    ValueHeader,
+    Welcome,
+    check_compatible,
+    cloudpickle_version,
+    encode,
+    python_version,
+)
+from runner import agent
+from runner.certs import server_context
+from runner.kernels import Kernel, KernelPool
+
+logger = logging.getLogger("didomagic.runner")
+
+HELLO_TIMEOUT = 10.0
+"""Seconds a client has to send its hello after the websocket opens."""
+
+
+@dataclass
+class RunnerSettings:
+    """Everything the server needs, as parsed from the command line."""
+
+    host: str = "127.0.0.1"
+    port: int = 4940
+    name: str = field(default_factory=platform.node)
+    tags: tuple[str, ...] = ()
+    token: str = ""
+    certfile: Path = Path()
+    keyfile: Path = Path()
+    max_sessions: int = field(default_factory=lambda: os.cpu_count() or 1)
+    warm_kernels: int = 1
+
+
+def check_token(request: Request, token: str) -> bool:
+    """True when the request carries ``Authorization: Bearer <token>`` (constant time)."""
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode(), token.encode()
+    )
+
+
+class RunnerServer:
+    """Serves sessions until :meth:`stop` is called."""
+
+    def __init__(self, settings: RunnerSettings, work_root: Path) -> None:
+        self.settings = settings
+        self.pool = KernelPool(work_root, settings.warm_kernels)
+        self.sessions: set[asyncio.Task[Any]] = set()
+        self._server: Server | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What this runner says about itself in the welcome."""
+        return {
+            "name": self.settings.name,
+            "tags": list(self.settings.tags),
+            "os": platform.system().lower(),
+            "arch": platform.machine(),
+            "python": platform.python_version(),
+            "didomagic": didomagic.__version__,
+            "cpus": os.cpu_count(),
+            "sessions": len(self.sessions),
+            "max_sessions": self.settings.max_sessions,
+        }
+
+    async def start(self) -> int:
+        """Start listening and warming kernels; return the bound port."""
+        self.pool.fill()
+        self._server = await serve(
+            self._session,
+            self.settings.host,
+            self.settings.port,
+            ssl=server_context(self.settings.certfile, self.settings.keyfile),
+            process_request=self._authenticate,
+            compression=None,
+            max_size=MAX_TEXT_SIZE,
+            write_limit=4 * CHUNK_SIZE,
+            server_header=None,
+            logger=logging.getLogger("didomagic.runner.websockets"),
+        )
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop accepting, end every session, shut every kernel down."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await self.pool.close()
+
+    def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        if check_token(request, self.settings.token):
+            return None
+        logger.warning("refused a connection from %s: missing or wrong token", _peer(connection))
+        response = connection.respond(
+            HTTPStatus.UNAUTHORIZED,
+            "didomagic runner: missing or wrong token; use the runner's connection URL.\n",
+        )
+        response.headers = Headers({**response.headers, "WWW-Authenticate": "Bearer"})
+        return response
+
+    async def _session(self, ws: ServerConnection) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        peer = _peer(ws)
+        if len(self.sessions) >= self.settings.max_sessions:
+            await _refuse(
+                ws,
+                ErrorCode.BUSY,
+                f"Runner {self.settings.name} is busy: all {self.settings.max_sessions} "
+                "session slots (--max-sessions) are in use. Try again when a "
+                "notebook using it disconnects, or use another runner.",
+            )
+            logger.info(
+                "refused a session from %s: all %d slots busy", peer, self.settings.max_sessions
+            )
+            return
+        self.sessions.add(task)
+        try:
+            await SessionHandler(self, ws).run()
+        finally:
+            self.sessions.discard(task)
+
+
+class SessionHandler:
+    """One client session: its protocol state, its kernel, its cells."""
+
+    def __init__(self, server: RunnerServer, ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.peer = _peer(ws)
+        self.id = secrets.token_urlsafe(16)
+        self.protocol = Session(Role.RUNNER)
+        self.kernel: Kernel | None = None
+        self.cell_task: asyncio.Task[None] | None = None
+        self.upload: _Upload | None = None
+        self.interrupted = False
+        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.writer: asyncio.Task[None] | None = None
+
+    @property
+    def log_id(self) -> str:
+        """A short id for log lines (the full session id is a secret)."""
+        return self.id[:6]
+
+    async def run(self) -> None:
+        """Serve the session until the client leaves or breaks the protocol."""
+        try:
+            if await self._handshake():
+                self.writer = asyncio.create_task(self._write_outbox())
+                await self._serve_cells()
+        except ProtocolError as exc:
+            logger.warning("session %s from %s: protocol error: %s", self.log_id, self.peer, exc)
+            await _refuse(self.ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("session %s: internal error", self.log_id)
+            await _refuse(
+                self.ws,
+                ErrorCode.INTERNAL,
+                "Internal runner error; the runner's log has the details.",
+            )
+        finally:
+            await self._close()
+
+    async def _write_outbox(self) -> None:
+        """Send queued outputs in order, so a slow client never blocks the kernel."""
+        while True:
+            text = await self.outbox.get()
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(text)
+            self.outbox.task_done()
+
+    async def _handshake(self) -> bool:
+        try:
+            text = await asyncio.wait_for(self.ws.recv(), HELLO_TIMEOUT)
+        except TimeoutError:
+            await _refuse(self.ws, ErrorCode.PROTOCOL, "No hello received in time.")
+            return False
+        if not isinstance(text, str):
+            raise ProtocolError("expected a hello text message first")
+        hello = self.protocol.receive(text)
+        assert isinstance(hello, Hello)
+        try:
+            check_compatible(
+                protocol=hello.protocol,
+                python=hello.python,
+                cloudpickle=hello.cloudpickle,
+                side="client",
+            )
+        except VersionMismatch as exc:
+            logger.warning("refused a session from %s: %s", self.peer, exc)
+            await _refuse(
+                self.ws,
+                ErrorCode.VERSION,
+                str(exc).replace("this side", f"runner {self.server.settings.name}"),
+            )
+            return False
+        self.kernel = await self.server.pool.take()
+        await self.ws.send(
+            self.protocol.send(
+                Welcome(
+                    protocol=PROTOCOL_VERSION,
+                    python=python_version(),
+                    cloudpickle=cloudpickle_version(),
+                    session=self.id,
+                    runner=self.server.describe(),
+                )
+            )
+        )
+        logger.info("session %s opened from %s (kernel %s)", self.log_id, self.peer, self.kernel.id)
+        return True
+
+    async def _serve_cells(self) -> None:
+        async for frame in self.ws:
+            if isinstance(frame, bytes):
+                chunk = self.protocol.receive_binary(frame)
+                assert self.upload is not None
+                self.upload.write(chunk.value, chunk.data)
+                if self.protocol.state is State.RUNNING:
+                    self._start_cell()
+                continue
+            message = self.protocol.receive(frame)
+            if isinstance(message, Execute):
+                assert self.kernel is not None
+                self.upload = _Upload(message, self.kernel.exchange)
+                self.interrupted = False
+                if self.protocol.state is State.RUNNING:
+                    self._start_cell()
+            elif isinstance(message, Interrupt):
+                await self._interrupt()
+
+    def _start_cell(self) -> None:
+        assert self.upload is not None
+        upload, self.upload = self.upload, None
+        upload.close()
+        self.cell_task = asyncio.create_task(self._run_cell(upload.request))
+
+    async def _interrupt(self) -> None:
+        if self.cell_task is not None and not self.cell_task.done() and self.kernel:
+            self.interrupted = True
+            logger.info("session %s: interrupting the cell at the client's request", self.log_id)
+            await self.kernel.interrupt()
+
+    async def _run_cell(self, request: Execute) -> None:
+        try:
+            await self._run_cell_inner(request)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("session %s: cell failed inside the runner", self.log_id)
+            await _refuse(
+                self.ws,
+                ErrorCode.INTERNAL,
+                "Internal runner error; the runner's log has the details.",
+            )
+
+    async def _run_cell_inner(self, request: Execute) -> None:
+        assert self.kernel is not None
+        kernel = self.kernel
+        exchange = kernel.exchange
+        (exchange / agent.RESULT_FILE).unlink(missing_ok=True)
+        agent.write_json(
+            exchange / agent.CELL_FILE,
+            {
+                "values": [{"name": v.name, "sizes": list(v.sizes)} for v in request.values],
+                "fetch": list(request.fetch),
+                "deletes": list(request.deletes),
+            },
+        )
+        started = time.perf_counter()
+
+        def forward(msg_type: str, content: dict[str, Any]) -> None:
+            self.outbox.put_nowait(self.protocol.send(Output(request.cell, msg_type, content)))
+
+        outcome = await kernel.execute(request.code, forward, request.timeout)
+        await self.outbox.join()  # every output leaves before the result
+        status = outcome.status
+        if (
+            status is Status.ERROR
+            and self.interrupted
+            and (outcome.error or {}).get("ename") == "KeyboardInterrupt"
+        ):
+            status = Status.INTERRUPTED
+        values, files, failures, deleted = self._collect(exchange)
+        if status is Status.KERNEL_DIED:
+            values, files = [], []
+            await self._replace_kernel()
+        logger.info(
+            "session %s: cell %s %s in %.1f ms (%d values in, %d out)",
+            self.log_id,
+            request.cell[:8],
+            status.value,
+            (time.perf_counter() - started) * 1e3,
+            len(request.values),
+            len(values),
+        )
+        result = Result(
+            request.cell, status, tuple(values), tuple(deleted), failures, outcome.error
+        )
+        await self.ws.send(self.protocol.send(result))
+        try:
+            parts = [
+                serialize.read_file(path, v.sizes) for path, v in zip(files, values, strict=True)
+            ]
+            for frame in self.protocol.frames(parts):
+                await self.ws.send(frame)
+        finally:
+            for path in files:
+                path.unlink(missing_ok=True)
+
+    def _collect(
+        self, exchange: Path
+    ) -> tuple[list[ValueHeader], list[Path], dict[str, str], list[str]]:
+        path = exchange / agent.RESULT_FILE
+        if not path.exists():
+            return [], [], {}, []
+        body = json.loads(path.read_text())
+        path.unlink()
+        values = [ValueHeader(v["name"], tuple(v["sizes"])) for v in body["values"]]
+        files = [agent.output_file(exchange, i) for i in range(len(values))]
+        return values, files, dict(body["failures"]), list(body["deleted"])
+
+    async def _replace_kernel(self) -> None:
+        old, self.kernel = self.kernel, None
+        if old is not None:
+            await old.shutdown()
+        self.kernel = await self.server.pool.take()
+        logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
+
+    async def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.cancel()
+        if self.cell_task is not None and not self.cell_task.done():
+            if self.kernel is not None:
+                await self.kernel.interrupt()
+            self.cell_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.cell_task
+        if self.upload is not None:
+            self.upload.close()
+        if self.kernel is not None:
+            await self.kernel.shutdown()
+            logger.info("session %s closed", self.log_id)
+
+
+class _Upload:
+    """Writes incoming values straight into the kernel's exchange files."""
+
+    def __init__(self, request: Execute, exchange: Path) -> None:
+        self.request = request
+        self.files: list[IO[bytes] | None] = [None] * len(request.values)
+        self.exchange = exchange
+        for i in range(len(request.values)):
+            fd = os.open(
+                agent.input_file(exchange, i), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+            )
+            self.files[i] = open(fd, "wb")  # noqa: SIM115 - closed in close()
+
+    def write(self, value: int, data: memoryview) -> None:
+        f = self.files[value]
+        assert f is not None
+        f.write(data)
+
+    def close(self) -> None:
+        for f in self.files:
+            if f is not None:
+                f.close()
+        self.files = [None] * len(self.files)
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if address else "?"
+
+
+async def _refuse(ws: ServerConnection, code: ErrorCode, message: str) -> None:
+    """Send an error message and close the connection (policy violation)."""
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(encode(Error(code, message)))
+        await ws.close(1008, code.value)
