@@ -149,16 +149,15 @@ class RemoteSession:
         while True:
             try:
                 event = events.get()
+                if event is None:
+                    break
+                on_output(event)
             except KeyboardInterrupt:
                 if interrupted:
                     self.close()
                     raise
                 interrupted = True
                 self.loop.submit(connection.interrupt())
-                continue
-            if event is None:
-                break
-            on_output(event)
         try:
             return future.result()
         except ConnectionLost:
@@ -259,7 +258,7 @@ class SessionPool:
         """The session with ``runner`` (see :meth:`resolve`), opened on first use."""
         with self._lock:
             url = self.resolve(runner)
-            key = f"{url.address}#{url.fingerprint}"
+            key = str(url)  # a different token is a different identity
             if key not in self._sessions:
                 self._sessions[key] = RemoteSession(url)
             return self._sessions[key]

@@ -147,19 +147,6 @@ class RunnerServer:
     async def _session(self, ws: ServerConnection) -> None:
         task = asyncio.current_task()
         assert task is not None
-        peer = _peer(ws)
-        if len(self.sessions) >= self.settings.max_sessions:
-            await _refuse(
-                ws,
-                ErrorCode.BUSY,
-                f"Runner {self.settings.name} is busy: all {self.settings.max_sessions} "
-                "session slots (--max-sessions) are in use. Try again when a "
-                "notebook using it disconnects, or use another runner.",
-            )
-            logger.info(
-                "refused a session from %s: all %d slots busy", peer, self.settings.max_sessions
-            )
-            return
         self.sessions.add(task)
         try:
             await SessionHandler(self, ws).run()
@@ -240,6 +227,19 @@ class SessionHandler:
                 self.ws,
                 ErrorCode.VERSION,
                 str(exc).replace("this side", f"runner {self.server.settings.name}"),
+            )
+            return False
+        settings = self.server.settings
+        if len(self.server.sessions) > settings.max_sessions:
+            logger.info(
+                "refused a session from %s: all %d slots busy", self.peer, settings.max_sessions
+            )
+            await _refuse(
+                self.ws,
+                ErrorCode.BUSY,
+                f"Runner {settings.name} is busy: all {settings.max_sessions} session slots "
+                "(--max-sessions) are in use. Try again when a notebook using it disconnects, "
+                "or use another runner.",
             )
             return False
         self.kernel = await self.server.pool.take()

@@ -1,0 +1,194 @@
+"""The wire protocol on its own: no sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from didomagic.errors import ProtocolError, VersionMismatch
+from didomagic.protocol import (
+    CHUNK_SIZE,
+    PROTOCOL_VERSION,
+    Error,
+    ErrorCode,
+    Execute,
+    Hello,
+    Interrupt,
+    Output,
+    Result,
+    Role,
+    Session,
+    State,
+    Status,
+    ValueHeader,
+    Welcome,
+    check_compatible,
+    cloudpickle_version,
+    decode,
+    encode,
+    python_version,
+)
+
+EVERY_MESSAGE = [
+    Hello(PROTOCOL_VERSION, "3.11", "3.1.2", "0.1.0"),
+    Welcome(PROTOCOL_VERSION, "3.11", "3.1.2", "sid", {"name": "r", "tags": ["gpu"]}),
+    Execute("c1", "x = 1", (ValueHeader("a", (10, 0, 5)),), ("x",), ("y",), 2.5),
+    Execute("c2", "pass"),
+    Interrupt("c1"),
+    Output("c1", "stream", {"name": "stdout", "text": "hi\n"}),
+    Result("c1", Status.OK, (ValueHeader("x", (3,)),), ("y",), {"z": "why"}, None),
+    Result("c1", Status.ERROR, error={"ename": "E", "evalue": "v", "traceback": ["t"]}),
+    Error(ErrorCode.BUSY, "busy"),
+]
+
+
+@pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(message):
+    assert decode(encode(message)) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"type": "launch"}', "unknown message type"),
+        ('{"protocol": 1}', "unknown message type"),
+        ('{"type": "interrupt"}', "missing the field 'cell'"),
+        ('{"type": "interrupt", "cell": 5}', "interrupt.cell must be a string"),
+        ('{"type": "interrupt", "cell": "c", "extra": 1}', "unknown fields ['extra']"),
+        (
+            '{"type": "hello", "protocol": true, "python": "3", "cloudpickle": "3"}',
+            "must be an integer",
+        ),
+        ('{"type": "execute", "cell": "c", "code": "", "timeout": -1}', "positive number"),
+        ('{"type": "execute", "cell": "c", "code": "", "values": [{"name": "a"}]}', '"sizes"'),
+        (
+            '{"type": "execute", "cell": "c", "code": "", "values": [{"name": "a", '
+            '"sizes": [-1]}]}',
+            '"sizes"',
+        ),
+        ('{"type": "execute", "cell": "c", "code": "", "fetch": "x"}', "list of strings"),
+        ('{"type": "result", "cell": "c", "status": "great"}', "status must be one of"),
+        ('{"type": "error", "code": "nope", "message": ""}', "code must be one of"),
+    ],
+)
+def test_malformed_messages_are_rejected_with_a_reason(text, complaint):
+    with pytest.raises(ProtocolError) as info:
+        decode(text)
+    assert complaint in str(info.value)
+
+
+def test_versions_must_match_and_the_error_names_both_sides():
+    check_compatible(
+        protocol=PROTOCOL_VERSION, python=python_version(), cloudpickle=cloudpickle_version()
+    )
+    with pytest.raises(VersionMismatch) as info:
+        check_compatible(protocol=PROTOCOL_VERSION, python="2.7", cloudpickle="0.1")
+    text = str(info.value)
+    assert "Python 2.7" in text and f"Python {python_version()}" in text
+    assert "cloudpickle 0.1" in text and cloudpickle_version() in text
+    with pytest.raises(VersionMismatch, match="protocol 99"):
+        check_compatible(protocol=99, python=python_version(), cloudpickle=cloudpickle_version())
+
+
+def _open_pair() -> tuple[Session, Session]:
+    client, runner = Session(Role.CLIENT), Session(Role.RUNNER)
+    runner.receive(client.send(EVERY_MESSAGE[0]))
+    client.receive(runner.send(EVERY_MESSAGE[1]))
+    assert client.state is State.IDLE and runner.state is State.IDLE
+    return client, runner
+
+
+def test_a_whole_cell_moves_values_both_ways_in_chunks():
+    client, runner = _open_pair()
+    big = bytes(range(256)) * (CHUNK_SIZE // 128 + 3)  # a bit over two chunks
+    parts = [[memoryview(b"pickle"), memoryview(b""), memoryview(big)]]
+    request = Execute("c", "y = x", (ValueHeader("x", (6, 0, len(big))),), ("y",))
+    runner.receive(client.send(request))
+    received = {0: bytearray(6), 2: bytearray(len(big))}
+    frames = list(client.frames(parts))
+    assert max(len(f) for f in frames) <= CHUNK_SIZE
+    assert len(frames) == 1 + 3  # the empty part has no frame
+    for frame in frames:
+        chunk = runner.receive_binary(bytes(frame))
+        received[chunk.part][chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+    assert received == {0: bytearray(b"pickle"), 2: bytearray(big)}
+    assert client.state is State.RUNNING and runner.state is State.RUNNING
+
+    client.receive(runner.send(Output("c", "stream", {"name": "stdout", "text": "x"})))
+    client.receive(runner.send(Result("c", Status.OK, (ValueHeader("y", (3,)),))))
+    assert client.state is State.DOWNLOAD
+    for frame in runner.frames([[memoryview(b"abc")]]):
+        assert client.receive_binary(frame).data.tobytes() == b"abc"
+    assert client.state is State.IDLE and runner.state is State.IDLE
+
+
+def test_an_interrupt_that_crosses_the_result_is_harmless():
+    client, runner = _open_pair()
+    runner.receive(client.send(Execute("c", "pass")))
+    client.receive(runner.send(Result("c", Status.OK)))
+    runner.receive(client.send(Interrupt("c")))
+    assert runner.state is State.IDLE
+
+
+@pytest.mark.parametrize(
+    "move",
+    [
+        "execute before hello",
+        "result from the client",
+        "second execute while running",
+        "binary frame when none expected",
+        "frame overruns its part",
+        "output while values are expected",
+        "hello twice",
+    ],
+)
+def test_out_of_order_input_is_rejected(move):
+    client, runner = _open_pair()
+    with pytest.raises(ProtocolError):
+        if move == "execute before hello":
+            Session(Role.RUNNER).receive(encode(Execute("c", "x")))
+        elif move == "result from the client":
+            runner.receive(encode(Result("c", Status.OK)))
+        elif move == "second execute while running":
+            runner.receive(encode(Execute("c", "x")))
+            runner.receive(encode(Execute("d", "x")))
+        elif move == "binary frame when none expected":
+            runner.receive_binary(b"data")
+        elif move == "frame overruns its part":
+            runner.receive(encode(Execute("c", "x", (ValueHeader("a", (4,)),))))
+            runner.receive_binary(b"12345")
+        elif move == "output while values are expected":
+            runner.receive(encode(Execute("c", "x")))
+            client.receive(runner.send(Result("c", Status.OK, (ValueHeader("a", (4,)),))))
+            client.receive(encode(Output("c", "stream", {})))
+        elif move == "hello twice":
+            runner.receive(encode(EVERY_MESSAGE[0]))
+
+
+def test_a_side_cannot_send_the_other_sides_messages():
+    client, runner = _open_pair()
+    with pytest.raises(ProtocolError, match="does not send"):
+        client.send(Result("c", Status.OK))
+    with pytest.raises(ProtocolError, match="does not send"):
+        runner.send(Execute("c", "x"))
+
+
+def test_declared_sizes_must_match_what_is_sent():
+    client, _ = _open_pair()
+    client.send(Execute("c", "x", (ValueHeader("a", (4,)),)))
+    with pytest.raises(ProtocolError, match="declared 4"):
+        list(client.frames([[memoryview(b"12")]]))
+
+
+def test_an_error_closes_the_session_from_any_state():
+    client, runner = _open_pair()
+    client.receive(runner.send(Error(ErrorCode.PROTOCOL, "bye")))
+    assert client.state is State.CLOSED
+
+
+def test_encoded_messages_are_plain_json_objects():
+    body = json.loads(encode(EVERY_MESSAGE[6]))
+    assert body["type"] == "result" and body["status"] == "ok"
