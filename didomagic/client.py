@@ -203,8 +203,14 @@ async def open_connection(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> 
                 "started with a new --token or state directory has a new one."
             ) from None
         raise _unreachable(url, exc) from None
-    except ssl.SSLCertVerificationError:
-        _pinned.pop((url.address, url.fingerprint or ""), None)
+    except ssl.SSLCertVerificationError as exc:
+        if url.fingerprint is None:
+            raise RunnerUnreachable(
+                f"The certificate of {url.address} is not trusted by this system's CAs "
+                f"({exc.verify_message}). For a runner with a self-signed certificate, use its "
+                "full connection URL, which pins the certificate with #fp=…."
+            ) from None
+        _pinned.pop((url.address, url.fingerprint), None)
         raise RunnerUnreachable(
             f"The TLS handshake with {url.address} failed: its certificate is not the pinned "
             "one. The runner may have been restarted with a new certificate; copy its new "

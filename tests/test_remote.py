@@ -261,6 +261,15 @@ def test_fingerprint_mismatch_sends_nothing(shell, ns, module_runner):
     assert_one_paragraph(cap, "FingerprintMismatch")
 
 
+def test_without_a_pin_the_system_cas_decide(shell, ns, module_runner):
+    real = ConnectionURL.parse(module_runner.url)
+    unpinned = ConnectionURL(real.host, real.port, real.token, None)
+    result, cap = remote(shell, str(unpinned), "x = 1")
+    assert isinstance(result.error_in_exec, RunnerUnreachable)
+    assert "not trusted by this system's CAs" in str(result.error_in_exec)
+    assert_one_paragraph(cap, "RunnerUnreachable")
+
+
 def test_wrong_token(shell, ns, module_runner):
     real = ConnectionURL.parse(module_runner.url)
     wrong = ConnectionURL(real.host, real.port, "not-the-token", real.fingerprint)
