@@ -123,11 +123,14 @@ class RemoteSession:
         self.url = url
         self.loop = loop or background_loop()
         self._connection: RunnerConnection | None = None
+        self.runner_name = url.address
+        """The runner's name, once it has introduced itself."""
 
     def connection(self) -> RunnerConnection:
         """The open connection, opened now if there is none."""
         if self._connection is None or self._connection.closed:
             self._connection = self.loop.run(open_connection(self.url))
+            self.runner_name = self._connection.runner_name
         return self._connection
 
     def execute(
@@ -333,7 +336,7 @@ def run_cell(
     failures = dict(result.failures)
     failures.update(apply_values(namespace, returned, result.deleted))
     report_failures(failures, "synced")
-    _raise_for_status(result, session.connection().runner_name)
+    _raise_for_status(result, session.runner_name)
     return shown[-1] if shown else None
 
 
