@@ -270,11 +270,6 @@ class KernelPool:
         else:
             self._warm.append(kernel)
 
-    async def wait_warm(self) -> None:
-        """Wait until the kernels being started now are up."""
-        if self._starting:
-            await asyncio.wait(set(self._starting))
-
     async def take(self) -> Kernel:
         """A started kernel: a warm one if there is one, else one started now."""
         if self._warm:

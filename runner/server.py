@@ -396,7 +396,6 @@ class _Upload:
     def __init__(self, request: Execute, exchange: Path) -> None:
         self.request = request
         self.files: list[IO[bytes] | None] = [None] * len(request.values)
-        self.exchange = exchange
         for i in range(len(request.values)):
             fd = os.open(
                 agent.input_file(exchange, i), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
