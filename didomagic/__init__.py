@@ -9,11 +9,42 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = [
+    "__version__",
+    "add_runner",
+    "load_ipython_extension",
+    "map",
+    "remove_runner",
+    "run",
+    "run_async",
+    "runners",
+    "unload_ipython_extension",
+    "use",
+]
+
+_API = {
+    "run": "didomagic.calls",
+    "run_async": "didomagic.calls",
+    "map": "didomagic.calls",
+    "runners": "didomagic.api",
+    "add_runner": "didomagic.api",
+    "remove_runner": "didomagic.api",
+    "use": "didomagic.api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The Python API (``didomagic.run``, ``didomagic.map``, ...), imported on first use."""
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'didomagic' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register the ``%%remote`` magic (``%load_ext didomagic``)."""
+    """Register ``%%remote`` and ``%runners`` (``%load_ext didomagic``)."""
     from didomagic.magics import RemoteMagics
 
     ipython.register_magics(RemoteMagics)

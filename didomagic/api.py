@@ -10,7 +10,9 @@ then applied, so a failure never leaves a half-synced namespace.
 from __future__ import annotations
 
 import ast
+import asyncio
 import builtins
+import concurrent.futures
 import contextlib
 import os
 import queue
@@ -20,20 +22,26 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from didomagic import display, serialize
-from didomagic.client import RunnerConnection, open_connection
+from didomagic import display, matching, serialize
+from didomagic.client import ANY_RUNNER, Requirements, RunnerConnection, open_connection, query
+from didomagic.config import Config, Entry
+from didomagic.discovery import RunnerView, survey_async
 from didomagic.embedded import EmbeddedRunner
 from didomagic.errors import (
     CellTimeout,
     ConfigurationError,
+    ConnectError,
     ConnectionLost,
     KernelDied,
+    NoMatchingRunner,
     RemoteError,
+    RunnerBusy,
 )
 from didomagic.loop import BackgroundLoop, background_loop
 from didomagic.namespace import analyze_cell, transform_cell
+from didomagic.progress import NoProgress, Progress, make_progress
 from didomagic.protocol import Execute, Output, Result, Status
 from didomagic.urls import ConnectionURL
 
@@ -53,6 +61,8 @@ class CellSpec:
     pull: tuple[str, ...] = ()
     sync: bool = True
     timeout: float | None = None
+    tags: tuple[str, ...] = ()
+    os: str = ""
 
 
 @dataclass
@@ -111,67 +121,177 @@ def apply_values(
 # --------------------------------------------------------------------------- sessions
 
 
+TICK = 0.25
+"""Seconds between progress updates while a cell waits with no event."""
+
+Event = tuple[Any, ...]
+"""What the I/O thread hands the notebook thread: ("output", Output), ("queued", k), ..."""
+
+
+class EventSink(Protocol):
+    """Where the I/O loop puts a cell's events (a queue read by the caller's thread)."""
+
+    def put(self, event: Event, /) -> None:
+        """Hand one event over."""
+
+
 class RemoteSession:
-    """A session with one runner, driven from a blocking (notebook) thread.
+    """A session with one runner (direct or through a mediator), driven from a blocking thread.
 
     The remote namespace lives as long as this session: one per runner for the
     life of the notebook kernel. A lost connection is reopened on the next
-    cell, as a new remote session.
+    cell, as a new remote session (through a mediator, possibly on another
+    matching runner).
     """
 
-    def __init__(self, url: ConnectionURL, loop: BackgroundLoop | None = None) -> None:
+    def __init__(
+        self,
+        url: ConnectionURL,
+        requirements: Requirements = ANY_RUNNER,
+        loop: BackgroundLoop | None = None,
+    ) -> None:
         self.url = url
+        self.requirements = requirements
         self.loop = loop or background_loop()
         self._connection: RunnerConnection | None = None
+        self._future: concurrent.futures.Future[Any] | None = None
+        self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
         self.runner_name = url.address
         """The runner's name, once it has introduced itself."""
+        self.description: dict[str, Any] = {}
+        """The runner's description from its welcome (empty before the first cell)."""
 
-    def connection(self) -> RunnerConnection:
-        """The open connection, opened now if there is none."""
+    @property
+    def connected(self) -> bool:
+        """True while the session with the runner is open."""
+        return self._connection is not None and not self._connection.closed
+
+    async def connect_async(self, events: EventSink) -> RunnerConnection:
+        """Open the session now if it is not open (on the I/O loop)."""
         if self._connection is None or self._connection.closed:
-            self._connection = self.loop.run(open_connection(self.url))
+            events.put(("connecting", self.url.address))
+            self._connection = await open_connection(
+                self.url, self.requirements, on_queued=lambda k: events.put(("queued", k))
+            )
+            self.description = dict(self._connection.welcome.runner)
             self.runner_name = self._connection.runner_name
+        events.put(("runner", self.description))
         return self._connection
+
+    async def execute_async(
+        self,
+        request: Execute,
+        parts: Sequence[Sequence[memoryview]],
+        events: EventSink,
+    ) -> tuple[Result, list[list[bytearray]]]:
+        """Open the session if needed and run one cell (on the I/O loop); report to ``events``."""
+        async with self._busy:
+            connection = await self.connect_async(events)
+            return await connection.execute(
+                request,
+                parts,
+                lambda output: events.put(("output", output)),
+                lambda direction, done, total: events.put(("transfer", direction, done, total)),
+            )
 
     def execute(
         self,
         request: Execute,
         parts: Sequence[Sequence[memoryview]],
         on_output: Callable[[Output], None],
+        progress: Progress | None = None,
     ) -> tuple[Result, list[list[bytearray]]]:
         """Run one cell; outputs are handed to ``on_output`` on this thread as they arrive.
 
-        A first KeyboardInterrupt (the notebook's stop button) interrupts the
-        remote cell; a second one abandons the session.
+        A first KeyboardInterrupt (the notebook's stop button, or Cancel)
+        interrupts the remote cell; a second one abandons the session. While
+        the session is still being opened (or waits in a queue), the first one
+        abandons it.
         """
-        connection = self.connection()
-        events: queue.SimpleQueue[Output | None] = queue.SimpleQueue()
-        future = self.loop.submit(connection.execute(request, parts, events.put))
+        progress = progress or NoProgress()
+        events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        future = self.loop.submit(self.execute_async(request, parts, events))
+        self._future = future
         future.add_done_callback(lambda _: events.put(None))
+        progress.on_cancel = self.cancel
         interrupted = False
         while True:
             try:
-                event = events.get()
+                try:
+                    event = events.get(timeout=TICK)
+                except queue.Empty:
+                    progress.tick()
+                    continue
                 if event is None:
                     break
-                on_output(event)
+                dispatch(event, on_output, progress)
             except KeyboardInterrupt:
-                if interrupted:
+                if interrupted or self._connection is None or self._connection.running is None:
+                    future.cancel()
                     self.close()
+                    progress.finish(False, "cancelled")
                     raise
                 interrupted = True
-                self.loop.submit(connection.interrupt())
+                self.cancel()
         try:
-            return future.result()
-        except ConnectionLost:
+            result = future.result()
+        except ConnectionLost as exc:
             self._connection = None
+            progress.finish(False, str(exc).split(". ")[0])
             raise
+        except BaseException as exc:
+            progress.finish(False, str(exc).split(". ")[0])
+            raise
+        finally:
+            self._future = None
+        progress.finish(result[0].status is Status.OK, _status_text(result[0]))
+        return result
+
+    def cancel(self) -> None:
+        """Interrupt the running cell; abandon a session still connecting (any thread)."""
+        connection = self._connection
+        if connection is not None and connection.running is not None:
+            self.loop.submit(connection.interrupt())
+        elif self._future is not None:
+            self._future.cancel()
 
     def close(self) -> None:
         """End the remote session."""
         connection, self._connection = self._connection, None
         if connection is not None and not connection.closed:
             self.loop.submit(connection.close()).result(timeout=10)
+
+    async def close_async(self) -> None:
+        """End the remote session (on the I/O loop)."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.closed:
+            await connection.close()
+
+
+def dispatch(event: Event, on_output: Callable[[Output], None], progress: Progress) -> None:
+    """Hand one event to the output callback or the progress display (caller's thread)."""
+    kind = event[0]
+    if kind == "output":
+        progress.running()
+        on_output(event[1])
+    elif kind == "connecting":
+        progress.connecting(event[1])
+    elif kind == "queued":
+        progress.queued(event[1])
+    elif kind == "runner":
+        progress.chose(event[1])
+    elif kind == "transfer":
+        progress.transfer(event[1], event[2], event[3])
+        if event[1] == "sending" and event[2] >= event[3]:
+            progress.running()
+
+
+def _status_text(result: Result) -> str:
+    if result.status is Status.OK:
+        return ""
+    if result.status is Status.ERROR:
+        return f"{(result.error or {}).get('ename', 'error')} raised"
+    return result.status.value
 
 
 class LocalSession:
@@ -228,48 +348,126 @@ class LocalOutcome:
 
 
 class SessionPool:
-    """The sessions this notebook holds, one per runner, plus the embedded runner."""
+    """The sessions this notebook holds (one per runner), and how runners are chosen.
 
-    def __init__(self) -> None:
-        self._sessions: dict[str, RemoteSession] = {}
+    Where a cell runs:
+
+    1. ``runner=`` a connection URL, or the name of a configured runner or
+       mediator, or of a runner in a configured mediator's pool;
+    2. else ``tags=`` / ``os=``: an open session on a matching runner if there
+       is one (so remote state carries over), else the least loaded matching
+       runner among the configured runners and mediators;
+    3. else the notebook's default (:meth:`use`), else ``$DIDOMAGIC_RUNNER``,
+       else an embedded runner on this machine.
+    """
+
+    def __init__(self, config: Config | None = None) -> None:
+        self._sessions: list[RemoteSession] = []
         self._embedded: EmbeddedRunner | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._config = config
+        self.default: str | None = None
+        """The notebook's default runner (a name or URL), set by ``%runners use``."""
         self.local = LocalSession()
 
-    def resolve(self, runner: str | None) -> ConnectionURL:
-        """The runner to use: the given URL, else $DIDOMAGIC_RUNNER, else the embedded one."""
-        text = runner or os.environ.get(RUNNER_ENV)
-        if text:
-            if "://" not in text:
-                raise ConfigurationError(
-                    f"--runner {text!r} is not a connection URL. Give the wss://… URL that "
-                    "didomagic-runner printed when it started."
-                )
-            return ConnectionURL.parse(text)
+    @property
+    def config(self) -> Config:
+        """The configured runners, read afresh (another notebook may have changed them)."""
+        return self._config if self._config is not None else Config()
+
+    def survey(self) -> list[RunnerView]:
+        """Every configured runner (and every runner behind a configured mediator), queried now."""
+        return background_loop().run(survey_async(self._entries()))
+
+    def _entries(self) -> list[Entry]:
+        entries = list(self.config.entries)
+        env = os.environ.get(RUNNER_ENV)
+        if env and all(str(e.url) != env for e in entries):
+            entries.append(Entry(RUNNER_ENV, _parse_url(env)))
+        return entries
+
+    def use(self, runner: str | None) -> None:
+        """Make ``runner`` (a name or URL) the notebook's default; ``None`` clears it."""
+        if runner is not None:
+            self._target(runner)  # fail now, not at the next cell
+        self.default = runner
+
+    def session(
+        self, runner: str | None = None, tags: Sequence[str] = (), os: str = ""
+    ) -> RemoteSession:
+        """The session for a cell (see the class docstring), opened on first use."""
+        with self._lock:
+            if runner:
+                url, requirements = self._target(runner)
+            elif tags or os:
+                return self._matching(tuple(tags), os)
+            elif self.default:
+                url, requirements = self._target(self.default)
+            else:
+                url, requirements = self._fallback(), ANY_RUNNER
+            return self._get(url, requirements)
+
+    def _get(self, url: ConnectionURL, requirements: Requirements) -> RemoteSession:
+        for session in self._sessions:
+            if str(session.url) == str(url) and session.requirements == requirements:
+                return session
+        session = RemoteSession(url, requirements)
+        self._sessions.append(session)
+        return session
+
+    def _target(self, runner: str) -> tuple[ConnectionURL, Requirements]:
+        if "://" in runner:
+            return _parse_url(runner), ANY_RUNNER
+        entry = self.config.get(runner)
+        if entry is not None:
+            return entry.url, ANY_RUNNER
+        views = self.survey()
+        for view in views:
+            if view.mediator and view.name == runner:
+                return view.url, Requirements(runner=runner)
+            if view.name == runner and view.status == "up":
+                return view.url, ANY_RUNNER
+        known = ", ".join(dict.fromkeys(v.name for v in views)) or "none"
+        raise ConfigurationError(
+            f"No runner called {runner!r}: it is neither a configured name nor a runner in a "
+            f"configured mediator's pool (known: {known}). Give a connection URL, or add it "
+            "with %runners add URL --name NAME."
+        )
+
+    def _matching(self, tags: tuple[str, ...], os: str) -> RemoteSession:
+        for session in self._sessions:
+            if session.connected and matching.matches(session.description, tags, os):
+                return session
+        views = self.survey()
+        chosen = matching.choose([v.description for v in views], tags, os)
+        if chosen is None:
+            descriptions = [v.description for v in views]
+            error = RunnerBusy if matching.all_busy(descriptions, tags, os) else NoMatchingRunner
+            raise error(matching.no_match_message(descriptions, tags, os))
+        view = next(v for v in views if v.description is chosen)
+        if view.mediator:
+            return self._get(view.url, Requirements(tags=tags, os=os))
+        return self._get(view.url, ANY_RUNNER)
+
+    def _fallback(self) -> ConnectionURL:
+        env = os.environ.get(RUNNER_ENV)
+        if env:
+            return _parse_url(env)
         if self._embedded is None or self._embedded.process is None:
             self._embedded = EmbeddedRunner()
             url = self._embedded.start()
             print(
                 f"didomagic: no runner configured, so started an embedded runner on "
-                f"{url.address} (it stops with this kernel; use --runner URL or "
+                f"{url.address} (it stops with this kernel; use --runner, --tags or "
                 f"{RUNNER_ENV}=URL to run elsewhere)."
             )
         assert self._embedded.url is not None
         return self._embedded.url
 
-    def session(self, runner: str | None = None) -> RemoteSession:
-        """The session with ``runner`` (see :meth:`resolve`), opened on first use."""
-        with self._lock:
-            url = self.resolve(runner)
-            key = str(url)  # a different token is a different identity
-            if key not in self._sessions:
-                self._sessions[key] = RemoteSession(url)
-            return self._sessions[key]
-
     def close(self) -> None:
         """Close every session and stop the embedded runner."""
         with self._lock:
-            for session in self._sessions.values():
+            for session in self._sessions:
                 # Best effort: the runner may already be gone.
                 with contextlib.suppress(Exception):
                     session.close()
@@ -277,6 +475,15 @@ class SessionPool:
             if self._embedded is not None:
                 self._embedded.stop()
                 self._embedded = None
+
+
+def _parse_url(text: str) -> ConnectionURL:
+    if "://" not in text:
+        raise ConfigurationError(
+            f"{text!r} is not a connection URL. Give the wss://… URL that didomagic-runner "
+            "printed when it started, or the name of a configured runner."
+        )
+    return ConnectionURL.parse(text)
 
 
 _pool: SessionPool | None = None
@@ -302,6 +509,7 @@ def run_cell(
     transform: Callable[[str], str] = transform_cell,
     hidden: Iterable[str] = (),
     pool: SessionPool | None = None,
+    progress: Progress | None = None,
 ) -> Any:
     """Run a cell on a runner with its namespace synced; return its displayed value.
 
@@ -315,7 +523,7 @@ def run_cell(
     report_failures(failures, "sent")
     if local:
         return _run_local(pool.local, spec, namespace, transform, sent, transfer)
-    session = pool.session(runner)
+    session = pool.session(runner, spec.tags, spec.os)
     request = Execute(
         cell=secrets.token_hex(8),
         code=spec.code,
@@ -331,7 +539,9 @@ def run_cell(
         if result is not None:
             shown.append(result)
 
-    result, buffers = session.execute(request, [p.parts for p in sent], on_output)
+    result, buffers = session.execute(
+        request, [p.parts for p in sent], on_output, progress or make_progress()
+    )
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
     failures = dict(result.failures)
     failures.update(apply_values(namespace, returned, result.deleted))
@@ -371,3 +581,40 @@ def _run_local(
     if outcome.error is not None:
         raise outcome.error
     return outcome.value
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def runners(pool: SessionPool | None = None) -> list[RunnerView]:
+    """Every configured runner, and every runner behind a configured mediator, queried now."""
+    return (pool or default_pool()).survey()
+
+
+def add_runner(url: str, name: str | None = None) -> Entry:
+    """Remember a runner's or mediator's connection URL in the config file (mode 0600).
+
+    Without ``name`` the runner (or mediator) is asked for its own name.
+    """
+    parsed = _parse_url(url)
+    if name is None:
+        try:
+            info, _ = background_loop().run(query(parsed))
+            name = info.name or (info.runners[0].get("name") if info.runners else None)
+        except ConnectError as exc:
+            raise ConfigurationError(
+                f"Could not ask {parsed.address} for its name ({exc}). Give one with --name "
+                "NAME to add it anyway."
+            ) from None
+    config = Config()
+    return config.add(str(name), parsed)
+
+
+def remove_runner(name: str) -> Entry:
+    """Forget a configured runner or mediator."""
+    return Config().remove(name)
+
+
+def use(runner: str | None, pool: SessionPool | None = None) -> None:
+    """Make ``runner`` (a name or URL) where cells without --runner or --tags run."""
+    (pool or default_pool()).use(runner)

@@ -15,7 +15,9 @@ import contextlib
 import hashlib
 import logging
 import ssl
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -25,6 +27,7 @@ from didomagic.errors import (
     AuthenticationFailed,
     ConnectionLost,
     FingerprintMismatch,
+    NoMatchingRunner,
     ProtocolError,
     RunnerBusy,
     RunnerUnreachable,
@@ -37,8 +40,11 @@ from didomagic.protocol import (
     ErrorCode,
     Execute,
     Hello,
+    Info,
     Interrupt,
     Output,
+    Query,
+    Queued,
     Result,
     Role,
     Session,
@@ -129,15 +135,25 @@ class RunnerConnection:
         request: Execute,
         parts: Sequence[Sequence[memoryview]],
         on_output: Callable[[Output], None],
+        on_transfer: Callable[[str, int, int], None] = lambda direction, done, total: None,
     ) -> tuple[Result, list[list[bytearray]]]:
-        """Run one cell: send it and its values, stream outputs, return the result and values."""
+        """Run one cell: send it and its values, stream outputs, return the result and values.
+
+        ``on_transfer(direction, done, total)`` follows the bytes of values
+        moving ("sending" or "receiving"), once per binary frame.
+        """
         self.running = request.cell
         try:
             await self.ws.send(self.session.send(request))
+            total = sum(v.nbytes for v in request.values)
+            sent = 0
             for frame in self.session.frames(parts):
                 await self.ws.send(frame)
+                sent += frame.nbytes
+                on_transfer("sending", sent, total)
             result: Result | None = None
             buffers: list[list[bytearray]] = []
+            received = expected = 0
             while result is None or self.session.state is not State.IDLE:
                 frame = await self.ws.recv()
                 if isinstance(frame, bytes):
@@ -145,6 +161,8 @@ class RunnerConnection:
                     buffers[chunk.value][chunk.part][
                         chunk.offset : chunk.offset + len(chunk.data)
                     ] = chunk.data
+                    received += len(chunk.data)
+                    on_transfer("receiving", received, expected)
                     continue
                 message = self.session.receive(frame)
                 if isinstance(message, Output):
@@ -152,6 +170,7 @@ class RunnerConnection:
                 elif isinstance(message, Result):
                     result = message
                     buffers = [[bytearray(n) for n in v.sizes] for v in message.values]
+                    expected = sum(v.nbytes for v in message.values)
                 elif isinstance(message, Error):
                     raise ProtocolError(f"the runner ended the session: {message.message}")
             return result, buffers
@@ -178,15 +197,23 @@ class RunnerConnection:
         await self.ws.close()
 
 
-async def open_connection(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> RunnerConnection:
-    """Connect, authenticate and say hello; raise a :class:`ConnectError` subclass on failure."""
+async def dial(
+    url: ConnectionURL,
+    path: str = "",
+    headers: dict[str, str] | None = None,
+    timeout: float = OPEN_TIMEOUT,
+) -> ClientConnection:
+    """Open a pinned, authenticated websocket to ``url`` (plus ``path``).
+
+    Raise a :class:`ConnectError` subclass that says what to do when it fails.
+    """
     context = await tls_context(url, timeout)
     try:
-        ws = await connect(
-            url.websocket_uri,
+        return await connect(
+            url.websocket_uri + path,
             ssl=context,
             server_hostname=url.host,
-            additional_headers={"Authorization": f"Bearer {url.token}"},
+            additional_headers={"Authorization": f"Bearer {url.token}", **(headers or {})},
             user_agent_header=f"didomagic/{didomagic.__version__}",
             compression=None,
             max_size=MAX_TEXT_SIZE,
@@ -198,9 +225,9 @@ async def open_connection(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> 
     except InvalidStatus as exc:
         if exc.response.status_code == 401:
             raise AuthenticationFailed(
-                f"The runner at {url.address} refused the token (missing or wrong). Copy the "
-                "connection URL again from the runner's output or its --url-file; a runner "
-                "started with a new --token or state directory has a new one."
+                f"The server at {url.address} refused the token (missing or wrong). Copy the "
+                "connection URL again from the runner's (or mediator's) output or its "
+                "--url-file; one started with a new --token or state directory has a new one."
             ) from None
         raise _unreachable(url, exc) from None
     except ssl.SSLCertVerificationError as exc:
@@ -218,19 +245,55 @@ async def open_connection(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> 
         ) from None
     except (OSError, TimeoutError, InvalidHandshake, ssl.SSLError) as exc:
         raise _unreachable(url, exc) from None
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a session needs of its runner; a mediator matches runners against it."""
+
+    tags: tuple[str, ...] = ()
+    os: str = ""
+    runner: str = ""
+
+
+ANY_RUNNER = Requirements()
+"""No requirements: any runner will do."""
+
+
+async def open_connection(
+    url: ConnectionURL,
+    requirements: Requirements = ANY_RUNNER,
+    on_queued: Callable[[int], None] = lambda position: None,
+    timeout: float = OPEN_TIMEOUT,
+) -> RunnerConnection:
+    """Connect, authenticate and say hello; raise a :class:`ConnectError` subclass on failure.
+
+    While the runner has no free slot and queues the session, ``on_queued``
+    gets each new queue position; the wait in a queue has no time limit.
+    """
+    ws = await dial(url, timeout=timeout)
     session = Session(Role.CLIENT)
+    hello = Hello(
+        PROTOCOL_VERSION,
+        python_version(),
+        cloudpickle_version(),
+        didomagic.__version__,
+        tags=requirements.tags,
+        os=requirements.os,
+        runner=requirements.runner,
+    )
     try:
-        await ws.send(
-            session.send(
-                Hello(
-                    PROTOCOL_VERSION, python_version(), cloudpickle_version(), didomagic.__version__
-                )
-            )
-        )
+        await ws.send(session.send(hello))
         reply = session.receive(await asyncio.wait_for(ws.recv(), timeout))
+        while isinstance(reply, Queued):
+            on_queued(reply.position)
+            reply = session.receive(await ws.recv())
     except (ConnectionClosed, TimeoutError) as exc:
         await ws.close()
         raise _unreachable(url, exc) from None
+    except ProtocolError:
+        await ws.close(1002, "protocol error")
+        raise
     if isinstance(reply, Error):
         await ws.close()
         raise _refusal(reply)
@@ -239,9 +302,32 @@ async def open_connection(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> 
     return RunnerConnection(ws, session, reply, url)
 
 
+async def query(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> tuple[Info, float]:
+    """Ask a runner or mediator to describe itself; return its answer and the round trip (s).
+
+    The round trip is that of the query alone, after the handshakes.
+    """
+    ws = await dial(url, timeout=timeout)
+    session = Session(Role.CLIENT)
+    try:
+        started = time.perf_counter()
+        await ws.send(session.send(Query()))
+        reply = session.receive(await asyncio.wait_for(ws.recv(), timeout))
+        latency = time.perf_counter() - started
+    except (ConnectionClosed, TimeoutError) as exc:
+        raise _unreachable(url, exc) from None
+    finally:
+        await ws.close()
+    if isinstance(reply, Error):
+        raise _refusal(reply)
+    assert isinstance(reply, Info)
+    return reply, latency
+
+
 def _refusal(error: Error) -> Exception:
     kinds: dict[ErrorCode, type[Exception]] = {
         ErrorCode.VERSION: VersionMismatch,
         ErrorCode.BUSY: RunnerBusy,
+        ErrorCode.NO_MATCH: NoMatchingRunner,
     }
     return kinds.get(error.code, ProtocolError)(error.message)

@@ -12,9 +12,11 @@ as that one paragraph, without the plumbing's traceback::
     │   ├── FingerprintMismatch   the runner's certificate is not the pinned one
     │   ├── AuthenticationFailed  missing or wrong token
     │   ├── VersionMismatch       protocol, Python or cloudpickle versions differ
-    │   └── RunnerBusy            every session slot is taken
+    │   ├── RunnerBusy            every session slot and queue place is taken
+    │   └── NoMatchingRunner      no known runner has the tags / OS asked for
     ├── ConnectionLost            the connection broke during a cell
     ├── RunnerStartError          the embedded runner did not start
+    ├── ItemFailed                one call of map() failed; carries its index
     └── CellFailed                the cell ran but did not finish normally
         ├── RemoteError           the cell raised; carries the remote traceback
         ├── CellTimeout           --timeout expired; the cell was interrupted
@@ -77,7 +79,11 @@ class VersionMismatch(ConnectError):
 
 
 class RunnerBusy(ConnectError):
-    """The runner has no free session slot."""
+    """The runner has no free session slot and no free place in its queue."""
+
+
+class NoMatchingRunner(ConnectError):
+    """No known runner has every tag (and the OS) a cell asked for."""
 
 
 class ConnectionLost(DidomagicError):
@@ -118,3 +124,22 @@ class CellTimeout(CellFailed):
 
 class KernelDied(CellFailed):
     """The runner's kernel process died while running the cell."""
+
+
+class ItemFailed(DidomagicError):
+    """One call of :func:`didomagic.map` failed; ``index`` says which, ``__cause__`` why."""
+
+    def __init__(
+        self,
+        index: int,
+        error: BaseException,
+        results: list[object] | None = None,
+        cancelled: list[int] | None = None,
+    ) -> None:
+        self.index = index
+        self.error = error
+        self.results = results or []
+        """Every item's result in input order; ``None`` where it failed or did not run."""
+        self.cancelled = cancelled or []
+        """Items stopped or never started because of the failure (``cancel_on_error``)."""
+        super().__init__(f"map item {index} failed: {type(error).__name__}: {error}")

@@ -1,10 +1,13 @@
-"""The ``%%remote`` cell magic: argument parsing over :mod:`didomagic.api`."""
+"""The ``%%remote`` cell magic and the ``%runners`` line magic: argument parsing over the API."""
 
 from __future__ import annotations
 
+import argparse
+import shlex
 from typing import Any
 
-from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from didomagic import api
@@ -12,6 +15,31 @@ from didomagic import api
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+RUNNERS_USAGE = """\
+%runners                          list runners: status, resources, load
+%runners add URL [--name NAME]    remember a runner's or mediator's connection URL
+%runners remove NAME              forget one
+%runners use NAME                 run cells without --runner/--tags there (this notebook)
+%runners use --clear              back to $DIDOMAGIC_RUNNER or the embedded runner
+%runners --text                   the listing as plain text, even in a notebook"""
+
+
+class _RunnersParser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        raise UsageError(f"%runners: {message}\n{RUNNERS_USAGE}")
+
+
+def _runners_parser() -> argparse.ArgumentParser:
+    parser = _RunnersParser(prog="%runners", add_help=False)
+    actions = ["list", "add", "remove", "use"]
+    parser.add_argument("action", nargs="?", default="list", choices=actions)
+    parser.add_argument("target", nargs="?", default=None)
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--clear", action="store_true")
+    parser.add_argument("--text", action="store_true")
+    return parser
 
 
 @magics_class
@@ -22,9 +50,16 @@ class RemoteMagics(Magics):
     @argument(
         "--runner",
         default=None,
-        help="connection URL of the runner (default: $DIDOMAGIC_RUNNER, else an "
-        "embedded runner on this machine)",
+        help="connection URL or name of the runner (default: the notebook's default, "
+        "else $DIDOMAGIC_RUNNER, else an embedded runner on this machine)",
     )
+    @argument(
+        "--tags",
+        type=_names,
+        default=(),
+        help="run on a runner with all these tags (gpu,a100): the least loaded match",
+    )
+    @argument("--os", default="", help="run on a runner with this OS (linux, darwin, windows)")
     @argument("--push", type=_names, default=(), help="also send these names (a,b)")
     @argument("--pull", type=_names, default=(), help="also fetch these names back (c,d)")
     @argument(
@@ -52,11 +87,17 @@ class RemoteMagics(Magics):
         """
         args = parse_argstring(self.remote, line)
         if args.timeout is not None and not args.timeout > 0:
-            from IPython.core.error import UsageError
-
             raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+        if args.runner and (args.tags or args.os):
+            raise UsageError("give either --runner or --tags/--os, not both")
         spec = api.CellSpec(
-            code=cell, push=args.push, pull=args.pull, sync=not args.no_sync, timeout=args.timeout
+            code=cell,
+            push=args.push,
+            pull=args.pull,
+            sync=not args.no_sync,
+            timeout=args.timeout,
+            tags=args.tags,
+            os=args.os,
         )
         return api.run_cell(
             spec,
@@ -66,3 +107,49 @@ class RemoteMagics(Magics):
             transform=self.shell.transform_cell,
             hidden=self.shell.user_ns_hidden,
         )
+
+    @line_magic
+    def runners(self, line: str) -> Any:
+        """List, add, remove or choose runners. ``%runners help`` shows the forms."""
+        if line.strip() in ("help", "-h", "--help"):
+            print(RUNNERS_USAGE)
+            return None
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%runners: {exc}\n{RUNNERS_USAGE}") from None
+        args = _runners_parser().parse_args(words)
+        if args.action == "add":
+            if not args.target:
+                raise UsageError(f"%runners add needs a connection URL.\n{RUNNERS_USAGE}")
+            entry = api.add_runner(args.target, args.name)
+            print(f"didomagic: added {entry.name} ({entry.url.address})")
+            return None
+        if args.action == "remove":
+            if not args.target:
+                raise UsageError(f"%runners remove needs a name.\n{RUNNERS_USAGE}")
+            entry = api.remove_runner(args.target)
+            print(f"didomagic: removed {entry.name}")
+            return None
+        if args.action == "use":
+            if not args.target and not args.clear:
+                raise UsageError(f"%runners use needs a name (or --clear).\n{RUNNERS_USAGE}")
+            api.use(None if args.clear else args.target)
+            print(
+                f"didomagic: cells without --runner or --tags now run on {args.target}"
+                if args.target
+                else "didomagic: no default runner for this notebook"
+            )
+            return None
+        return self._show_runners(text=args.text)
+
+    def _show_runners(self, text: bool) -> Any:
+        from didomagic.progress import widgets_available
+        from didomagic.runners_view import RunnerTable, text_table
+
+        pool = api.default_pool()
+        views = api.runners(pool)
+        if text or not widgets_available() or not views:
+            print(text_table(views, pool.default))
+            return None
+        return RunnerTable(views, pool.default, lambda name: api.use(name, pool))

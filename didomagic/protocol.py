@@ -92,13 +92,52 @@ class Message:
 
 @dataclass(frozen=True)
 class Hello(Message):
-    """Client → runner, first message: what the client speaks."""
+    """Client → runner or mediator, first message: what the client speaks and needs.
+
+    ``tags``, ``os`` and ``runner`` (a runner name) are requirements a mediator
+    matches runners against; a runner reached directly ignores them.
+    """
 
     kind: ClassVar[str] = "hello"
     protocol: int
     python: str
     cloudpickle: str
     client: str = ""
+    tags: tuple[str, ...] = ()
+    os: str = ""
+    runner: str = ""
+
+
+@dataclass(frozen=True)
+class Queued(Message):
+    """Runner → client, before the welcome: every slot is busy; ``position`` 1 is next."""
+
+    kind: ClassVar[str] = "queued"
+    position: int
+
+
+@dataclass(frozen=True)
+class Query(Message):
+    """Client → runner or mediator, first message instead of a hello: describe yourself.
+
+    Takes no session slot and touches no kernel; the answer is an :class:`Info`.
+    """
+
+    kind: ClassVar[str] = "query"
+
+
+@dataclass(frozen=True)
+class Info(Message):
+    """Answer to a :class:`Query`: ``role`` is "runner" or "mediator"; one entry per runner.
+
+    Each entry is a runner description (see ``runner.resources``): name, tags,
+    os, arch, python, cpus, memory, GPUs and load.
+    """
+
+    kind: ClassVar[str] = "info"
+    role: str
+    runners: tuple[dict[str, Any], ...] = ()
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -192,6 +231,7 @@ class ErrorCode(StrEnum):
     PROTOCOL = "protocol"
     VERSION = "version"
     BUSY = "busy"
+    NO_MATCH = "no-match"
     INTERNAL = "internal"
 
 
@@ -204,8 +244,75 @@ class Error(Message):
     message: str
 
 
+# -- the link between a runner and a mediator (the runner dials out)
+
+
+@dataclass(frozen=True)
+class Register(Message):
+    """Runner → mediator, first message on the link: the runner's description.
+
+    ``id`` stays the same for the life of the runner process, so a runner that
+    comes back (after a lost heartbeat or a mediator restart) replaces its old
+    entry. The runner sends a :class:`Load` at least every ``heartbeat`` seconds.
+    """
+
+    kind: ClassVar[str] = "register"
+    id: str
+    runner: dict[str, Any]
+    heartbeat: float
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Registered(Message):
+    """Mediator → runner: the registration is accepted."""
+
+    kind: ClassVar[str] = "registered"
+    mediator: str
+
+
+@dataclass(frozen=True)
+class Load(Message):
+    """Runner → mediator: the runner's load changed (or a heartbeat with the same load)."""
+
+    kind: ClassVar[str] = "load"
+    load: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Dial(Message):
+    """Mediator → runner: open a relay connection for a client session, naming ``ticket``."""
+
+    kind: ClassVar[str] = "dial"
+    ticket: str
+
+
+@dataclass(frozen=True)
+class Leave(Message):
+    """Runner → mediator: the runner is shutting down; forget it."""
+
+    kind: ClassVar[str] = "leave"
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (Hello, Welcome, Execute, Interrupt, Output, Result, Error)
+    cls.kind: cls
+    for cls in (
+        Hello,
+        Queued,
+        Query,
+        Info,
+        Welcome,
+        Execute,
+        Interrupt,
+        Output,
+        Result,
+        Error,
+        Register,
+        Registered,
+        Load,
+        Dial,
+        Leave,
+    )
 }
 
 
@@ -304,6 +411,18 @@ def _as_str_map(kind: str, name: str, v: Any) -> dict[str, str]:
     return dict(v)
 
 
+def _as_object_tuple(kind: str, name: str, v: Any) -> tuple[dict[str, Any], ...]:
+    ok = isinstance(v, list) and all(isinstance(x, dict) for x in v)
+    _check(kind, name, ok, "a list of JSON objects", v)
+    return tuple(dict(x) for x in v)
+
+
+def _as_seconds(kind: str, name: str, v: Any) -> float:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    _check(kind, name, ok, "a positive number of seconds", v)
+    return float(v)
+
+
 def _as_timeout(kind: str, name: str, v: Any) -> float | None:
     if v is None:
         return None
@@ -351,6 +470,8 @@ _FIELD_TYPES: dict[str, Callable[[str, str, Any], Any]] = {
     "dict[str, Any] | None": _as_optional_object,
     "dict[str, str]": _as_str_map,
     "float | None": _as_timeout,
+    "float": _as_seconds,
+    "tuple[dict[str, Any], ...]": _as_object_tuple,
     "tuple[ValueHeader, ...]": _as_values,
     "Status": _enum_of(Status),
     "ErrorCode": _enum_of(ErrorCode),
@@ -383,17 +504,19 @@ def check_compatible(*, protocol: int, python: str, cloudpickle: str, side: str 
 
 
 class Role(StrEnum):
-    """Which end of the websocket a :class:`Session` tracks."""
+    """Which end of the websocket a :class:`Session` (or :class:`Link`) tracks."""
 
     CLIENT = "client"
     RUNNER = "runner"
+    MEDIATOR = "mediator"
 
 
 class State(StrEnum):
     """Where a session stands (see the module docstring)."""
 
-    HELLO = "hello"  # waiting for the client's hello
-    WELCOME = "welcome"  # hello sent, waiting for the runner's welcome
+    HELLO = "hello"  # waiting for the client's hello (or query)
+    WELCOME = "welcome"  # hello sent, waiting for the runner's welcome (or queued)
+    QUERY = "query"  # query sent, waiting for the info
     IDLE = "idle"  # ready for the next cell
     UPLOAD = "upload"  # execute sent; its values are in flight
     RUNNING = "running"  # the cell runs on the runner
@@ -403,8 +526,11 @@ class State(StrEnum):
 
 _SENDER = {
     Hello: Role.CLIENT,
+    Query: Role.CLIENT,
     Execute: Role.CLIENT,
     Interrupt: Role.CLIENT,
+    Queued: Role.RUNNER,
+    Info: Role.RUNNER,
     Welcome: Role.RUNNER,
     Output: Role.RUNNER,
     Result: Role.RUNNER,
@@ -413,6 +539,9 @@ _SENDER = {
 
 _TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     (State.HELLO, Hello): State.WELCOME,
+    (State.HELLO, Query): State.QUERY,
+    (State.QUERY, Info): State.CLOSED,
+    (State.WELCOME, Queued): State.WELCOME,
     (State.WELCOME, Welcome): State.IDLE,
     (State.IDLE, Execute): State.UPLOAD,
     (State.UPLOAD, Interrupt): State.UPLOAD,
@@ -454,7 +583,7 @@ class Session:
 
     def send(self, message: Message) -> str:
         """Check that this side may send ``message`` now, advance, and return its text."""
-        if _SENDER[type(message)] is not self.role:
+        if _SENDER.get(type(message)) is not self.role and not isinstance(message, Error):
             raise ProtocolError(f"a {self.role.value} does not send {message.kind} messages")
         self._advance(message)
         return encode(message)
@@ -467,7 +596,7 @@ class Session:
                 f"got a {message.kind} message while "
                 f"{self._bytes_left()} bytes of values were still expected"
             )
-        if _SENDER[type(message)] is self.role:
+        if _SENDER.get(type(message), self.role) is self.role and not isinstance(message, Error):
             raise ProtocolError(f"a {self.role.value} does not receive {message.kind} messages")
         self._advance(message)
         return message
@@ -561,3 +690,64 @@ class Session:
             self._take(end - self._offset)
             yield chunk
         self._settle()
+
+
+# --------------------------------------------------------------------------- link
+
+_LINK_SENDER = {
+    Register: Role.RUNNER,
+    Load: Role.RUNNER,
+    Leave: Role.RUNNER,
+    Registered: Role.MEDIATOR,
+    Dial: Role.MEDIATOR,
+}
+
+
+class Link:
+    """The state of a runner's link to a mediator, for one role.
+
+    The runner sends :class:`Register` first and waits for :class:`Registered`;
+    then it sends :class:`Load` (changes and heartbeats) and finally
+    :class:`Leave`, while the mediator sends :class:`Dial` for each relayed
+    session. An :class:`Error` from the mediator ends the link.
+    """
+
+    def __init__(self, role: Role) -> None:
+        if role not in (Role.RUNNER, Role.MEDIATOR):
+            raise ValueError("a link has a runner end and a mediator end")
+        self.role = role
+        self.asked = False  # register sent
+        self.registered = False  # registered received
+        self.closed = False
+
+    def send(self, message: Message) -> str:
+        """Check that this end may send ``message`` now and return its text."""
+        self._advance(message, self.role)
+        return encode(message)
+
+    def receive(self, text: str | bytes) -> Message:
+        """Decode a received text frame and check that it is legal now."""
+        message = decode(text)
+        self._advance(message, Role.MEDIATOR if self.role is Role.RUNNER else Role.RUNNER)
+        return message
+
+    def _advance(self, message: Message, sender: Role) -> None:
+        if self.closed:
+            raise ProtocolError(f"{message.kind} message on a closed link")
+        if isinstance(message, Error):
+            self.closed = True
+            return
+        if _LINK_SENDER.get(type(message)) is not sender:
+            raise ProtocolError(f"a {sender.value} does not send {message.kind} messages on a link")
+        if isinstance(message, Register):
+            if self.asked:
+                raise ProtocolError("register message sent twice on one link")
+            self.asked = True
+        elif isinstance(message, Registered):
+            if not self.asked or self.registered:
+                raise ProtocolError("registered message without a pending registration")
+            self.registered = True
+        elif not self.registered:
+            raise ProtocolError(f"{message.kind} message before the registration completed")
+        elif isinstance(message, Leave):
+            self.closed = True

@@ -3,11 +3,14 @@
 ::
 
     didomagic-runner [--host H] [--port P] [--tags a,b] ...   serve cells
+    didomagic-runner mediator [--host H] [--port P] ...        match cells to runners
     didomagic-runner gen-cert --out DIR [--host NAME]          write a certificate
 
 On start the runner logs where it listens and its certificate fingerprint, and
 prints its connection URL (address, token and fingerprint in one string) on
-standard output and to ``--url-file``. The token never goes to the log.
+standard output and to ``--url-file``. A mediator prints two URLs: the one for
+clients, then the one runners join with (``--mediator``). Tokens never go to
+the log.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ from pathlib import Path
 
 import platformdirs
 
+from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
 from runner import certs
+from runner.link import MediatorLink
+from runner.mediator import Mediator, MediatorSettings
 from runner.server import RunnerServer, RunnerSettings
 
 logger = logging.getLogger("didomagic.runner")
 
 DEFAULT_PORT = 4940
+MEDIATOR_PORT = 4941
 
 
 def _tags(text: str) -> tuple[str, ...]:
@@ -55,13 +62,22 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def serve_parser() -> argparse.ArgumentParser:
-    """The parser of the serve command (the default)."""
-    p = argparse.ArgumentParser(
-        prog="didomagic-runner",
-        description="Run notebook cells sent by %%remote in real Jupyter kernels. "
-        "Other command: 'didomagic-runner gen-cert --out DIR' writes a certificate.",
-    )
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _url(text: str) -> ConnectionURL:
+    try:
+        return ConnectionURL.parse(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
+    """Flags a runner and a mediator share: where to listen, TLS, state, URL file, logging."""
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -70,16 +86,14 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--port",
         type=_non_negative,
-        default=DEFAULT_PORT,
-        help=f"port (default {DEFAULT_PORT}; 0 picks a free one)",
+        default=port,
+        help=f"port (default {port}; 0 picks a free one)",
     )
-    p.add_argument("--name", default=None, help="runner name (default: the host name)")
-    p.add_argument("--tags", type=_tags, default=(), help="comma-separated tags, e.g. gpu,a100")
     p.add_argument(
         "--token",
         default=None,
-        help="access token (default: $DIDOMAGIC_TOKEN, else one generated once and "
-        "kept in the state directory)",
+        help="access token for clients (default: $DIDOMAGIC_TOKEN, else one generated "
+        "once and kept in the state directory)",
     )
     p.add_argument("--certfile", type=Path, default=None, help="TLS certificate (PEM)")
     p.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
@@ -87,20 +101,60 @@ def serve_parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=Path,
         default=None,
-        help="where the generated certificate and token are kept "
-        "(default: the user's data directory)",
+        help="where the generated certificate and tokens are kept "
+        f"(default: the user's data directory, {what}/)",
     )
     p.add_argument(
         "--url-file",
         type=Path,
         default=None,
-        help="write the connection URL here (mode 0600) once listening",
+        help="write the clients' connection URL here (mode 0600) once listening",
     )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default INFO",
+    )
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """The parser of the serve command (the default)."""
+    p = argparse.ArgumentParser(
+        prog="didomagic-runner",
+        description="Run notebook cells sent by %%remote in real Jupyter kernels. "
+        "Other commands: 'didomagic-runner mediator --help' (a mediator for several "
+        "runners) and 'didomagic-runner gen-cert --out DIR' (write a certificate).",
+    )
+    _add_common(p, DEFAULT_PORT, "runner")
+    p.add_argument("--name", default=None, help="runner name (default: the host name)")
+    p.add_argument("--tags", type=_tags, default=(), help="comma-separated tags, e.g. gpu,a100")
     p.add_argument(
         "--max-sessions",
         type=_positive,
         default=os.cpu_count() or 1,
         help="sessions served at once (default: CPU count)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=_non_negative,
+        default=0,
+        help="sessions that wait for a slot when all are busy, in order "
+        "(default 0: refuse at once)",
+    )
+    p.add_argument(
+        "--mediator",
+        type=_url,
+        default=None,
+        help="join this mediator: its runner URL (the second URL it prints); the runner "
+        "dials out, so it may sit behind a firewall",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=_seconds,
+        default=5.0,
+        help="seconds between load reports to the mediator (default 5); the mediator "
+        "marks the runner down after three missed",
     )
     p.add_argument(
         "--warm-kernels",
@@ -109,16 +163,35 @@ def serve_parser() -> argparse.ArgumentParser:
         help="kernels started ahead of sessions (default 1)",
     )
     p.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default INFO",
-    )
-    p.add_argument(
         "--exit-on-stdin-eof",
         action="store_true",
         help="stop when standard input closes (used by the embedded runner, so it "
         "dies with the notebook kernel that started it)",
+    )
+    return p
+
+
+def mediator_parser() -> argparse.ArgumentParser:
+    """The parser of ``mediator``."""
+    p = argparse.ArgumentParser(
+        prog="didomagic-runner mediator",
+        description="Match notebook sessions to runners by tags and load, and relay them. "
+        "Prints two connection URLs: the first for clients (%%runners add), the second "
+        "for runners (didomagic-runner --mediator).",
+    )
+    _add_common(p, MEDIATOR_PORT, "mediator")
+    p.add_argument("--name", default="mediator", help="mediator name (default: mediator)")
+    p.add_argument(
+        "--runner-token",
+        default=None,
+        help="token runners join with (default: $DIDOMAGIC_RUNNER_TOKEN, else one generated "
+        "once and kept in the state directory); it cannot run cells",
+    )
+    p.add_argument(
+        "--runner-url-file",
+        type=Path,
+        default=None,
+        help="write the runners' URL here (mode 0600) once listening",
     )
     return p
 
@@ -137,13 +210,18 @@ def gen_cert_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_state_dir() -> Path:
-    """Where a runner keeps its certificate and token unless told otherwise."""
-    return Path(platformdirs.user_data_dir("didomagic")) / "runner"
+def default_state_dir(what: str = "runner") -> Path:
+    """Where a runner (or mediator) keeps its certificate and tokens unless told otherwise."""
+    return Path(platformdirs.user_data_dir("didomagic")) / what
 
 
-def _load_token(explicit: str | None, state_dir: Path) -> str:
-    token = explicit if explicit is not None else os.environ.get("DIDOMAGIC_TOKEN")
+def _load_token(
+    explicit: str | None,
+    state_dir: Path,
+    env: str = "DIDOMAGIC_TOKEN",
+    filename: str = "token",
+) -> str:
+    token = explicit if explicit is not None else os.environ.get(env)
     if token is not None:
         token = token.strip()
         if not token or any(c.isspace() for c in token):
@@ -152,7 +230,7 @@ def _load_token(explicit: str | None, state_dir: Path) -> str:
                 "spaces; omit --token to have one generated."
             )
         return token
-    path = state_dir / "token"
+    path = state_dir / filename
     if path.exists():
         return path.read_text().strip()
     token = secrets.token_urlsafe(32)
@@ -186,13 +264,19 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if level != "DEBUG":
-        for noisy in ("didomagic.runner.websockets", "traitlets", "asyncio"):
+        for noisy in (
+            "didomagic.runner.websockets",
+            "didomagic.mediator.websockets",
+            "didomagic.client.websockets",
+            "traitlets",
+            "asyncio",
+        ):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Run the runner until SIGTERM, SIGINT or (optionally) standard input closes."""
-    state_dir = args.state_dir or default_state_dir()
+def _prepare(args: argparse.Namespace, what: str) -> tuple[Path, Path, Path]:
+    """The state directory and the certificate and key to use (generated if needed)."""
+    state_dir = args.state_dir or default_state_dir(what)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if (args.certfile is None) != (args.keyfile is None):
         raise SystemExit("didomagic-runner: give both --certfile and --keyfile, or neither.")
@@ -200,6 +284,59 @@ async def serve(args: argparse.Namespace) -> None:
         certfile, keyfile = certs.ensure(state_dir, args.host)
     else:
         certfile, keyfile = args.certfile, args.keyfile
+    if not _is_loopback(args.host):
+        logger.warning(
+            "listening on %s, not loopback: anyone who can reach this address and holds the "
+            "token can %s. Keep the token secret.",
+            args.host,
+            "run code here as this user" if what == "runner" else "send cells to its runners",
+        )
+    return state_dir, certfile, keyfile
+
+
+def _stop_event(exit_on_stdin_eof: bool = False) -> asyncio.Event:
+    """An event set by SIGTERM, SIGINT or (optionally) standard input closing."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if exit_on_stdin_eof:
+        threading.Thread(target=_wait_stdin_eof, args=(loop, stop), daemon=True).start()
+    return stop
+
+
+def _announce(
+    what: str, args: argparse.Namespace, port: int, token: str, certfile: Path
+) -> ConnectionURL:
+    """Log where we listen and the fingerprint; return the connection URL for ``token``."""
+    fingerprint = certs.fingerprint_file(certfile)
+    url = ConnectionURL(
+        host=args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1",
+        port=port,
+        token=token,
+        fingerprint=fingerprint,
+    )
+    logger.info("%s listening on %s", what, url.address)
+    logger.info("certificate SHA-256 fingerprint: %s", fingerprint)
+    return url
+
+
+def _publish(url: ConnectionURL, label: str, url_file: Path | None) -> None:
+    """Print the URL on standard output and write it to ``url_file``; log it redacted."""
+    logger.info(
+        "%s: %s (the full URL is on standard output%s)",
+        label,
+        url.redacted(),
+        f" and in {url_file}" if url_file else "",
+    )
+    if url_file:
+        _write_private(url_file, str(url) + "\n")
+    print(url, flush=True)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Run the runner until SIGTERM, SIGINT or (optionally) standard input closes."""
+    state_dir, certfile, keyfile = _prepare(args, "runner")
     settings = RunnerSettings(
         host=args.host,
         port=args.port,
@@ -208,55 +345,79 @@ async def serve(args: argparse.Namespace) -> None:
         certfile=certfile,
         keyfile=keyfile,
         max_sessions=args.max_sessions,
+        max_queue=args.max_queue,
         warm_kernels=args.warm_kernels,
     )
     if args.name:
         settings.name = args.name
-    if not _is_loopback(args.host):
-        logger.warning(
-            "listening on %s, not loopback: anyone who can reach this address and holds the "
-            "token can run code here as this user. Keep the token secret.",
-            args.host,
-        )
     work_root = Path(tempfile.mkdtemp(prefix="didomagic-runner-"))
     server = RunnerServer(settings, work_root)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if args.exit_on_stdin_eof:
-        threading.Thread(target=_wait_stdin_eof, args=(loop, stop), daemon=True).start()
+    stop = _stop_event(args.exit_on_stdin_eof)
+    link: MediatorLink | None = None
+    link_task: asyncio.Task[None] | None = None
     try:
         port = await server.start()
-        fingerprint = certs.fingerprint_file(certfile)
-        url = ConnectionURL(
-            host=args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1",
-            port=port,
-            token=settings.token,
-            fingerprint=fingerprint,
-        )
+        url = _announce(f"runner {settings.name}", args, port, settings.token, certfile)
         logger.info(
-            "runner %s listening on %s (tags: %s)",
-            settings.name,
-            url.address,
+            "tags: %s; %d session slots, queue of %d",
             ",".join(settings.tags) or "none",
+            settings.max_sessions,
+            settings.max_queue,
         )
-        logger.info("certificate SHA-256 fingerprint: %s", fingerprint)
-        logger.info(
-            "connection URL: %s (the full URL is on standard output%s)",
-            url.redacted(),
-            f" and in {args.url_file}" if args.url_file else "",
-        )
-        if args.url_file:
-            _write_private(args.url_file, str(url) + "\n")
-        print(url, flush=True)
+        _publish(url, "connection URL", args.url_file)
+        if args.mediator is not None:
+            link = MediatorLink(server, args.mediator, args.heartbeat)
+            link_task = asyncio.create_task(link.run())
         await stop.wait()
         logger.info("stopping: closing sessions and shutting kernels down")
     finally:
+        if link is not None and link_task is not None:
+            await link.stop()
+            link_task.cancel()
+            await asyncio.gather(link_task, return_exceptions=True)
         await server.stop()
         shutil.rmtree(work_root, ignore_errors=True)
         if args.url_file:
             args.url_file.unlink(missing_ok=True)
+    logger.info("stopped")
+
+
+async def mediate(args: argparse.Namespace) -> None:
+    """Run the mediator until SIGTERM or SIGINT."""
+    state_dir, certfile, keyfile = _prepare(args, "mediator")
+    settings = MediatorSettings(
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        token=_load_token(args.token, state_dir),
+        runner_token=_load_token(
+            args.runner_token, state_dir, "DIDOMAGIC_RUNNER_TOKEN", "runner-token"
+        ),
+        certfile=certfile,
+        keyfile=keyfile,
+    )
+    if settings.token == settings.runner_token:
+        raise SystemExit(
+            "didomagic-runner mediator: the client token and the runner token must differ, "
+            "so that one role's credential cannot act as the other."
+        )
+    mediator = Mediator(settings)
+    stop = _stop_event()
+    try:
+        port = await mediator.start()
+        client_url = _announce(f"mediator {settings.name}", args, port, settings.token, certfile)
+        runner_url = ConnectionURL(
+            client_url.host, client_url.port, settings.runner_token, client_url.fingerprint
+        )
+        _publish(client_url, "client URL (for %runners add)", args.url_file)
+        _publish(runner_url, "runner URL (for didomagic-runner --mediator)", args.runner_url_file)
+        await stop.wait()
+        logger.info("stopping")
+    finally:
+        await mediator.stop()
+        for path in (args.url_file, args.runner_url_file):
+            if path:
+                path.unlink(missing_ok=True)
     logger.info("stopped")
 
 
@@ -277,6 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gen-cert"]:
         gen_cert(gen_cert_parser().parse_args(argv[1:]))
+        return 0
+    if argv[:1] == ["mediator"]:
+        margs = mediator_parser().parse_args(argv[1:])
+        _configure_logging(margs.log_level)
+        asyncio.run(mediate(margs))
         return 0
     args = serve_parser().parse_args(argv)
     _configure_logging(args.log_level)

@@ -27,6 +27,7 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from traitlets import Dict
 
 from didomagic.protocol import OUTPUT_TYPES, Status
 from runner import agent
@@ -48,6 +49,8 @@ OutputCallback = Callable[[str, dict[str, Any]], None]
 class _SpecManager(KernelSpecManager):
     """Always the runner's own Python with ipykernel, whatever kernelspecs are installed."""
 
+    extra_env = Dict(help="environment variables added for every kernel")
+
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         source_root = str(Path(agent.__file__).resolve().parent.parent)
         pythonpath = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
@@ -64,7 +67,11 @@ class _SpecManager(KernelSpecManager):
             display_name="didomagic runner kernel",
             language="python",
             interrupt_mode="signal",
-            env={"PYTHONPATH": pythonpath, "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
+            env={
+                **self.extra_env,
+                "PYTHONPATH": pythonpath,
+                "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+            },
         )
 
 
@@ -79,8 +86,9 @@ class CellOutcome:
 class Kernel:
     """One ipykernel process with its private and scratch directories."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         self.id = secrets.token_hex(6)
+        self.env = dict(env or {})
         self.home = root / self.id
         self.private = self.home / "private"
         self.scratch = self.home / "scratch"
@@ -99,7 +107,7 @@ class Kernel:
         ipc = os.name == "posix"
         self._km = AsyncKernelManager(
             kernel_name="didomagic",
-            kernel_spec_manager=_SpecManager(),
+            kernel_spec_manager=_SpecManager(extra_env=self.env),
             transport="ipc" if ipc else "tcp",
             ip=str(self.private / "k") if ipc else "127.0.0.1",
             connection_file=str(self.private / "kernel.json"),
@@ -240,9 +248,10 @@ class Kernel:
 class KernelPool:
     """Keeps ``size`` kernels started ahead, so a new session does not wait for one."""
 
-    def __init__(self, root: Path, size: int) -> None:
+    def __init__(self, root: Path, size: int, env: dict[str, str] | None = None) -> None:
         self.root = root
         self.size = size
+        self.env = dict(env or {})
         self._warm: list[Kernel] = []
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -255,7 +264,7 @@ class KernelPool:
             task.add_done_callback(self._starting.discard)
 
     async def _start_one(self) -> None:
-        kernel = Kernel(self.root)
+        kernel = Kernel(self.root, self.env)
         try:
             await kernel.start()
         except asyncio.CancelledError:
@@ -275,7 +284,7 @@ class KernelPool:
         if self._warm:
             kernel = self._warm.pop(0)
         else:
-            kernel = Kernel(self.root)
+            kernel = Kernel(self.root, self.env)
             try:
                 await kernel.start()
             except BaseException:

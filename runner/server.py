@@ -5,6 +5,16 @@ Bearer``, compared in constant time), so an unauthenticated peer gets a 401
 before any websocket message is read and before any kernel is touched. Each
 authenticated connection is one session: it gets a kernel from the pool, runs
 cells one at a time, and its kernel and directories go when it closes.
+
+A runner serves at most ``max_sessions`` sessions at once. Further sessions
+wait in a queue of at most ``max_queue`` places, in order of arrival, and are
+told their position as it changes; beyond that a session is refused as busy.
+A first message that is a query instead of a hello gets the runner's
+description and takes no slot.
+
+Sessions arrive either on the runner's own port or, for a runner that joined a
+mediator, on connections the runner dials to the mediator (relays); both are
+served the same way.
 """
 
 from __future__ import annotations
@@ -18,11 +28,13 @@ import os
 import platform
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import IO, Any
 
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -39,8 +51,11 @@ from didomagic.protocol import (
     ErrorCode,
     Execute,
     Hello,
+    Info,
     Interrupt,
     Output,
+    Query,
+    Queued,
     Result,
     Role,
     Session,
@@ -53,7 +68,7 @@ from didomagic.protocol import (
     encode,
     python_version,
 )
-from runner import agent
+from runner import agent, resources
 from runner.certs import server_context
 from runner.kernels import Kernel, KernelPool
 
@@ -61,6 +76,12 @@ logger = logging.getLogger("didomagic.runner")
 
 HELLO_TIMEOUT = 10.0
 """Seconds a client has to send its hello after the websocket opens."""
+
+MACHINE_REFRESH = 2.0
+"""Seconds a measurement of memory and GPUs is reused before it is taken again."""
+
+Connection = ServerConnection | ClientConnection
+"""A session's websocket: accepted on the runner's port, or dialed to a mediator (relay)."""
 
 
 @dataclass
@@ -75,6 +96,7 @@ class RunnerSettings:
     certfile: Path = Path()
     keyfile: Path = Path()
     max_sessions: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_queue: int = 0
     warm_kernels: int = 1
 
 
@@ -91,23 +113,96 @@ class RunnerServer:
 
     def __init__(self, settings: RunnerSettings, work_root: Path) -> None:
         self.settings = settings
-        self.pool = KernelPool(work_root, settings.warm_kernels)
+        self.pool = KernelPool(
+            work_root, settings.warm_kernels, env={"DIDOMAGIC_RUNNER_NAME": settings.name}
+        )
         self.sessions: set[asyncio.Task[Any]] = set()
+        self.active = 0
+        """Sessions holding a slot."""
+        self.waiting: list[asyncio.Future[None]] = []
+        """Queued sessions, first in line first; each future is set when it gets a slot."""
+        self.load_listeners: list[Callable[[], None]] = []
+        """Called whenever the number of active or queued sessions changes."""
         self._server: Server | None = None
+        self._machine: tuple[float, dict[str, Any]] = (-MACHINE_REFRESH, {})
+
+    def machine(self) -> dict[str, Any]:
+        """The machine's description, measured at most every :data:`MACHINE_REFRESH` s."""
+        taken, info = self._machine
+        if time.monotonic() - taken >= MACHINE_REFRESH:
+            info = resources.machine()
+            self._machine = (time.monotonic(), info)
+        return info
+
+    def load(self) -> dict[str, int]:
+        """Sessions active and queued, with their limits."""
+        return {
+            "sessions": self.active,
+            "max_sessions": self.settings.max_sessions,
+            "queue": len(self.waiting),
+            "max_queue": self.settings.max_queue,
+        }
 
     def describe(self) -> dict[str, Any]:
-        """What this runner says about itself in the welcome."""
+        """What this runner says about itself: name, tags, machine, load."""
         return {
             "name": self.settings.name,
             "tags": list(self.settings.tags),
-            "os": platform.system().lower(),
-            "arch": platform.machine(),
-            "python": platform.python_version(),
             "didomagic": didomagic.__version__,
-            "cpus": os.cpu_count(),
-            "sessions": len(self.sessions),
-            "max_sessions": self.settings.max_sessions,
+            "status": "up",
+            **self.machine(),
+            **self.load(),
         }
+
+    def _load_changed(self) -> None:
+        for listener in list(self.load_listeners):
+            listener()
+
+    def try_admit(self) -> asyncio.Future[None] | None:
+        """Take a slot now (``None``), or a place in the queue (a future set on admission).
+
+        Raise :class:`_Busy` when both are full.
+        """
+        settings = self.settings
+        if self.active < settings.max_sessions and not self.waiting:
+            self.active += 1
+            self._load_changed()
+            return None
+        if len(self.waiting) >= settings.max_queue:
+            queue = (
+                f"and its queue is full (--max-queue {settings.max_queue})"
+                if settings.max_queue
+                else "and it queues none (--max-queue 0)"
+            )
+            raise _Busy(
+                f"Runner {settings.name} is busy: all {settings.max_sessions} session slots "
+                f"(--max-sessions) are in use {queue}. Try again when a notebook using it "
+                "disconnects, or use another runner."
+            )
+        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append(ticket)
+        self._load_changed()
+        return ticket
+
+    def leave_queue(self, ticket: asyncio.Future[None]) -> None:
+        """Give up a place in the queue (the client left before its turn)."""
+        if ticket in self.waiting:
+            self.waiting.remove(ticket)
+            self._load_changed()
+
+    def release(self) -> None:
+        """Give a slot back; the first queued session, if any, takes it."""
+        self.active -= 1
+        while self.waiting and self.active < self.settings.max_sessions:
+            ticket = self.waiting.pop(0)
+            if not ticket.done():
+                self.active += 1
+                ticket.set_result(None)
+        self._load_changed()
+
+    def position(self, ticket: asyncio.Future[None]) -> int:
+        """1-based place of a queued session (0 once admitted)."""
+        return self.waiting.index(ticket) + 1 if ticket in self.waiting else 0
 
     async def start(self) -> int:
         """Start listening and warming kernels; return the bound port."""
@@ -136,7 +231,7 @@ class RunnerServer:
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
         if check_token(request, self.settings.token):
             return None
-        logger.warning("refused a connection from %s: missing or wrong token", _peer(connection))
+        logger.warning("refused a connection from %s: missing or wrong token", peer_of(connection))
         response = connection.respond(
             HTTPStatus.UNAUTHORIZED,
             "didomagic runner: missing or wrong token; use the runner's connection URL.\n",
@@ -145,11 +240,15 @@ class RunnerServer:
         return response
 
     async def _session(self, ws: ServerConnection) -> None:
+        await self.serve_connection(ws)
+
+    async def serve_connection(self, ws: Connection, peer: str | None = None) -> None:
+        """Serve one session on ``ws`` until it closes (direct or relayed)."""
         task = asyncio.current_task()
         assert task is not None
         self.sessions.add(task)
         try:
-            await SessionHandler(self, ws).run()
+            await SessionHandler(self, ws, peer).run()
         finally:
             self.sessions.discard(task)
 
@@ -157,10 +256,11 @@ class RunnerServer:
 class SessionHandler:
     """One client session: its protocol state, its kernel, its cells."""
 
-    def __init__(self, server: RunnerServer, ws: ServerConnection) -> None:
+    def __init__(self, server: RunnerServer, ws: Connection, peer: str | None = None) -> None:
         self.server = server
         self.ws = ws
-        self.peer = _peer(ws)
+        self.peer = peer or peer_of(ws)
+        self.has_slot = False
         self.id = secrets.token_urlsafe(16)
         self.protocol = Session(Role.RUNNER)
         self.kernel: Kernel | None = None
@@ -183,12 +283,12 @@ class SessionHandler:
                 await self._serve_cells()
         except ProtocolError as exc:
             logger.warning("session %s from %s: protocol error: %s", self.log_id, self.peer, exc)
-            await _refuse(self.ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
+            await refuse(self.ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
         except ConnectionClosed:
             pass
         except Exception:
             logger.exception("session %s: internal error", self.log_id)
-            await _refuse(
+            await refuse(
                 self.ws,
                 ErrorCode.INTERNAL,
                 "Internal runner error; the runner's log has the details.",
@@ -208,39 +308,40 @@ class SessionHandler:
         try:
             text = await asyncio.wait_for(self.ws.recv(), HELLO_TIMEOUT)
         except TimeoutError:
-            await _refuse(self.ws, ErrorCode.PROTOCOL, "No hello received in time.")
+            await refuse(self.ws, ErrorCode.PROTOCOL, "No hello received in time.")
             return False
         if not isinstance(text, str):
             raise ProtocolError("expected a hello text message first")
-        hello = self.protocol.receive(text)
-        assert isinstance(hello, Hello)
+        first = self.protocol.receive(text)
+        if isinstance(first, Query):
+            await self.ws.send(
+                self.protocol.send(
+                    Info(
+                        role="runner",
+                        runners=(self.server.describe(),),
+                        name=self.server.settings.name,
+                    )
+                )
+            )
+            await self.ws.close()
+            return False
+        assert isinstance(first, Hello)
         try:
             check_compatible(
-                protocol=hello.protocol,
-                python=hello.python,
-                cloudpickle=hello.cloudpickle,
+                protocol=first.protocol,
+                python=first.python,
+                cloudpickle=first.cloudpickle,
                 side="client",
             )
         except VersionMismatch as exc:
             logger.warning("refused a session from %s: %s", self.peer, exc)
-            await _refuse(
+            await refuse(
                 self.ws,
                 ErrorCode.VERSION,
                 str(exc).replace("this side", f"runner {self.server.settings.name}"),
             )
             return False
-        settings = self.server.settings
-        if len(self.server.sessions) > settings.max_sessions:
-            logger.info(
-                "refused a session from %s: all %d slots busy", self.peer, settings.max_sessions
-            )
-            await _refuse(
-                self.ws,
-                ErrorCode.BUSY,
-                f"Runner {settings.name} is busy: all {settings.max_sessions} session slots "
-                "(--max-sessions) are in use. Try again when a notebook using it disconnects, "
-                "or use another runner.",
-            )
+        if not await self._take_slot():
             return False
         self.kernel = await self.server.pool.take()
         await self.ws.send(
@@ -256,6 +357,52 @@ class SessionHandler:
         )
         logger.info("session %s opened from %s (kernel %s)", self.log_id, self.peer, self.kernel.id)
         return True
+
+    async def _take_slot(self) -> bool:
+        """Get a session slot, waiting in the queue if there is room; False if refused."""
+        try:
+            ticket = self.server.try_admit()
+        except _Busy as exc:
+            logger.info("refused a session from %s: busy", self.peer)
+            await refuse(self.ws, ErrorCode.BUSY, str(exc))
+            return False
+        if ticket is None:
+            self.has_slot = True
+            return True
+        logger.info(
+            "session %s from %s queued at position %d",
+            self.log_id,
+            self.peer,
+            self.server.position(ticket),
+        )
+        moved = asyncio.Event()
+        self.server.load_listeners.append(moved.set)
+        closed = asyncio.ensure_future(self.ws.wait_closed())
+        told = 0
+        try:
+            while not ticket.done():
+                position = self.server.position(ticket)
+                if position != told:
+                    await self.ws.send(self.protocol.send(Queued(position)))
+                    told = position
+                moved.clear()
+                changed = asyncio.ensure_future(moved.wait())
+                await asyncio.wait({ticket, changed, closed}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if closed.done():
+                    break
+        finally:
+            self.server.load_listeners.remove(moved.set)
+            closed.cancel()
+            if not ticket.done():
+                self.server.leave_queue(ticket)
+        if ticket.done() and not ticket.cancelled():
+            self.has_slot = True
+            if closed.done() or self.ws.close_code is not None:
+                return False  # admitted just as the client left; _close gives the slot back
+            logger.info("session %s left the queue", self.log_id)
+            return True
+        return False
 
     async def _serve_cells(self) -> None:
         async for frame in self.ws:
@@ -295,7 +442,7 @@ class SessionHandler:
             pass
         except Exception:
             logger.exception("session %s: cell failed inside the runner", self.log_id)
-            await _refuse(
+            await refuse(
                 self.ws,
                 ErrorCode.INTERNAL,
                 "Internal runner error; the runner's log has the details.",
@@ -388,6 +535,9 @@ class SessionHandler:
         if self.kernel is not None:
             await self.kernel.shutdown()
             logger.info("session %s closed", self.log_id)
+        if self.has_slot:
+            self.has_slot = False
+            self.server.release()
 
 
 class _Upload:
@@ -414,12 +564,17 @@ class _Upload:
         self.files = [None] * len(self.files)
 
 
-def _peer(ws: ServerConnection) -> str:
+class _Busy(Exception):
+    """No slot and no place in the queue (the message says which limits)."""
+
+
+def peer_of(ws: Connection) -> str:
+    """``host:port`` of the other end, for log lines."""
     address = ws.remote_address
     return f"{address[0]}:{address[1]}" if address else "?"
 
 
-async def _refuse(ws: ServerConnection, code: ErrorCode, message: str) -> None:
+async def refuse(ws: Connection, code: ErrorCode, message: str) -> None:
     """Send an error message and close the connection (policy violation)."""
     with contextlib.suppress(ConnectionClosed):
         await ws.send(encode(Error(code, message)))

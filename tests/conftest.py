@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,61 @@ def start_runner(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Ru
     return RunnerProcess(process, line, state, log_path)
 
 
+@dataclass
+class MediatorProcess:
+    """A ``didomagic-runner mediator`` subprocess and the two URLs it printed."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    runner_url: str
+    state_dir: Path
+    log_path: Path
+
+    @property
+    def log(self) -> str:
+        """Everything the mediator has logged so far."""
+        return self.log_path.read_text()
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        return int(self.url.split("/")[2].rsplit(":", 1)[1])
+
+    stop = RunnerProcess.stop
+
+
+def start_mediator(tmp: Path, *args: str) -> MediatorProcess:
+    """Start ``didomagic-runner mediator`` and wait for the two URLs it prints."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = tmp / "state"
+    log_path = tmp / "mediator.log"
+    command = [sys.executable, "-m", "runner", "mediator", "--state-dir", str(state), *args]
+    if "--port" not in args:
+        command += ["--port", "0"]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
+        )
+    assert process.stdout is not None
+    client_url = process.stdout.readline().decode().strip()
+    runner_url = process.stdout.readline().decode().strip()
+    if not runner_url:
+        process.wait(timeout=TIMEOUT)
+        raise RuntimeError(f"mediator did not start:\n{log_path.read_text()}")
+    return MediatorProcess(process, client_url, runner_url, state, log_path)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = TIMEOUT) -> object:
+    """Poll ``condition`` (a cross-process state: no event to await) until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
 @pytest.fixture
 def runner_factory(tmp_path: Path) -> Iterator[Callable[..., RunnerProcess]]:
     """Start runners on demand; every one is stopped (and must exit 0) at teardown."""
@@ -75,9 +131,8 @@ def runner_factory(tmp_path: Path) -> Iterator[Callable[..., RunnerProcess]]:
 
     yield factory
     for runner in started:
-        killed = runner.process.poll() is not None
         code = runner.stop()
-        if not killed:
+        if code != -signal.SIGKILL:  # a test that kills a runner does so with SIGKILL
             assert code == 0, runner.log
 
 
@@ -89,6 +144,19 @@ def module_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunnerPr
     )
     yield runner
     assert runner.stop() == 0, runner.log
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test uses its own config file, never the user's runner list."""
+    path = tmp_path_factory.mktemp("config") / "config.json"
+    old = os.environ.get("DIDOMAGIC_CONFIG")
+    os.environ["DIDOMAGIC_CONFIG"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("DIDOMAGIC_CONFIG", None)
+    else:
+        os.environ["DIDOMAGIC_CONFIG"] = old
 
 
 @pytest.fixture(scope="session")

@@ -312,4 +312,4 @@ def test_a_bad_option_is_a_usage_error(shell, ns):
     assert not result.success and "--timeout must be a positive" in cap.stderr + cap.stdout
     with capture_output():
         result = shell.run_cell("%%remote --runner not-a-url\nx = 1")
-    assert "is not a connection URL" in str(result.error_in_exec)
+    assert "No runner called 'not-a-url'" in str(result.error_in_exec)

@@ -1,0 +1,425 @@
+"""Remote function calls for plain Python code: :func:`run`, :func:`run_async`, :func:`map`.
+
+``run`` sends a function and its arguments (by value, with cloudpickle) to a
+runner chosen the same way as for ``%%remote`` (``runner=``, ``tags=``,
+``os=``), calls it there in the notebook's remote session, and returns its
+result. A remote exception is raised here as itself when it can travel,
+with the remote traceback added as a note; otherwise as :class:`RemoteError`.
+
+``map`` scatters calls over every matching runner: it opens as many sessions
+as the runners have free slots (at least one per runner), each session takes
+the next item as soon as it is done with one, and the results are gathered in
+input order. The function travels once per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from didomagic import display, matching, serialize
+from didomagic.api import (
+    RemoteSession,
+    SessionPool,
+    default_pool,
+    dispatch,
+)
+from didomagic.client import ANY_RUNNER, Requirements
+from didomagic.errors import (
+    CellTimeout,
+    ConfigurationError,
+    ConnectError,
+    ConnectionLost,
+    ItemFailed,
+    KernelDied,
+    RemoteError,
+)
+from didomagic.loop import background_loop
+from didomagic.progress import NoProgress, Progress, make_progress
+from didomagic.protocol import Execute, Output, Result, Status
+
+_CALL = "__didomagic_call__"
+_OUT = "__didomagic_out__"
+_FN = "__didomagic_fn__"
+
+_CALL_CODE = f"""\
+globals().pop({_OUT!r}, None)
+{_FN}, __didomagic_args__, __didomagic_kwargs__ = {_CALL}
+del {_CALL}
+try:
+    {_OUT} = (True, {_FN}(*__didomagic_args__, **__didomagic_kwargs__))
+except Exception as __didomagic_error__:
+    import traceback as __didomagic_tb__
+    {_OUT} = (False, __didomagic_error__, __didomagic_tb__.format_exc())
+    del __didomagic_error__, __didomagic_tb__
+finally:
+    del __didomagic_args__, __didomagic_kwargs__
+"""
+
+
+def _request(values: Sequence[serialize.Packed], timeout: float | None) -> Execute:
+    return Execute(
+        cell=secrets.token_hex(8),
+        code=_CALL_CODE,
+        values=tuple(p.header for p in values),
+        fetch=(_OUT,),
+        timeout=timeout,
+    )
+
+
+def _pack_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[serialize.Packed]:
+    packed, failures = serialize.pack_names({_CALL: (fn, args, kwargs)}, [_CALL])
+    if failures:
+        raise ConfigurationError(
+            f"The function or its arguments cannot be sent: {failures[_CALL]}. Everything a "
+            "remote call needs must be picklable with cloudpickle."
+        )
+    return packed
+
+
+def _outcome(result: Result, buffers: list[list[bytearray]], runner: str) -> Any:
+    """The call's return value, or raise what it raised (with the remote traceback)."""
+    error = result.error or {}
+    if result.status is Status.TIMEOUT:
+        raise CellTimeout(f"Timeout on runner {runner}: {error.get('message', '')}.")
+    if result.status is Status.KERNEL_DIED:
+        raise KernelDied(f"Runner kernel died on runner {runner}: {error.get('message', '')}.")
+    if result.status is Status.INTERRUPTED:
+        raise KeyboardInterrupt(f"the call was interrupted on runner {runner}")
+    if result.status is Status.ERROR:
+        raise RemoteError(
+            error.get("ename", "Error"), error.get("evalue", ""), error.get("traceback", []), runner
+        )
+    values: dict[str, Any] = {}
+    failures = serialize.unpack_into(
+        values, [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
+    )
+    failures.update(result.failures)
+    if _OUT not in values:
+        reason = failures.get(_OUT, "nothing came back")
+        raise RemoteError(
+            "ResultNotTransferable",
+            f"the call finished but its result could not travel back: {reason}",
+            [],
+            runner,
+        )
+    out = values[_OUT]
+    if out[0]:
+        return out[1]
+    exc, remote_tb = out[1], out[2]
+    exc.add_note(f"Remote traceback (runner {runner}):\n{remote_tb.rstrip()}")
+    raise exc
+
+
+def _show(output: Output) -> None:
+    display.show(output)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    tags: Sequence[str] = (),
+    os: str = "",
+    runner: str | None = None,
+    timeout: float | None = None,
+    pool: SessionPool | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Call ``fn(*args, **kwargs)`` on a runner and return its result.
+
+    The runner is chosen as for ``%%remote``: ``runner`` (URL or name), else
+    ``tags``/``os``, else the notebook's default. Output streams here; a remote
+    exception is re-raised with the remote traceback attached as a note.
+    """
+    session = (pool or default_pool()).session(runner, tuple(tags), os)
+    packed = _pack_call(fn, args, kwargs)
+    result, buffers = session.execute(
+        _request(packed, timeout), [p.parts for p in packed], _show, NoProgress()
+    )
+    return _outcome(result, buffers, session.runner_name)
+
+
+class _LoopSink:
+    """Hands events from the I/O loop to a queue of the caller's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+
+    def put(self, event: tuple[Any, ...] | None, /) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+async def run_async(
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    tags: Sequence[str] = (),
+    os: str = "",
+    runner: str | None = None,
+    timeout: float | None = None,
+    pool: SessionPool | None = None,
+    **kwargs: Any,
+) -> Any:
+    """The awaitable form of :func:`run` (for ``await`` in a notebook cell or asyncio code)."""
+    pool = pool or default_pool()
+    session = await asyncio.to_thread(pool.session, runner, tuple(tags), os)
+    packed = _pack_call(fn, args, kwargs)
+    sink = _LoopSink(asyncio.get_running_loop())
+    future = session.loop.submit(
+        session.execute_async(_request(packed, timeout), [p.parts for p in packed], sink)
+    )
+    future.add_done_callback(lambda _: sink.put(None))
+    progress = NoProgress()
+    try:
+        while (event := await sink.queue.get()) is not None:
+            dispatch(event, _show, progress)
+    except asyncio.CancelledError:
+        session.cancel()
+        raise
+    result, buffers = await asyncio.wrap_future(future)
+    return _outcome(result, buffers, session.runner_name)
+
+
+# --------------------------------------------------------------------------- map
+
+
+@dataclass
+class _Worker:
+    """One session of a map: where it connects and what it has been given."""
+
+    session: RemoteSession
+    has_fn: bool = False
+    items: int = 0
+
+
+@dataclass
+class _MapState:
+    items: list[Any]
+    results: list[Any]
+    errors: dict[int, BaseException] = field(default_factory=dict)
+    cancelled: set[int] = field(default_factory=set)
+    unconnected: list[Exception] = field(default_factory=list)
+    next_index: int = 0
+    stop: bool = False
+
+
+_MAP_CODE = f"""\
+globals().pop({_OUT!r}, None)
+__didomagic_args__, __didomagic_kwargs__ = {_CALL}
+del {_CALL}
+try:
+    {_OUT} = (True, {_FN}(*__didomagic_args__, **__didomagic_kwargs__))
+except Exception as __didomagic_error__:
+    import traceback as __didomagic_tb__
+    {_OUT} = (False, __didomagic_error__, __didomagic_tb__.format_exc())
+    del __didomagic_error__, __didomagic_tb__
+finally:
+    del __didomagic_args__, __didomagic_kwargs__
+"""
+
+
+def _worker_targets(
+    pool: SessionPool, tags: tuple[str, ...], os: str, runner: str | None, count: int
+) -> list[tuple[Any, Requirements]]:
+    """Where each worker session connects: one per free slot of every matching runner."""
+    if runner is None and not tags and not os and pool.default is None:
+        views = [v for v in pool.survey() if v.status == "up"]
+        if not views:  # nothing configured: the embedded (or $DIDOMAGIC_RUNNER) runner
+            session = pool.session()
+            return [(session.url, ANY_RUNNER)] * max(1, min(count, _slots_of(session)))
+    elif runner is not None or (pool.default and not tags and not os):
+        session = pool.session(runner)
+        return [(session.url, session.requirements)] * max(1, min(count, _slots_of(session)))
+    else:
+        views = [v for v in pool.survey() if matching.matches(v.description, tags, os)]
+        views = [v for v in views if matching.can_take(v.description)]
+        if not views:
+            pool.session(None, tags, os)  # raises NoMatchingRunner with the listing
+    targets: list[tuple[Any, Requirements]] = []
+    for view in views:
+        requirements = Requirements(tags=tags, os=os) if view.mediator else ANY_RUNNER
+        slots = max(1, matching.free_slots(view.description))
+        targets.extend([(view.url, requirements)] * slots)
+    return targets[: max(1, count)]
+
+
+def _slots_of(session: RemoteSession) -> int:
+    from didomagic.client import query
+
+    info, _ = background_loop().run(query(session.url))
+    return sum(max(1, matching.free_slots(d)) for d in info.runners) or 1
+
+
+def map(
+    fn: Callable[..., Any],
+    iterable: Iterable[Any],
+    *,
+    tags: Sequence[str] = (),
+    os: str = "",
+    runner: str | None = None,
+    timeout: float | None = None,
+    cancel_on_error: bool = False,
+    progress: str | None = None,
+    pool: SessionPool | None = None,
+) -> list[Any]:
+    """Call ``fn(item)`` for every item on all matching runners; results in input order.
+
+    Sessions are opened on every matching runner (one per free slot) and each
+    takes the next item as soon as it finishes one, so every runner stays
+    busy. If an item fails, :class:`ItemFailed` (with the lowest failed
+    ``index``, the error as its cause) is raised after the others finish, or,
+    with ``cancel_on_error=True``, at once after stopping the others.
+    """
+    pool = pool or default_pool()
+    items = list(iterable)
+    if not items:
+        return []
+    targets = _worker_targets(pool, tuple(tags), os, runner, len(items))
+    workers = [_Worker(RemoteSession(url, requirements)) for url, requirements in targets]
+    state = _MapState(items, [None] * len(items))
+    bar = make_map_progress(progress, len(items))
+    done = failed = 0
+    events: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+    loop = background_loop()
+    future = loop.submit(_scatter(fn, workers, state, timeout, cancel_on_error, events))
+    future.add_done_callback(lambda _: events.put(None))
+    try:
+        while True:
+            try:
+                event = events.get(timeout=0.25)
+            except queue.Empty:
+                bar.tick()
+                continue
+            if event is None:
+                break
+            if event[0] == "output":
+                _show(event[1])
+            elif event[0] == "item":
+                done += 1
+                failed += 0 if event[2] else 1
+                bar.counted(done, len(items), failed)
+    except KeyboardInterrupt:
+        state.stop = True
+        for worker in workers:
+            worker.session.cancel()
+        with contextlib.suppress(BaseException):
+            future.result(timeout=30)
+        bar.finish(False, "interrupted")
+        raise
+    future.result()
+    used = {w.session.runner_name for w in workers if w.items}
+    if state.errors:
+        index = min(state.errors)
+        bar.finish(False, f"item {index} failed")
+        cancelled = sorted(
+            state.cancelled | set(range(state.next_index, len(items))) - set(state.errors)
+        )
+        raise ItemFailed(index, state.errors[index], state.results, cancelled) from state.errors[
+            index
+        ]
+    bar.finish(True, f"{len(items)} items on {len(used)} runner{'s' if len(used) != 1 else ''}")
+    return state.results
+
+
+async def _scatter(
+    fn: Any,
+    workers: list[_Worker],
+    state: _MapState,
+    timeout: float | None,
+    cancel_on_error: bool,
+    events: queue.SimpleQueue[tuple[Any, ...] | None],
+) -> None:
+    """Run every item on the workers' sessions; each worker takes the next item when free."""
+
+    async def work(worker: _Worker) -> None:
+        session = worker.session
+        sink = _Forward(events)
+        try:
+            await session.connect_async(sink)
+        except ConnectError as exc:  # busy or gone: the other sessions take the items
+            state.unconnected.append(exc)
+            return
+        try:
+            while not state.stop and state.next_index < len(state.items):
+                index = state.next_index
+                state.next_index += 1
+                args = (state.items[index],)
+                if worker.has_fn:  # the function is already there: send the arguments only
+                    packed, code = _pack_named({_CALL: (args, {})}), _MAP_CODE
+                else:  # the first call binds the function in the session for the next ones
+                    packed, code = _pack_named({_CALL: (fn, args, {})}), _CALL_CODE
+                request = Execute(
+                    cell=secrets.token_hex(8),
+                    code=code,
+                    values=tuple(p.header for p in packed),
+                    fetch=(_OUT,),
+                    timeout=timeout,
+                )
+                try:
+                    result, buffers = await session.execute_async(
+                        request, [p.parts for p in packed], sink
+                    )
+                    worker.has_fn = True
+                    worker.items += 1
+                    state.results[index] = _outcome(result, buffers, session.runner_name)
+                    events.put(("item", index, True))
+                except (Exception, KeyboardInterrupt) as exc:
+                    if state.stop:
+                        state.cancelled.add(index)  # stopped because another item failed
+                    else:
+                        state.errors[index] = exc
+                    events.put(("item", index, False))
+                    if cancel_on_error and not state.stop:
+                        state.stop = True
+                        for other in workers:
+                            if other is not worker:
+                                other.session.cancel()
+                    if not session.connected:
+                        break
+        finally:
+            with contextlib.suppress(Exception):
+                await session.close_async()
+
+    await asyncio.gather(*(work(w) for w in workers))
+    if len(state.unconnected) == len(workers):
+        raise state.unconnected[0]
+    missing = [i for i in range(len(state.items)) if i >= state.next_index]
+    if missing and not state.stop and not state.errors:
+        raise ConnectionLost(f"map lost every runner before items {missing} ran.")
+
+
+def _pack_named(values: dict[str, Any]) -> list[serialize.Packed]:
+    packed, failures = serialize.pack_names(values, list(values))
+    if failures:
+        raise ConfigurationError(
+            f"The function or its arguments cannot be sent: {'; '.join(failures.values())}."
+        )
+    return packed
+
+
+class _Forward:
+    """Forwards a worker's outputs (only) to the notebook thread."""
+
+    def __init__(self, events: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
+        self.events = events
+
+    def put(self, event: tuple[Any, ...], /) -> None:
+        if event[0] == "output":
+            self.events.put(event)
+
+
+def make_map_progress(kind: str | None, total: int) -> Progress:
+    """The map's one progress display: items done of ``total`` (widget bar or text lines)."""
+    progress = make_progress(kind)
+    progress.counted(0, total, 0)
+    return progress

@@ -1,0 +1,345 @@
+"""The mediator: a registry of runners that matches client sessions to them and relays.
+
+Endpoints, all on one TLS port, each with its own credential::
+
+    /           clients (client token): a hello to get a session, or a query
+    /register   runners (runner token): the link a runner keeps open
+    /relay      runners (runner token): one connection per relayed session
+
+A client token cannot register a runner, and a runner token cannot open a
+session or list the pool: the token is checked against the endpoint during
+the HTTP upgrade, before any message is read.
+
+For a client's hello the mediator picks the least loaded runner that matches
+the hello's tags, OS and name (free slots first; a runner with only queue
+places left gets a session only when no match has a free slot), asks it over
+its link to dial a relay connection, forwards the hello, and then copies
+frames both ways unchanged until either side closes. The runner does all
+protocol checking of the session itself.
+
+A runner whose link goes quiet for three heartbeats is marked down (and its
+link closed); it is up again as soon as it registers again. Nothing about
+runners is persisted: a restarted mediator learns its runners back as they
+dial in again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from didomagic import matching
+from didomagic.errors import ProtocolError
+from didomagic.protocol import (
+    CHUNK_SIZE,
+    MAX_TEXT_SIZE,
+    Dial,
+    ErrorCode,
+    Hello,
+    Info,
+    Leave,
+    Link,
+    Load,
+    Query,
+    Register,
+    Registered,
+    Role,
+    Session,
+)
+from runner.certs import server_context
+from runner.link import REGISTER_PATH, RELAY_PATH, TICKET_HEADER
+from runner.server import HELLO_TIMEOUT, check_token, peer_of, refuse
+
+logger = logging.getLogger("didomagic.mediator")
+
+MISSED_HEARTBEATS = 3
+"""A runner silent for this many heartbeats is marked down."""
+
+DIAL_TIMEOUT = 15.0
+"""Seconds a runner has to open the relay connection it was asked for."""
+
+DOWN_KEPT = 600.0
+"""Seconds a runner that is down stays in the listing."""
+
+
+@dataclass
+class MediatorSettings:
+    """Everything the mediator needs, as parsed from the command line."""
+
+    host: str = "127.0.0.1"
+    port: int = 4941
+    name: str = "mediator"
+    token: str = ""
+    runner_token: str = ""
+    certfile: Path = Path()
+    keyfile: Path = Path()
+
+
+@dataclass
+class RunnerEntry:
+    """What the mediator knows of one runner."""
+
+    id: str
+    description: dict[str, Any]
+    heartbeat: float
+    link: ServerConnection | None
+    protocol: Link | None
+    last_seen: float = field(default_factory=time.monotonic)
+    status: str = "up"
+    reason: str = ""
+    relayed: int = 0
+    """Sessions relayed to it now (counted at once, before the runner reports them)."""
+
+    def view(self) -> dict[str, Any]:
+        """The description as clients see it, with the mediator's status and load."""
+        view = dict(self.description)
+        view["status"] = self.status
+        if self.reason:
+            view["reason"] = self.reason
+        # Relays started since the runner's last report count at once (queued ones aside).
+        reported, queue = int(view.get("sessions") or 0), int(view.get("queue") or 0)
+        cap = int(view.get("max_sessions") or 0)
+        view["sessions"] = max(reported, min(self.relayed - queue, cap))
+        return view
+
+
+class Mediator:
+    """Serves clients and runners until :meth:`stop`."""
+
+    def __init__(self, settings: MediatorSettings) -> None:
+        self.settings = settings
+        self.runners: dict[str, RunnerEntry] = {}
+        self._tickets: dict[str, asyncio.Future[ServerConnection]] = {}
+        self._server: Server | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Start listening; return the bound port."""
+        self._server = await serve(
+            self._handle,
+            self.settings.host,
+            self.settings.port,
+            ssl=server_context(self.settings.certfile, self.settings.keyfile),
+            process_request=self._authenticate,
+            compression=None,
+            max_size=MAX_TEXT_SIZE,
+            write_limit=4 * CHUNK_SIZE,
+            server_header=None,
+            logger=logging.getLogger("didomagic.mediator.websockets"),
+        )
+        self._watchdog = asyncio.create_task(self._watch_heartbeats())
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop accepting and close every connection."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    # -- authentication
+
+    def _endpoint(self, request: Request) -> str:
+        return request.path.split("?", 1)[0].strip("/")
+
+    def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        endpoint = self._endpoint(request)
+        if endpoint in ("", REGISTER_PATH, RELAY_PATH):
+            runner_side = endpoint != ""
+            token = self.settings.runner_token if runner_side else self.settings.token
+            if check_token(request, token):
+                return None
+            role = "runner" if runner_side else "client"
+            logger.warning(
+                "refused a %s connection from %s: missing or wrong %s token",
+                role,
+                peer_of(connection),
+                role,
+            )
+            response = connection.respond(
+                HTTPStatus.UNAUTHORIZED,
+                f"didomagic mediator: missing or wrong {role} token for this endpoint.\n",
+            )
+            response.headers = Headers({**response.headers, "WWW-Authenticate": "Bearer"})
+            return response
+        return connection.respond(HTTPStatus.NOT_FOUND, "didomagic mediator: no such endpoint.\n")
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        endpoint = self._endpoint(ws.request)
+        try:
+            if endpoint == REGISTER_PATH:
+                await self._serve_link(ws)
+            elif endpoint == RELAY_PATH:
+                await self._accept_relay(ws)
+            else:
+                await self._serve_client(ws)
+        except ProtocolError as exc:
+            logger.warning("protocol error from %s: %s", peer_of(ws), exc)
+            await refuse(ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("internal error serving %s", peer_of(ws))
+            await refuse(ws, ErrorCode.INTERNAL, "Internal mediator error; see its log.")
+
+    # -- runners
+
+    async def _serve_link(self, ws: ServerConnection) -> None:
+        link = Link(Role.MEDIATOR)
+        text = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
+        message = link.receive(text)
+        if not isinstance(message, Register):
+            raise ProtocolError(f"expected a register message, got {message.kind}")
+        entry = self.runners.get(message.id)
+        if entry is not None and entry.link is not None:
+            await entry.link.close()  # an older link of the same runner
+        entry = RunnerEntry(message.id, message.runner, message.heartbeat, ws, link)
+        self.runners[message.id] = entry
+        await ws.send(link.send(Registered(self.settings.name)))
+        logger.info(
+            "runner %s registered from %s (tags: %s)",
+            entry.description.get("name"),
+            peer_of(ws),
+            ",".join(entry.description.get("tags") or ()) or "none",
+        )
+        reason = "link closed"
+        try:
+            async for text in ws:
+                update = link.receive(text)
+                entry.last_seen = time.monotonic()
+                if isinstance(update, Load):
+                    entry.description = update.load
+                elif isinstance(update, Leave):
+                    reason = "stopped"
+                    break
+        finally:
+            if entry.link is ws:
+                self._mark_down(entry, entry.reason or reason)
+
+    def _mark_down(self, entry: RunnerEntry, reason: str) -> None:
+        if entry.status == "up":
+            logger.info("runner %s is down: %s", entry.description.get("name"), reason)
+        entry.status, entry.reason, entry.link, entry.protocol = "down", reason, None, None
+        entry.last_seen = time.monotonic()
+
+    async def _watch_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for entry in list(self.runners.values()):
+                silent = now - entry.last_seen
+                if entry.status == "up" and silent > MISSED_HEARTBEATS * entry.heartbeat:
+                    link = entry.link
+                    self._mark_down(entry, f"heartbeat lost ({silent:.1f} s without one)")
+                    if link is not None:
+                        await link.close()
+                elif entry.status != "up" and silent > DOWN_KEPT:
+                    del self.runners[entry.id]
+
+    async def _accept_relay(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        ticket = ws.request.headers.get(TICKET_HEADER, "")
+        waiter = self._tickets.pop(ticket, None)
+        if waiter is None or waiter.done():
+            raise ProtocolError("relay connection with an unknown or expired ticket")
+        waiter.set_result(ws)
+        await ws.wait_closed()  # the client's handler pipes; keep this connection open
+
+    # -- clients
+
+    async def _serve_client(self, ws: ServerConnection) -> None:
+        session = Session(Role.RUNNER)
+        text = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
+        if not isinstance(text, str):
+            raise ProtocolError("expected a hello text message first")
+        first = session.receive(text)
+        if isinstance(first, Query):
+            runners = tuple(entry.view() for entry in self.runners.values())
+            await ws.send(
+                session.send(Info(role="mediator", runners=runners, name=self.settings.name))
+            )
+            await ws.close()
+            return
+        assert isinstance(first, Hello)
+        entry = self._choose(first)
+        if entry is None:
+            views = [e.view() for e in self.runners.values()]
+            busy = matching.all_busy(views, first.tags, first.os, first.runner)
+            code = ErrorCode.BUSY if busy else ErrorCode.NO_MATCH
+            message = matching.no_match_message(views, first.tags, first.os, first.runner)
+            await refuse(ws, code, f"Mediator {self.settings.name}: {message}")
+            return
+        entry.relayed += 1
+        try:
+            relay = await self._open_relay(entry)
+            if relay is None:
+                await refuse(
+                    ws,
+                    ErrorCode.BUSY,
+                    f"Runner {entry.description.get('name')} did not answer the mediator in "
+                    f"time; try again.",
+                )
+                return
+            logger.info(
+                "relaying a session from %s to runner %s",
+                peer_of(ws),
+                entry.description.get("name"),
+            )
+            await relay.send(text)
+            await _pipe(ws, relay)
+        finally:
+            entry.relayed -= 1
+
+    def _choose(self, hello: Hello) -> RunnerEntry | None:
+        entries = [e for e in self.runners.values() if e.status == "up" and e.link is not None]
+        views = [e.view() for e in entries]
+        chosen = matching.choose(views, hello.tags, hello.os, hello.runner)
+        if chosen is None:
+            return None
+        return entries[views.index(chosen)]
+
+    async def _open_relay(self, entry: RunnerEntry) -> ServerConnection | None:
+        if entry.link is None or entry.protocol is None:
+            return None
+        ticket = secrets.token_urlsafe(24)
+        waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+        self._tickets[ticket] = waiter
+        try:
+            await entry.link.send(entry.protocol.send(Dial(ticket)))
+            return await asyncio.wait_for(waiter, DIAL_TIMEOUT)
+        except (ConnectionClosed, TimeoutError):
+            return None
+        finally:
+            self._tickets.pop(ticket, None)
+
+
+async def _pipe(a: ServerConnection, b: ServerConnection) -> None:
+    """Copy frames both ways, unchanged, until either side closes; then close both."""
+
+    async def copy(src: ServerConnection, dst: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in src:
+                await dst.send(frame)
+
+    tasks = [asyncio.create_task(copy(a, b)), asyncio.create_task(copy(b, a))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(a.close(), b.close(), return_exceptions=True)
