@@ -3,6 +3,7 @@
 
     python3 dev.py quickstart   run notebooks/quickstart.ipynb end to end on the embedded runner
     python3 dev.py test         run the whole test suite
+    python3 dev.py pool         start a mediator and three runners here, run notebooks/pool.ipynb
 
 Each creates ``.venv`` and installs the project with its test extras the first
 time (again when pyproject.toml changes), then runs inside it.
@@ -19,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
+POOL_NOTEBOOK = ROOT / "notebooks" / "pool.ipynb"
 
 
 def venv_python() -> Path:
@@ -54,6 +56,74 @@ def _in_venv(*args: str) -> int:
 def quickstart() -> int:
     """Execute the quick-start notebook headless and print what each cell showed."""
     return _in_venv(str(Path(__file__)), "_execute", str(NOTEBOOK))
+
+
+def pool() -> int:
+    """Start a local mediator with three runners and execute the pool notebook against it."""
+    return _in_venv(str(Path(__file__)), "_pool")
+
+
+def _pool() -> int:
+    """(Inside .venv.) The pool demo: processes up, notebook run, processes down."""
+    import signal
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="didomagic-pool-"))
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, lines: int = 1) -> list[str]:
+        log = open(work / f"{len(processes)}.log", "wb")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "runner", *args, "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        processes.append(process)
+        assert process.stdout is not None
+        urls = [process.stdout.readline().decode().strip() for _ in range(lines)]
+        if not all(urls):
+            raise SystemExit(f"a didomagic process did not start; see {log.name}")
+        return urls
+
+    try:
+        client_url, runner_url = start("mediator", "--state-dir", str(work / "m"), lines=2)
+        for name, tags in (("cpu-1", "cpu"), ("gpu-1", "gpu"), ("gpu-2", "gpu")):
+            start(
+                "--name",
+                name,
+                "--tags",
+                tags,
+                "--max-sessions",
+                "2",
+                "--mediator",
+                runner_url,
+                "--state-dir",
+                str(work / name),
+            )
+        print(f"started a mediator and three runners (logs in {work})", flush=True)
+        config = work / "config.json"
+        os.environ["DIDOMAGIC_CONFIG"] = str(config)
+        import time
+
+        from didomagic.api import add_runner
+        from didomagic.client import query
+        from didomagic.loop import background_loop
+        from didomagic.urls import ConnectionURL
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the runners register as they come up
+            info, _ = background_loop().run(query(ConnectionURL.parse(client_url)))
+            if sum(d.get("status") == "up" for d in info.runners) == 3:
+                break
+            time.sleep(0.1)
+        add_runner(client_url)
+        return _execute(str(POOL_NOTEBOOK))
+    finally:
+        for process in reversed(processes):
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(timeout=60)
 
 
 def test() -> int:
@@ -102,10 +172,12 @@ def _execute(path: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Dispatch ``quickstart`` / ``test``."""
-    tasks = {"quickstart": quickstart, "test": test}
+    """Dispatch ``quickstart`` / ``test`` / ``pool``."""
+    tasks = {"quickstart": quickstart, "test": test, "pool": pool}
     if argv[:1] == ["_execute"]:
         return _execute(argv[1])
+    if argv[:1] == ["_pool"]:
+        return _pool()
     if len(argv) != 1 or argv[0] not in tasks:
         print(__doc__, file=sys.stderr)
         return 2

@@ -546,11 +546,12 @@ def run_cell(
     failures = dict(result.failures)
     failures.update(apply_values(namespace, returned, result.deleted))
     report_failures(failures, "synced")
-    _raise_for_status(result, session.runner_name)
+    raise_for_status(result, session.runner_name)
     return shown[-1] if shown else None
 
 
-def _raise_for_status(result: Result, runner: str) -> None:
+def raise_for_status(result: Result, runner: str) -> None:
+    """Raise the error that matches a cell's status (nothing for a cell that succeeded)."""
     error = result.error or {}
     if result.status is Status.ERROR:
         raise RemoteError(

@@ -28,20 +28,23 @@ from didomagic.api import (
     SessionPool,
     default_pool,
     dispatch,
+    raise_for_status,
 )
 from didomagic.client import ANY_RUNNER, Requirements
 from didomagic.errors import (
-    CellTimeout,
     ConfigurationError,
     ConnectError,
     ConnectionLost,
     ItemFailed,
-    KernelDied,
     RemoteError,
+    RunnerBusy,
 )
 from didomagic.loop import background_loop
 from didomagic.progress import NoProgress, Progress, make_progress
-from didomagic.protocol import Execute, Output, Result, Status
+from didomagic.protocol import Execute, Output, Result
+
+BUSY_WAIT = 30.0
+"""Seconds a map's session waits for a busy runner while other sessions do the items."""
 
 _CALL = "__didomagic_call__"
 _OUT = "__didomagic_out__"
@@ -84,17 +87,7 @@ def _pack_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[s
 
 def _outcome(result: Result, buffers: list[list[bytearray]], runner: str) -> Any:
     """The call's return value, or raise what it raised (with the remote traceback)."""
-    error = result.error or {}
-    if result.status is Status.TIMEOUT:
-        raise CellTimeout(f"Timeout on runner {runner}: {error.get('message', '')}.")
-    if result.status is Status.KERNEL_DIED:
-        raise KernelDied(f"Runner kernel died on runner {runner}: {error.get('message', '')}.")
-    if result.status is Status.INTERRUPTED:
-        raise KeyboardInterrupt(f"the call was interrupted on runner {runner}")
-    if result.status is Status.ERROR:
-        raise RemoteError(
-            error.get("ename", "Error"), error.get("evalue", ""), error.get("traceback", []), runner
-        )
+    raise_for_status(result, runner)
     values: dict[str, Any] = {}
     failures = serialize.unpack_into(
         values, [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
@@ -344,10 +337,7 @@ async def _scatter(
     async def work(worker: _Worker) -> None:
         session = worker.session
         sink = _Forward(events)
-        try:
-            await session.connect_async(sink)
-        except ConnectError as exc:  # busy or gone: the other sessions take the items
-            state.unconnected.append(exc)
+        if not await _connect_worker(session, sink, state):
             return
         try:
             while not state.stop and state.next_index < len(state.items):
@@ -396,6 +386,30 @@ async def _scatter(
     missing = [i for i in range(len(state.items)) if i >= state.next_index]
     if missing and not state.stop and not state.errors:
         raise ConnectionLost(f"map lost every runner before items {missing} ran.")
+
+
+async def _connect_worker(session: RemoteSession, sink: _Forward, state: _MapState) -> bool:
+    """Open a worker's session; a busy runner is tried again while items are left.
+
+    A runner stays busy for a moment after sessions close (its kernels shut
+    down first), so a map right after another waits for it instead of failing.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BUSY_WAIT
+    delay = 0.1
+    while True:
+        try:
+            await session.connect_async(sink)
+            return True
+        except RunnerBusy as exc:
+            if state.stop or state.next_index >= len(state.items) or loop.time() > deadline:
+                state.unconnected.append(exc)
+                return False
+        except ConnectError as exc:  # gone: the other sessions take the items
+            state.unconnected.append(exc)
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 def _pack_named(values: dict[str, Any]) -> list[serialize.Packed]:

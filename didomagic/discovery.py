@@ -67,6 +67,9 @@ async def _survey_one(entry: Entry, timeout: float) -> list[RunnerView]:
             )
         ]
     mediator = info.role == "mediator"
+    if mediator and not info.runners:
+        empty = {"name": entry.name, "status": "down", "reason": "no runners at this mediator yet"}
+        return [RunnerView(entry.name, entry.url, False, empty)]
     views = []
     for description in info.runners:
         description = {**description, "latency": latency}

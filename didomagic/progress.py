@@ -102,7 +102,6 @@ class Progress:
         """``done`` of ``total`` items finished, ``failed`` of them failed (for map)."""
         first = self.items is None
         self.items = (done, total, failed)
-        self.runner = self.runner or f"map of {total} items"
         if first:
             self._set("running", "")
         self.detail = f"{done}/{total} done" + (f", {failed} failed" if failed else "")
@@ -243,7 +242,7 @@ class WidgetProgress(Progress):
                 self.bytes_label,
                 self.cancel_button,
             ],
-            layout=w.Layout(align_items="center", gap="0.8em"),
+            layout=w.Layout(align_items="center", grid_gap="0.8em"),
         )
         self._handle: Any = None
         self._drawn = 0.0
@@ -277,6 +276,8 @@ class WidgetProgress(Progress):
             self._handle.update(self.box)  # the saved text/plain shows the final line
 
     def _counted(self) -> None:
+        assert self.items is not None
+        self.runner_label.value = f"<b>didomagic map of {self.items[1]}</b>"
         self._changed()
 
     def _refresh(self, force: bool = False) -> None:

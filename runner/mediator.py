@@ -35,7 +35,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -43,8 +43,6 @@ from websockets.http11 import Request, Response
 from didomagic import matching
 from didomagic.errors import ProtocolError
 from didomagic.protocol import (
-    CHUNK_SIZE,
-    MAX_TEXT_SIZE,
     Dial,
     ErrorCode,
     Hello,
@@ -58,9 +56,8 @@ from didomagic.protocol import (
     Role,
     Session,
 )
-from runner.certs import server_context
 from runner.link import REGISTER_PATH, RELAY_PATH, TICKET_HEADER
-from runner.server import HELLO_TIMEOUT, check_token, peer_of, refuse
+from runner.server import HELLO_TIMEOUT, check_token, listen, peer_of, refuse
 
 logger = logging.getLogger("didomagic.mediator")
 
@@ -127,17 +124,15 @@ class Mediator:
 
     async def start(self) -> int:
         """Start listening; return the bound port."""
-        self._server = await serve(
+        settings = self.settings
+        self._server = await listen(
             self._handle,
-            self.settings.host,
-            self.settings.port,
-            ssl=server_context(self.settings.certfile, self.settings.keyfile),
-            process_request=self._authenticate,
-            compression=None,
-            max_size=MAX_TEXT_SIZE,
-            write_limit=4 * CHUNK_SIZE,
-            server_header=None,
-            logger=logging.getLogger("didomagic.mediator.websockets"),
+            self._authenticate,
+            settings.host,
+            settings.port,
+            settings.certfile,
+            settings.keyfile,
+            "didomagic.mediator.websockets",
         )
         self._watchdog = asyncio.create_task(self._watch_heartbeats())
         return int(next(iter(self._server.sockets)).getsockname()[1])

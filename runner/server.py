@@ -28,7 +28,7 @@ import os
 import platform
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -98,6 +98,30 @@ class RunnerSettings:
     max_sessions: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_queue: int = 0
     warm_kernels: int = 1
+
+
+async def listen(
+    handler: Callable[[ServerConnection], Awaitable[None]],
+    authenticate: Callable[[ServerConnection, Request], Response | None],
+    host: str,
+    port: int,
+    certfile: Path,
+    keyfile: Path,
+    logger_name: str,
+) -> Server:
+    """A TLS websocket server as runners and mediators run it: compression off, sized limits."""
+    return await serve(
+        handler,
+        host,
+        port,
+        ssl=server_context(certfile, keyfile),
+        process_request=authenticate,
+        compression=None,  # no compression bombs, and values are mostly incompressible
+        max_size=MAX_TEXT_SIZE,
+        write_limit=4 * CHUNK_SIZE,
+        server_header=None,
+        logger=logging.getLogger(logger_name),
+    )
 
 
 def check_token(request: Request, token: str) -> bool:
@@ -207,17 +231,15 @@ class RunnerServer:
     async def start(self) -> int:
         """Start listening and warming kernels; return the bound port."""
         self.pool.fill()
-        self._server = await serve(
+        settings = self.settings
+        self._server = await listen(
             self._session,
-            self.settings.host,
-            self.settings.port,
-            ssl=server_context(self.settings.certfile, self.settings.keyfile),
-            process_request=self._authenticate,
-            compression=None,
-            max_size=MAX_TEXT_SIZE,
-            write_limit=4 * CHUNK_SIZE,
-            server_header=None,
-            logger=logging.getLogger("didomagic.runner.websockets"),
+            self._authenticate,
+            settings.host,
+            settings.port,
+            settings.certfile,
+            settings.keyfile,
+            "didomagic.runner.websockets",
         )
         return int(next(iter(self._server.sockets)).getsockname()[1])
 

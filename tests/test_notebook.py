@@ -7,9 +7,13 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from .conftest import TIMEOUT
+from didomagic.config import Config
+from didomagic.urls import ConnectionURL
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
+from .conftest import TIMEOUT, start_mediator, wait_until
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK = NOTEBOOKS / "quickstart.ipynb"
 
 
 def _text(cell) -> str:
@@ -44,3 +48,44 @@ def test_quickstart_runs_end_to_end_on_a_command_line_runner(runner_factory, mon
     assert "True" in text[max(text)]  # --local computed the same stats
     assert "embedded runner" not in everything  # it ran on the runner we started
     assert "session" in runner.log and "opened" in runner.log
+
+
+def test_the_pool_notebook_uses_tags_and_map(runner_factory, tmp_path, private_config):
+    mediator = start_mediator(tmp_path / "mediator")
+    try:
+        for name, tags in (("cpu-1", "cpu"), ("gpu-1", "gpu"), ("gpu-2", "gpu")):
+            runner_factory("--tags", tags, "--mediator", mediator.runner_url, name=name)
+        from didomagic.client import query
+        from didomagic.loop import background_loop
+
+        url = ConnectionURL.parse(mediator.url)
+        wait_until(
+            lambda: len(background_loop().run(query(url))[0].runners) == 3,
+            "three runners registered",
+        )
+        private_config.unlink(missing_ok=True)
+        Config().add("lab", url)  # the kernel inherits DIDOMAGIC_CONFIG
+        nb = nbformat.read(NOTEBOOKS / "pool.ipynb", as_version=4)
+        NotebookClient(nb, timeout=4 * TIMEOUT, kernel_name="python3").execute()
+    finally:
+        private_config.unlink(missing_ok=True)
+        assert mediator.stop() == 0, mediator.log
+    text = [_text(c) for c in nb.cells if c.cell_type == "code"]
+    listing = text[1]
+    assert all(name in listing for name in ("cpu-1", "gpu-1", "gpu-2")) and "via lab" in listing
+    assert "this cell ran on gpu-" in text[2] and "back in the notebook: gpu-" in text[3]
+    assert "('cpu-1', 'Linux')" in text[5]
+    assert "NoMatchingRunner" in text[6] and "gpu-2 [gpu] linux: up" in text[6]
+    assert "squares: [0, 1, 4, 9, 16, 25, 36, 49, 64, 81, 100, 121]" in text[7]
+    assert "runners used: ['cpu-1', 'gpu-1', 'gpu-2']" in text[7]
+    assert "[1, 2, 3]" in text[8]
+    # In a kernel the progress is a widget whose saved text is the final state.
+    widget_outputs = [
+        out
+        for c in nb.cells
+        for out in c.get("outputs", [])
+        if "application/vnd.jupyter.widget-view+json" in out.get("data", {})
+    ]
+    assert widget_outputs and any(
+        "didomagic: done on gpu-" in out["data"]["text/plain"] for out in widget_outputs
+    )
