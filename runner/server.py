@@ -78,7 +78,7 @@ HELLO_TIMEOUT = 10.0
 """Seconds a client has to send its hello after the websocket opens."""
 
 MACHINE_REFRESH = 2.0
-"""Seconds a measurement of memory and GPUs is reused before it is taken again."""
+"""Seconds between measurements of memory and GPUs (taken off the event loop)."""
 
 Connection = ServerConnection | ClientConnection
 """A session's websocket: accepted on the runner's port, or dialed to a mediator (relay)."""
@@ -148,15 +148,21 @@ class RunnerServer:
         self.load_listeners: list[Callable[[], None]] = []
         """Called whenever the number of active or queued sessions changes."""
         self._server: Server | None = None
-        self._machine: tuple[float, dict[str, Any]] = (-MACHINE_REFRESH, {})
+        self._machine: dict[str, Any] = {}
+        self._measuring: asyncio.Task[None] | None = None
 
     def machine(self) -> dict[str, Any]:
-        """The machine's description, measured at most every :data:`MACHINE_REFRESH` s."""
-        taken, info = self._machine
-        if time.monotonic() - taken >= MACHINE_REFRESH:
-            info = resources.machine()
-            self._machine = (time.monotonic(), info)
-        return info
+        """The machine's description, as last measured (see :meth:`_measure`)."""
+        return self._machine
+
+    async def _measure(self) -> None:
+        """Measure the machine again every :data:`MACHINE_REFRESH` s, in a worker thread.
+
+        ``nvidia-smi`` can take a while; the event loop that serves cells never waits for it.
+        """
+        while True:
+            await asyncio.sleep(MACHINE_REFRESH)
+            self._machine = await asyncio.to_thread(resources.machine)
 
     def load(self) -> dict[str, int]:
         """Sessions active and queued, with their limits."""
@@ -231,6 +237,8 @@ class RunnerServer:
     async def start(self) -> int:
         """Start listening and warming kernels; return the bound port."""
         self.pool.fill()
+        self._machine = await asyncio.to_thread(resources.machine)
+        self._measuring = asyncio.create_task(self._measure())
         settings = self.settings
         self._server = await listen(
             self._session,
@@ -245,6 +253,8 @@ class RunnerServer:
 
     async def stop(self) -> None:
         """Stop accepting, end every session, shut every kernel down."""
+        if self._measuring is not None:
+            self._measuring.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

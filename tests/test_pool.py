@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 import threading
 
@@ -248,3 +249,50 @@ def test_the_magics_and_the_api_agree_on_the_default(shell, ns, runner_factory, 
     finally:
         with capture_output():
             shell.run_line_magic("runners", "use --clear")
+
+
+def _fake_nvidia_smi(tmp_path, monkeypatch) -> str:
+    """An ``nvidia-smi`` on PATH that answers like one with a single H100 (no GPU here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-smi"
+    script.write_text("#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 81559, 1024'\n")
+    script.chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    monkeypatch.setenv("PATH", path)
+    return path
+
+
+def test_gpus_are_reported_from_nvidia_smi(runner_factory, tmp_path, monkeypatch, shell, config):
+    from didomagic.runners_view import text_table
+    from runner import resources
+
+    _fake_nvidia_smi(tmp_path, monkeypatch)
+    assert resources.gpus() == [
+        {
+            "index": 0,
+            "name": "NVIDIA H100 80GB HBM3",
+            "memory_total": 81559 << 20,
+            "memory_used": 1024 << 20,
+        }
+    ]
+    runner = runner_factory("--tags", "gpu", name="h100")  # inherits the PATH
+    assert describe(runner.url)["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"
+    config.add("h100", ConnectionURL.parse(runner.url))
+    table = text_table(didomagic.runners())
+    assert "NVIDIA H100 80GB HBM3 (85.5 GB)" in table
+
+
+def test_the_runner_table_widget_sets_the_default(runner_factory, config):
+    from didomagic.runners_view import RunnerTable
+
+    a = runner_factory(name="a")
+    config.add("a", ConnectionURL.parse(a.url))
+    config.add("gone", ConnectionURL.parse("wss://127.0.0.1:1/#token=t"))
+    chosen = []
+    table = RunnerTable(didomagic.runners(), None, chosen.append)
+    assert table.buttons["a"].description == "Use" and table.buttons["gone"].disabled
+    table.buttons["a"].click()
+    assert chosen == ["a"] and table.buttons["a"].description == "Default"
+    assert "cells without --runner or --tags run on" in table.note.value
+    assert "* a" in table._repr_mimebundle_()["text/plain"]
