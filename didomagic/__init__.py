@@ -12,12 +12,17 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "add_runner",
+    "cancel",
+    "delete",
+    "job",
+    "jobs",
     "load_ipython_extension",
     "map",
     "remove_runner",
     "run",
     "run_async",
     "runners",
+    "submit",
     "unload_ipython_extension",
     "use",
 ]
@@ -26,6 +31,11 @@ _API = {
     "run": "didomagic.calls",
     "run_async": "didomagic.calls",
     "map": "didomagic.calls",
+    "submit": "didomagic.calls",
+    "job": "didomagic.detached",
+    "jobs": "didomagic.detached",
+    "cancel": "didomagic.detached",
+    "delete": "didomagic.detached",
     "runners": "didomagic.api",
     "add_runner": "didomagic.api",
     "remove_runner": "didomagic.api",
@@ -44,7 +54,7 @@ def __getattr__(name: str) -> Any:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register ``%%remote`` and ``%runners`` (``%load_ext didomagic``)."""
+    """Register ``%%remote``, ``%runners`` and ``%jobs`` (``%load_ext didomagic``)."""
     from didomagic.magics import RemoteMagics
 
     ipython.register_magics(RemoteMagics)

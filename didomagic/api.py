@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from os import environ as os_environ
 from typing import Any, Protocol
 
 from didomagic import display, matching, serialize
@@ -377,9 +378,10 @@ class SessionPool:
 
     def survey(self) -> list[RunnerView]:
         """Every configured runner (and every runner behind a configured mediator), queried now."""
-        return background_loop().run(survey_async(self._entries()))
+        return background_loop().run(survey_async(self.entries()))
 
-    def _entries(self) -> list[Entry]:
+    def entries(self) -> list[Entry]:
+        """The configured runners and mediators, plus ``$DIDOMAGIC_RUNNER`` if set."""
         entries = list(self.config.entries)
         env = os.environ.get(RUNNER_ENV)
         if env and all(str(e.url) != env for e in entries):
@@ -406,6 +408,39 @@ class SessionPool:
             else:
                 url, requirements = self._fallback(), ANY_RUNNER
             return self._get(url, requirements)
+
+    def holder(self, runner: str | None, tags: Sequence[str] = (), os: str = "") -> ConnectionURL:
+        """Where a detached job goes: a runner or mediator that outlives this kernel.
+
+        Like :meth:`session`, but a busy match is fine (jobs wait in the holder's
+        queue), a mediator is preferred, the embedded runner is refused, and with
+        nothing else given the first configured mediator (else runner) that is up
+        holds the job.
+        """
+        if runner:
+            return self._target(runner)[0]
+        if tags or os:
+            views = self.survey()
+            up = [
+                v for v in views if v.status == "up" and matching.matches(v.description, tags, os)
+            ]
+            if not up:
+                descriptions = [v.description for v in views]
+                raise NoMatchingRunner(matching.no_match_message(descriptions, tuple(tags), os))
+            return next((v.url for v in up if v.mediator), up[0].url)
+        if self.default:
+            return self._target(self.default)[0]
+        env = os_environ.get(RUNNER_ENV)
+        if env:
+            return _parse_url(env)
+        views = [v for v in self.survey() if v.status == "up"]
+        if views:  # a configured mediator first (it has the most runners), else a runner
+            return next((v.url for v in views if v.mediator), views[0].url)
+        raise ConfigurationError(
+            "Detached jobs need a runner or mediator that outlives this kernel, and none is "
+            "configured (the embedded runner stops with the kernel). Use --runner or --tags "
+            f"with one from %runners, or set {RUNNER_ENV}."
+        )
 
     def _get(self, url: ConnectionURL, requirements: Requirements) -> RemoteSession:
         for session in self._sessions:

@@ -59,7 +59,8 @@ try:
 except Exception as __didomagic_error__:
     import traceback as __didomagic_tb__
     {_OUT} = (False, __didomagic_error__, __didomagic_tb__.format_exc())
-    del __didomagic_error__, __didomagic_tb__
+    del __didomagic_tb__
+    raise  # the cell fails too, so a detached job ends "failed"
 finally:
     del __didomagic_args__, __didomagic_kwargs__
 """
@@ -87,13 +88,13 @@ def _pack_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[s
 
 def _outcome(result: Result, buffers: list[list[bytearray]], runner: str) -> Any:
     """The call's return value, or raise what it raised (with the remote traceback)."""
-    raise_for_status(result, runner)
     values: dict[str, Any] = {}
     failures = serialize.unpack_into(
         values, [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
     )
     failures.update(result.failures)
     if _OUT not in values:
+        raise_for_status(result, runner)  # timeout, kernel died, an exception that can't travel
         reason = failures.get(_OUT, "nothing came back")
         raise RemoteError(
             "ResultNotTransferable",
@@ -101,7 +102,11 @@ def _outcome(result: Result, buffers: list[list[bytearray]], runner: str) -> Any
             [],
             runner,
         )
-    out = values[_OUT]
+    return unwrap(values[_OUT], runner)
+
+
+def unwrap(out: tuple[Any, ...], runner: str) -> Any:
+    """A remote call's return value, or raise its exception with the remote traceback noted."""
     if out[0]:
         return out[1]
     exc, remote_tb = out[1], out[2]
@@ -139,6 +144,44 @@ def run(
         _request(packed, timeout), [p.parts for p in packed], _show, NoProgress()
     )
     return _outcome(result, buffers, session.runner_name)
+
+
+def submit(
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    tags: Sequence[str] = (),
+    os: str = "",
+    runner: str | None = None,
+    name: str = "",
+    retries: int = 0,
+    timeout: float | None = None,
+    pool: SessionPool | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Submit ``fn(*args, **kwargs)`` as a detached job; return its ``Job`` handle.
+
+    The function and arguments travel now; ``job.result()`` later returns the
+    value (or raises the remote exception), from this or any other notebook.
+    """
+    from didomagic.detached import _holder_for, submit_request
+    from didomagic.protocol import Submit
+
+    pool = pool or default_pool()
+    holder = _holder_for(pool, runner, tags, os)
+    packed = _pack_call(fn, args, kwargs)
+    request = Submit(
+        request_id=secrets.token_urlsafe(16),
+        code=_CALL_CODE,
+        values=tuple(p.header for p in packed),
+        fetch=(_OUT,),
+        name=name or getattr(fn, "__name__", ""),
+        tags=tuple(tags),
+        os=os,
+        retries=retries,
+        timeout=timeout,
+    )
+    return submit_request(holder, request, packed)
 
 
 class _LoopSink:
@@ -215,7 +258,8 @@ try:
 except Exception as __didomagic_error__:
     import traceback as __didomagic_tb__
     {_OUT} = (False, __didomagic_error__, __didomagic_tb__.format_exc())
-    del __didomagic_error__, __didomagic_tb__
+    del __didomagic_tb__
+    raise  # the cell fails too, so a detached job ends "failed"
 finally:
     del __didomagic_args__, __didomagic_kwargs__
 """

@@ -18,6 +18,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -36,6 +37,7 @@ from didomagic.errors import (
 from didomagic.protocol import (
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
+    Channel,
     Error,
     ErrorCode,
     Execute,
@@ -112,7 +114,7 @@ class RunnerConnection:
     """An open session with a runner. Use :func:`open_connection` to make one."""
 
     def __init__(
-        self, ws: ClientConnection, session: Session, welcome: Welcome, url: ConnectionURL
+        self, ws: Any, session: Session, welcome: Welcome, url: ConnectionURL | None
     ) -> None:
         self.ws = ws
         self.session = session
@@ -123,7 +125,7 @@ class RunnerConnection:
     @property
     def runner_name(self) -> str:
         """The runner's name, as it introduced itself."""
-        return str(self.welcome.runner.get("name") or self.url.address)
+        return str(self.welcome.runner.get("name") or (self.url.address if self.url else "?"))
 
     @property
     def closed(self) -> bool:
@@ -272,7 +274,19 @@ async def open_connection(
     gets each new queue position; the wait in a queue has no time limit.
     """
     ws = await dial(url, timeout=timeout)
-    session = Session(Role.CLIENT)
+    return await handshake(ws, url, requirements, on_queued, timeout)
+
+
+async def handshake(
+    ws: Any,
+    url: ConnectionURL | None,
+    requirements: Requirements = ANY_RUNNER,
+    on_queued: Callable[[int], None] = lambda position: None,
+    timeout: float = OPEN_TIMEOUT,
+    channel: Channel = Channel.CELLS,
+) -> RunnerConnection:
+    """Say hello on an open websocket (any websockets connection) and wait for the welcome."""
+    session = Session(Role.CLIENT, channel)
     hello = Hello(
         PROTOCOL_VERSION,
         python_version(),
@@ -290,7 +304,9 @@ async def open_connection(
             reply = session.receive(await ws.recv())
     except (ConnectionClosed, TimeoutError) as exc:
         await ws.close()
-        raise _unreachable(url, exc) from None
+        if url is not None:
+            raise _unreachable(url, exc) from None
+        raise RunnerUnreachable(f"The runner closed the connection in the hello ({exc}).") from None
     except ProtocolError:
         await ws.close(1002, "protocol error")
         raise

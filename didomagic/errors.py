@@ -15,6 +15,7 @@ as that one paragraph, without the plumbing's traceback::
     │   ├── RunnerBusy            every session slot and queue place is taken
     │   └── NoMatchingRunner      no known runner has the tags / OS asked for
     ├── ConnectionLost            the connection broke during a cell
+    ├── JobError                  a detached job cannot be found, pulled or submitted
     ├── RunnerStartError          the embedded runner did not start
     ├── ItemFailed                one call of map() failed; carries its index
     └── CellFailed                the cell ran but did not finish normally
@@ -143,3 +144,7 @@ class ItemFailed(DidomagicError):
         self.cancelled = cancelled or []
         """Items stopped or never started because of the failure (``cancel_on_error``)."""
         super().__init__(f"map item {index} failed: {type(error).__name__}: {error}")
+
+
+class JobError(DidomagicError):
+    """A detached job could not be found, submitted or pulled (the message says why)."""

@@ -78,6 +78,18 @@ class RemoteMagics(Magics):
         action="store_true",
         help="run here, through the same pack/unpack path (for debugging)",
     )
+    @argument(
+        "--detach",
+        action="store_true",
+        help="submit the cell as a job and return at once; %%jobs pull ID gets its results",
+    )
+    @argument("--name", default="", help="a name for the --detach job")
+    @argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="with --detach: run the job again on another runner this often if its runner is lost",
+    )
     @cell_magic
     def remote(self, line: str, cell: str) -> Any:
         """Run this cell on a runner; the values it reads go there, the ones it binds come back.
@@ -90,6 +102,12 @@ class RemoteMagics(Magics):
             raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         if args.runner and (args.tags or args.os):
             raise UsageError("give either --runner or --tags/--os, not both")
+        if (args.name or args.retries) and not args.detach:
+            raise UsageError("--name and --retries are for --detach jobs")
+        if args.retries < 0:
+            raise UsageError(f"--retries must be 0 or more, got {args.retries}")
+        if args.detach and args.local:
+            raise UsageError("--detach and --local do not go together")
         spec = api.CellSpec(
             code=cell,
             push=args.push,
@@ -99,6 +117,25 @@ class RemoteMagics(Magics):
             tags=args.tags,
             os=args.os,
         )
+        if args.detach:
+            from didomagic import detached as jobs
+
+            job = jobs.submit_cell(
+                spec,
+                self.shell.user_ns,
+                name=args.name,
+                runner=args.runner,
+                retries=args.retries,
+                transform=self.shell.transform_cell,
+                hidden=self.shell.user_ns_hidden,
+            )
+            print(
+                f"didomagic: submitted job {job.id}"
+                + (f" ({args.name})" if args.name else "")
+                + f" to {job.holder_name}. %jobs shows its state; %jobs pull {job.id} "
+                "gets its results, from this or any other notebook."
+            )
+            return None
         return api.run_cell(
             spec,
             self.shell.user_ns,
@@ -153,3 +190,39 @@ class RemoteMagics(Magics):
             print(text_table(views, pool.default))
             return None
         return RunnerTable(views, pool.default, lambda name: api.use(name, pool))
+
+    @line_magic
+    def jobs(self, line: str) -> Any:
+        """List detached jobs, or ``pull`` / ``cancel`` / ``delete`` one by id."""
+        from didomagic import detached as jobs
+        from didomagic.jobs_view import JobTable, text_table
+        from didomagic.progress import widgets_available
+
+        words = line.split()
+        text = "--text" in words
+        words = [w for w in words if w != "--text"]
+        if not words or words == ["list"]:
+            found = jobs.jobs()
+            if text or not widgets_available() or not found:
+                print(text_table(found))
+                return None
+            return JobTable(found)
+        if len(words) != 2 or words[0] not in ("pull", "cancel", "delete"):
+            raise UsageError(JOBS_USAGE)
+        action, job_id = words
+        if action == "pull":
+            return jobs.pull_into(job_id, self.shell.user_ns)
+        if action == "cancel":
+            record = jobs.cancel(job_id)
+            print(f"didomagic: job {job_id} is {record['state']}")
+            return None
+        jobs.delete(job_id)
+        print(f"didomagic: job {job_id} deleted")
+        return None
+
+
+JOBS_USAGE = """\
+%jobs [--text]        list the jobs of every runner and mediator in %runners
+%jobs pull ID|NAME    show the job's outputs and bind the names it assigned here
+%jobs cancel ID       stop a queued or running job
+%jobs delete ID       forget a job and its stored results"""

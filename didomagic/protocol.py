@@ -232,6 +232,9 @@ class ErrorCode(StrEnum):
     VERSION = "version"
     BUSY = "busy"
     NO_MATCH = "no-match"
+    NOT_FOUND = "not-found"
+    NOT_READY = "not-ready"
+    BAD_REQUEST = "bad-request"
     INTERNAL = "internal"
 
 
@@ -242,6 +245,88 @@ class Error(Message):
     kind: ClassVar[str] = "error"
     code: ErrorCode
     message: str
+
+
+# -- detached jobs (the jobs channel: a connection to the /jobs endpoint)
+
+
+@dataclass(frozen=True)
+class Submit(Message):
+    """Client → job holder: store this cell as a job; its values follow as binary frames.
+
+    ``request_id`` is the client's: submitting the same one again returns the
+    existing job instead of a second one (a retry after a dropped connection).
+    ``retries`` is how often the job is run again elsewhere if its runner is lost.
+    """
+
+    kind: ClassVar[str] = "submit"
+    request_id: str
+    code: str
+    values: tuple[ValueHeader, ...] = ()
+    fetch: tuple[str, ...] = ()
+    deletes: tuple[str, ...] = ()
+    name: str = ""
+    tags: tuple[str, ...] = ()
+    os: str = ""
+    retries: int = 0
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class ListJobs(Message):
+    """Client → job holder: describe these jobs (all of them when ``ids`` is empty)."""
+
+    kind: ClassVar[str] = "list-jobs"
+    ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pull(Message):
+    """Client → job holder: send a finished job's outputs and values."""
+
+    kind: ClassVar[str] = "pull"
+    job: str
+
+
+@dataclass(frozen=True)
+class CancelJob(Message):
+    """Client → job holder: stop a queued or running job."""
+
+    kind: ClassVar[str] = "cancel-job"
+    job: str
+
+
+@dataclass(frozen=True)
+class DeleteJob(Message):
+    """Client → job holder: forget a job and its stored results (cancelling it first)."""
+
+    kind: ClassVar[str] = "delete-job"
+    job: str
+
+
+@dataclass(frozen=True)
+class JobList(Message):
+    """Job holder → client: the jobs asked about (or the one just submitted or changed)."""
+
+    kind: ClassVar[str] = "job-list"
+    jobs: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class JobData(Message):
+    """Job holder → client: a finished job, like a :class:`Result`; values follow as frames.
+
+    ``outputs`` are the cell's outputs in order, each ``{"msg_type", "content"}``.
+    """
+
+    kind: ClassVar[str] = "job-data"
+    job: dict[str, Any]
+    status: Status
+    outputs: tuple[dict[str, Any], ...] = ()
+    values: tuple[ValueHeader, ...] = ()
+    deleted: tuple[str, ...] = ()
+    failures: dict[str, str] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
 
 
 # -- the link between a runner and a mediator (the runner dials out)
@@ -312,6 +397,13 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Load,
         Dial,
         Leave,
+        Submit,
+        ListJobs,
+        Pull,
+        CancelJob,
+        DeleteJob,
+        JobList,
+        JobData,
     )
 }
 
@@ -511,6 +603,13 @@ class Role(StrEnum):
     MEDIATOR = "mediator"
 
 
+class Channel(StrEnum):
+    """What a connection is for: running cells in a session, or managing detached jobs."""
+
+    CELLS = "cells"
+    JOBS = "jobs"
+
+
 class State(StrEnum):
     """Where a session stands (see the module docstring)."""
 
@@ -521,10 +620,18 @@ class State(StrEnum):
     UPLOAD = "upload"  # execute sent; its values are in flight
     RUNNING = "running"  # the cell runs on the runner
     DOWNLOAD = "download"  # result sent; its values are in flight
+    WAIT = "wait"  # a jobs request sent, waiting for its answer
     CLOSED = "closed"
 
 
 _SENDER = {
+    Submit: Role.CLIENT,
+    ListJobs: Role.CLIENT,
+    Pull: Role.CLIENT,
+    CancelJob: Role.CLIENT,
+    DeleteJob: Role.CLIENT,
+    JobList: Role.RUNNER,
+    JobData: Role.RUNNER,
     Hello: Role.CLIENT,
     Query: Role.CLIENT,
     Execute: Role.CLIENT,
@@ -554,6 +661,22 @@ _TRANSITIONS: dict[tuple[State, type[Message]], State] = {
 }
 """Legal moves: (state, message type) → next state. An :class:`Error` closes from any state."""
 
+_JOB_TRANSITIONS: dict[tuple[State, type[Message]], State] = {
+    (State.HELLO, Hello): State.WELCOME,
+    (State.WELCOME, Welcome): State.IDLE,
+    (State.IDLE, Submit): State.UPLOAD,  # then WAIT once every value byte has arrived
+    (State.IDLE, ListJobs): State.WAIT,
+    (State.IDLE, Pull): State.WAIT,
+    (State.IDLE, CancelJob): State.WAIT,
+    (State.IDLE, DeleteJob): State.WAIT,
+    (State.WAIT, JobList): State.IDLE,
+    (State.WAIT, JobData): State.DOWNLOAD,  # then IDLE once every value byte has arrived
+}
+"""The same for the jobs channel: one request, one answer, in turn."""
+
+_TABLES = {Channel.CELLS: _TRANSITIONS, Channel.JOBS: _JOB_TRANSITIONS}
+_AFTER_UPLOAD = {Channel.CELLS: State.RUNNING, Channel.JOBS: State.WAIT}
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -573,8 +696,9 @@ class Session:
     values just declared, and :meth:`receive_binary` on each binary frame.
     """
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role, channel: Channel = Channel.CELLS) -> None:
         self.role = role
+        self.channel = channel
         self.state = State.HELLO
         self._pending: list[tuple[int, int, int]] = []  # (value, part, size) still to move
         self._offset = 0  # bytes of the current part already moved
@@ -605,12 +729,12 @@ class Session:
         if isinstance(message, Error):
             self.state = State.CLOSED
             return
-        nxt = _TRANSITIONS.get((self.state, type(message)))
+        nxt = _TABLES[self.channel].get((self.state, type(message)))
         if nxt is None:
             raise ProtocolError(
                 f"{message.kind} message is not allowed in state {self.state.value!r}"
             )
-        if isinstance(message, Execute | Result):
+        if isinstance(message, Execute | Result | Submit | JobData):
             self._expect(message.values)
         self.state = nxt
         self._settle()
@@ -639,7 +763,7 @@ class Session:
         if self._pending:
             return
         if self.state is State.UPLOAD:
-            self.state = State.RUNNING
+            self.state = _AFTER_UPLOAD[self.channel]
         elif self.state is State.DOWNLOAD:
             self.state = State.IDLE
 

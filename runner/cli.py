@@ -31,9 +31,12 @@ from pathlib import Path
 
 import platformdirs
 
+from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
 from runner import certs
+from runner.jobs import JobService
+from runner.jobstore import JobRecord, JobStore
 from runner.link import MediatorLink
 from runner.mediator import Mediator, MediatorSettings
 from runner.server import RunnerServer, RunnerSettings
@@ -109,6 +112,13 @@ def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
         type=Path,
         default=None,
         help="write the clients' connection URL here (mode 0600) once listening",
+    )
+    p.add_argument(
+        "--job-ttl",
+        type=_seconds,
+        default=None,
+        help="delete detached jobs and their results this many seconds after they finish "
+        "(default: keep them until deleted)",
     )
     p.add_argument(
         "--log-level",
@@ -365,6 +375,16 @@ async def serve(args: argparse.Namespace) -> None:
             settings.max_queue,
         )
         _publish(url, "connection URL", args.url_file)
+
+        async def open_own_session(job: JobRecord) -> RunnerConnection | None:
+            if server.active >= settings.max_sessions:
+                return None  # the job waits in the job queue, not in a session queue
+            return await open_connection(url)
+
+        server.jobs = JobService(
+            JobStore(state_dir / "jobs"), open_own_session, settings.name, args.job_ttl
+        )
+        server.jobs.start()
         if args.mediator is not None:
             link = MediatorLink(server, args.mediator, args.heartbeat)
             link_task = asyncio.create_task(link.run())
@@ -395,6 +415,8 @@ async def mediate(args: argparse.Namespace) -> None:
         ),
         certfile=certfile,
         keyfile=keyfile,
+        state_dir=state_dir,
+        job_ttl=args.job_ttl,
     )
     if settings.token == settings.runner_token:
         raise SystemExit(

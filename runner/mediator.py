@@ -3,6 +3,7 @@
 Endpoints, all on one TLS port, each with its own credential::
 
     /           clients (client token): a hello to get a session, or a query
+    /jobs       clients (client token): submit, list, pull, cancel, delete jobs
     /register   runners (runner token): the link a runner keeps open
     /relay      runners (runner token): one connection per relayed session
 
@@ -41,6 +42,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from didomagic import matching
+from didomagic.client import RunnerConnection, handshake
 from didomagic.errors import ProtocolError
 from didomagic.protocol import (
     Dial,
@@ -56,8 +58,11 @@ from didomagic.protocol import (
     Role,
     Session,
 )
+from runner.jobs import JOBS_PATH, JobService
+from runner.jobstore import JobRecord, JobStore
 from runner.link import REGISTER_PATH, RELAY_PATH, TICKET_HEADER
-from runner.server import HELLO_TIMEOUT, check_token, listen, peer_of, refuse
+from runner.server import HELLO_TIMEOUT, check_token, listen
+from runner.wire import peer_of, refuse
 
 logger = logging.getLogger("didomagic.mediator")
 
@@ -82,6 +87,8 @@ class MediatorSettings:
     runner_token: str = ""
     certfile: Path = Path()
     keyfile: Path = Path()
+    state_dir: Path = Path()
+    job_ttl: float | None = None
 
 
 @dataclass
@@ -121,6 +128,8 @@ class Mediator:
         self._tickets: dict[str, asyncio.Future[ServerConnection]] = {}
         self._server: Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self.jobs: JobService | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
         """Start listening; return the bound port."""
@@ -135,12 +144,17 @@ class Mediator:
             "didomagic.mediator.websockets",
         )
         self._watchdog = asyncio.create_task(self._watch_heartbeats())
+        store = JobStore(self.settings.state_dir / "jobs")
+        self.jobs = JobService(store, self._open_for_job, self.settings.name, self.settings.job_ttl)
+        self.jobs.start()
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
     async def stop(self) -> None:
         """Stop accepting and close every connection."""
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self.jobs is not None:
+            await self.jobs.stop()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -152,8 +166,8 @@ class Mediator:
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
         endpoint = self._endpoint(request)
-        if endpoint in ("", REGISTER_PATH, RELAY_PATH):
-            runner_side = endpoint != ""
+        if endpoint in ("", JOBS_PATH, REGISTER_PATH, RELAY_PATH):
+            runner_side = endpoint in (REGISTER_PATH, RELAY_PATH)
             token = self.settings.runner_token if runner_side else self.settings.token
             if check_token(request, token):
                 return None
@@ -180,6 +194,9 @@ class Mediator:
                 await self._serve_link(ws)
             elif endpoint == RELAY_PATH:
                 await self._accept_relay(ws)
+            elif endpoint == JOBS_PATH:
+                assert self.jobs is not None
+                await self.jobs.serve(ws, peer_of(ws))
             else:
                 await self._serve_client(ws)
         except ProtocolError as exc:
@@ -306,6 +323,31 @@ class Mediator:
         if chosen is None:
             return None
         return entries[views.index(chosen)]
+
+    async def _open_for_job(self, job: JobRecord) -> RunnerConnection | None:
+        """A session for a job on a matching runner with a free slot (None: none free now)."""
+        entries = [e for e in self.runners.values() if e.status == "up" and e.link is not None]
+        free = [
+            e
+            for e in entries
+            if matching.matches(e.view(), job.tags, job.os) and matching.free_slots(e.view()) > 0
+        ]
+        if not free:
+            return None
+        entry = min(free, key=lambda e: matching.load_key(e.view()))
+        entry.relayed += 1
+        relay = await self._open_relay(entry)
+        if relay is None:
+            entry.relayed -= 1
+            return None
+
+        async def release() -> None:
+            await relay.wait_closed()
+            entry.relayed -= 1
+
+        self._background.add(task := asyncio.create_task(release()))
+        task.add_done_callback(self._background.discard)
+        return await handshake(relay, None)
 
     async def _open_relay(self, entry: RunnerEntry) -> ServerConnection | None:
         if entry.link is None or entry.protocol is None:

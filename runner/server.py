@@ -47,7 +47,6 @@ from didomagic.protocol import (
     CHUNK_SIZE,
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
-    Error,
     ErrorCode,
     Execute,
     Hello,
@@ -65,12 +64,13 @@ from didomagic.protocol import (
     Welcome,
     check_compatible,
     cloudpickle_version,
-    encode,
     python_version,
 )
 from runner import agent, resources
 from runner.certs import server_context
+from runner.jobs import JOBS_PATH, JobService
 from runner.kernels import Kernel, KernelPool
+from runner.wire import peer_of, refuse
 
 logger = logging.getLogger("didomagic.runner")
 
@@ -148,6 +148,8 @@ class RunnerServer:
         self.load_listeners: list[Callable[[], None]] = []
         """Called whenever the number of active or queued sessions changes."""
         self._server: Server | None = None
+        self.jobs: JobService | None = None
+        """The runner's own detached jobs (set up by the command line once listening)."""
         self._machine: dict[str, Any] = {}
         self._measuring: asyncio.Task[None] | None = None
 
@@ -255,6 +257,8 @@ class RunnerServer:
         """Stop accepting, end every session, shut every kernel down."""
         if self._measuring is not None:
             self._measuring.cancel()
+        if self.jobs is not None:
+            await self.jobs.stop()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -272,6 +276,13 @@ class RunnerServer:
         return response
 
     async def _session(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        if ws.request.path.strip("/") == JOBS_PATH:
+            if self.jobs is None:
+                await refuse(ws, ErrorCode.NOT_FOUND, "This runner keeps no detached jobs.")
+            else:
+                await self.jobs.serve(ws, peer_of(ws))
+            return
         await self.serve_connection(ws)
 
     async def serve_connection(self, ws: Connection, peer: str | None = None) -> None:
@@ -598,16 +609,3 @@ class _Upload:
 
 class _Busy(Exception):
     """No slot and no place in the queue (the message says which limits)."""
-
-
-def peer_of(ws: Connection) -> str:
-    """``host:port`` of the other end, for log lines."""
-    address = ws.remote_address
-    return f"{address[0]}:{address[1]}" if address else "?"
-
-
-async def refuse(ws: Connection, code: ErrorCode, message: str) -> None:
-    """Send an error message and close the connection (policy violation)."""
-    with contextlib.suppress(ConnectionClosed):
-        await ws.send(encode(Error(code, message)))
-        await ws.close(1008, code.value)

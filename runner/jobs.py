@@ -1,0 +1,426 @@
+"""Detached jobs: the ``/jobs`` endpoint and the scheduler that runs stored jobs.
+
+A job holder (a mediator, or a runner for its own jobs) accepts submissions on
+the jobs channel, stores them (:mod:`runner.jobstore`) before it answers, and
+runs queued jobs, oldest first, whenever a matching runner has a free slot. To
+run one it opens an ordinary session with that runner as a client — through a
+relay for a mediator, on its own port for a runner — sends the stored code
+and values, and stores every output and returned value as they come.
+
+The run of a job is tied to the holder's connection: if the runner is lost
+(killed, unreachable) while the job runs, the job is queued again while it has
+``retries`` left, else it fails with reason "runner lost". A holder that
+restarts finds jobs it was running in state ``running``: it treats them the
+same way, so no job silently disappears and none is run twice unasked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, Any
+
+from websockets.exceptions import ConnectionClosed
+
+from didomagic import serialize
+from didomagic.client import RunnerConnection
+from didomagic.errors import ConnectError, ConnectionLost, ProtocolError, VersionMismatch
+from didomagic.protocol import (
+    PROTOCOL_VERSION,
+    CancelJob,
+    Channel,
+    DeleteJob,
+    ErrorCode,
+    Execute,
+    Hello,
+    JobData,
+    JobList,
+    ListJobs,
+    Output,
+    Pull,
+    Role,
+    Session,
+    State,
+    Status,
+    Submit,
+    ValueHeader,
+    Welcome,
+    check_compatible,
+    cloudpickle_version,
+    python_version,
+)
+from runner import jobstore
+from runner.jobstore import JobRecord, JobStore
+from runner.wire import refuse
+
+logger = logging.getLogger("didomagic.detached")
+
+Opener = Callable[[JobRecord], Awaitable[RunnerConnection | None]]
+"""Opens a session for a job on a matching runner with a free slot, or returns None."""
+
+SCHEDULE_EVERY = 1.0
+"""Seconds between looks at the queue when nothing wakes the scheduler."""
+
+HELLO_TIMEOUT = 10.0
+"""Seconds a client has to say hello on the jobs endpoint."""
+
+JOBS_PATH = "jobs"
+"""The endpoint of the jobs channel, on runners and mediators."""
+
+
+def _in_file(directory: Path, i: int) -> Path:
+    return directory / f"in-{i}.bin"
+
+
+def _out_file(directory: Path, i: int) -> Path:
+    return directory / f"out-{i}.bin"
+
+
+class JobService:
+    """Stores, runs and serves the jobs of one holder."""
+
+    def __init__(
+        self, store: JobStore, opener: Opener, holder: str, ttl: float | None = None
+    ) -> None:
+        self.store = store
+        self.opener = opener
+        self.holder = holder
+        self.ttl = ttl
+        self.wake = asyncio.Event()
+        self._running: dict[str, tuple[asyncio.Task[None], RunnerConnection]] = {}
+        self._scheduler: asyncio.Task[None] | None = None
+
+    # -- life cycle
+
+    def recover(self) -> None:
+        """Settle jobs a previous run of this holder left running (it stopped meanwhile)."""
+        for job in self.store.all(jobstore.RUNNING):
+            self._runner_lost(job, f"{self.holder} stopped while the job ran on {job.runner}")
+
+    def start(self) -> None:
+        """Recover, then run queued jobs in the background."""
+        self.recover()
+        self._scheduler = asyncio.create_task(self._schedule())
+
+    async def stop(self) -> None:
+        """Stop scheduling and stop running jobs (they are settled at the next start)."""
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+        tasks = [task for task, _ in self._running.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.store.close()
+
+    # -- scheduling
+
+    async def _schedule(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), SCHEDULE_EVERY)
+            self.wake.clear()
+            if self.ttl is not None:
+                for job_id in self.store.expire(self.ttl):
+                    logger.info("job %s expired (--job-ttl %gs)", job_id, self.ttl)
+            for job in self.store.all(jobstore.QUEUED):
+                if job.id in self._running:
+                    continue
+                try:
+                    connection = await self.opener(job)
+                except ConnectError as exc:
+                    logger.info("job %s waits: %s", job.id, exc)
+                    connection = None
+                except Exception:
+                    logger.exception("job %s: could not open a session", job.id)
+                    connection = None
+                if connection is None:
+                    continue
+                task = asyncio.create_task(self._run_safely(job, connection))
+                self._running[job.id] = (task, connection)
+                task.add_done_callback(lambda _, i=job.id: self._done(i))
+
+    def _done(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self.wake.set()
+
+    async def _run_safely(self, job: JobRecord, connection: RunnerConnection) -> None:
+        try:
+            await self._run(job, connection)
+        except Exception as exc:
+            logger.exception("job %s: internal error", job.id)
+            self.store.finish(job.id, jobstore.FAILED, f"internal error in {self.holder}: {exc}")
+
+    async def _run(self, job: JobRecord, connection: RunnerConnection) -> None:
+        runner = connection.runner_name
+        record = self.store.start(job.id, runner)
+        if record is None or record.state != jobstore.RUNNING:
+            await connection.close()
+            return
+        logger.info("job %s (%s) running on %s", job.id, job.name or "unnamed", runner)
+        directory = self.store.blob_dir(job.id)
+        request = _read_request(directory)
+        values = tuple(ValueHeader(v["name"], tuple(v["sizes"])) for v in request["values"])
+        outputs: list[dict[str, Any]] = []
+
+        def collect(output: Output) -> None:
+            outputs.append({"msg_type": output.msg_type, "content": output.content})
+
+        try:
+            parts = [
+                serialize.read_file(_in_file(directory, i), v.sizes) for i, v in enumerate(values)
+            ]
+            result, buffers = await connection.execute(
+                Execute(
+                    cell=job.id,
+                    code=request["code"],
+                    values=values,
+                    fetch=tuple(request["fetch"]),
+                    deletes=tuple(request["deletes"]),
+                    timeout=job.timeout,
+                ),
+                parts,
+                collect,
+            )
+        except (ConnectionLost, ProtocolError) as exc:
+            current = self.store.get(job.id)
+            if current is not None and current.state == jobstore.RUNNING:
+                self._runner_lost(current, f"{runner} went away while the job ran ({exc})")
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+        for i, parts_of_value in enumerate(buffers):
+            serialize.write_file(_out_file(directory, i), [memoryview(p) for p in parts_of_value])
+        self.store.save_result(
+            job.id,
+            outputs,
+            {
+                "status": result.status.value,
+                "values": [{"name": v.name, "sizes": list(v.sizes)} for v in result.values],
+                "deleted": list(result.deleted),
+                "failures": result.failures,
+                "error": result.error,
+            },
+        )
+        state, reason = _final_state(result.status, result.error)
+        finished = self.store.finish(job.id, state, reason)
+        logger.info(
+            "job %s %s on %s%s",
+            job.id,
+            finished.state if finished else state,
+            runner,
+            f": {reason}" if reason else "",
+        )
+
+    def _runner_lost(self, job: JobRecord, why: str) -> None:
+        if job.attempts <= job.retries:
+            self.store.update(
+                job.id,
+                state=jobstore.QUEUED,
+                reason=f"runner lost: {why}; queued again (retry {job.attempts} of {job.retries})",
+            )
+            logger.warning("job %s: runner lost (%s); queued again", job.id, why)
+            self.wake.set()
+        else:
+            self.store.finish(job.id, jobstore.FAILED, f"runner lost: {why}")
+            logger.warning("job %s failed: runner lost (%s)", job.id, why)
+
+    # -- requests
+
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a queued or running job (a running one's session is closed at once)."""
+        job = self.store.get(job_id)
+        if job is None or job.state in jobstore.FINISHED:
+            return job
+        job = self.store.finish(job_id, jobstore.CANCELLED, "cancelled on request")
+        running = self._running.get(job_id)
+        if running is not None:
+            # Closing the session makes the runner interrupt the cell and stop its kernel.
+            await running[1].close()
+        logger.info("job %s cancelled", job_id)
+        return job
+
+    async def serve(self, ws: Any, peer: str) -> None:
+        """Serve one client connection on the jobs endpoint until it closes."""
+        session = Session(Role.RUNNER, Channel.JOBS)
+        try:
+            text = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
+            hello = session.receive(text)
+            assert isinstance(hello, Hello)
+            check_compatible(
+                protocol=hello.protocol,
+                python=hello.python,
+                cloudpickle=hello.cloudpickle,
+                side="client",
+            )
+            await ws.send(
+                session.send(
+                    Welcome(
+                        PROTOCOL_VERSION,
+                        python_version(),
+                        cloudpickle_version(),
+                        session="",
+                        runner={"name": self.holder},
+                    )
+                )
+            )
+            await self._requests(ws, session)
+        except VersionMismatch as exc:
+            await refuse(ws, ErrorCode.VERSION, str(exc))
+        except _NotFound as exc:
+            await refuse(ws, ErrorCode.NOT_FOUND, str(exc))
+        except _NotReady as exc:
+            await refuse(ws, ErrorCode.NOT_READY, str(exc))
+        except ProtocolError as exc:
+            logger.warning("jobs connection from %s: protocol error: %s", peer, exc)
+            await refuse(ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
+        except (ConnectionClosed, TimeoutError):
+            pass
+
+    async def _requests(self, ws: Any, session: Session) -> None:
+        upload: _Upload | None = None
+        async for frame in ws:
+            if isinstance(frame, bytes):
+                chunk = session.receive_binary(frame)
+                assert upload is not None
+                upload.write(chunk.value, chunk.data)
+                if session.state is State.WAIT:
+                    await self._submitted(ws, session, upload)
+                    upload = None
+                continue
+            message = session.receive(frame)
+            if isinstance(message, Submit):
+                if message.retries < 0:
+                    raise ProtocolError("submit.retries must be 0 or more")
+                upload = _Upload(message, self.store.new_upload())
+                if session.state is State.WAIT:
+                    await self._submitted(ws, session, upload)
+                    upload = None
+            elif isinstance(message, ListJobs):
+                jobs = [self.store.get(i) for i in message.ids] if message.ids else self.store.all()
+                reply = tuple(j.public() for j in jobs if j is not None)
+                await ws.send(session.send(JobList(reply)))
+            elif isinstance(message, CancelJob):
+                job = self._known(message.job)
+                cancelled = await self.cancel(job.id) or job
+                await ws.send(session.send(JobList((cancelled.public(),))))
+            elif isinstance(message, DeleteJob):
+                job = self._known(message.job)
+                await self.cancel(job.id)
+                self.store.delete(job.id)
+                logger.info("job %s deleted", job.id)
+                await ws.send(session.send(JobList(())))
+            elif isinstance(message, Pull):
+                await self._pull(ws, session, self._known(message.job))
+
+    def _known(self, job_id: str) -> JobRecord:
+        job = self.store.get(job_id)
+        if job is None:
+            raise _NotFound(job_id)
+        return job
+
+    async def _submitted(self, ws: Any, session: Session, upload: _Upload) -> None:
+        upload.close()
+        request = upload.request
+        job, new = self.store.submit(
+            upload.directory,
+            {
+                "code": request.code,
+                "values": [{"name": v.name, "sizes": list(v.sizes)} for v in request.values],
+                "fetch": list(request.fetch),
+                "deletes": list(request.deletes),
+            },
+            request_id=request.request_id,
+            name=request.name,
+            tags=request.tags,
+            os_name=request.os,
+            retries=request.retries,
+            timeout=request.timeout,
+        )
+        if new:
+            logger.info("job %s (%s) submitted", job.id, job.name or "unnamed")
+            self.wake.set()
+        else:
+            logger.info("job %s submitted again with the same request id", job.id)
+        await ws.send(session.send(JobList((job.public(),))))
+
+    async def _pull(self, ws: Any, session: Session, job: JobRecord) -> None:
+        stored = self.store.load_result(job.id)
+        if stored is None:
+            raise _NotReady(job)
+        outputs, result = stored
+        values = tuple(ValueHeader(v["name"], tuple(v["sizes"])) for v in result["values"])
+        directory = self.store.blob_dir(job.id)
+        parts = [
+            serialize.read_file(_out_file(directory, i), v.sizes) for i, v in enumerate(values)
+        ]
+        data = JobData(
+            job=job.public(),
+            status=Status(result["status"]),
+            outputs=tuple(outputs),
+            values=values,
+            deleted=tuple(result["deleted"]),
+            failures=result["failures"],
+            error=result["error"],
+        )
+        await ws.send(session.send(data))
+        for frame in session.frames(parts):
+            await ws.send(frame)
+
+
+def _read_request(directory: Path) -> dict[str, Any]:
+    return dict(json.loads((directory / "request.json").read_text()))
+
+
+def _final_state(status: Status, error: dict[str, Any] | None) -> tuple[str, str]:
+    error = error or {}
+    if status is Status.OK:
+        return jobstore.DONE, ""
+    if status is Status.ERROR:
+        return jobstore.FAILED, f"{error.get('ename', 'Error')}: {error.get('evalue', '')}"
+    if status is Status.INTERRUPTED:
+        return jobstore.CANCELLED, "interrupted"
+    return jobstore.FAILED, f"{status.value}: {error.get('message', '')}"
+
+
+class _NotFound(Exception):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"No job {job_id!r} here; %jobs lists the jobs there are.")
+
+
+class _NotReady(Exception):
+    def __init__(self, job: JobRecord) -> None:
+        if job.state in jobstore.FINISHED:
+            why = f" ({job.reason})" if job.reason else ""
+            message = f"Job {job.id} is {job.state}{why} and has no results to pull."
+        else:
+            message = (
+                f"Job {job.id} is {job.state} (submitted {time.ctime(job.submitted_at)}); "
+                "pull it once it is done."
+            )
+        super().__init__(message)
+
+
+class _Upload:
+    """Writes a submission's values into files of a private temporary directory."""
+
+    def __init__(self, request: Submit, directory: Path) -> None:
+        self.request = request
+        self.directory = directory
+        self.files: list[IO[bytes]] = [
+            open(_in_file(directory, i), "wb")  # noqa: SIM115 - closed in close()
+            for i in range(len(request.values))
+        ]
+
+    def write(self, value: int, data: memoryview) -> None:
+        self.files[value].write(data)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
