@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from websockets.exceptions import ConnectionClosed
 
-from didomagic import serialize
+from didomagic import matching, serialize
 from didomagic.client import RunnerConnection
 from didomagic.errors import ConnectError, ConnectionLost, ProtocolError, VersionMismatch
 from didomagic.protocol import (
@@ -140,6 +140,13 @@ class JobService:
                     logger.exception("job %s: could not open a session", job.id)
                     connection = None
                 if connection is None:
+                    waiting = "waiting for a free " + (
+                        f"runner with {matching.requirement_text(job.tags, job.os)}"
+                        if job.tags or job.os
+                        else "runner"
+                    )
+                    if job.reason != waiting and not job.reason.startswith("runner lost"):
+                        self.store.update(job.id, reason=waiting)
                     continue
                 task = asyncio.create_task(self._run_safely(job, connection))
                 self._running[job.id] = (task, connection)
