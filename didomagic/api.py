@@ -21,7 +21,7 @@ import secrets
 import sys
 import threading
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from os import environ as os_environ
 from typing import Any, Protocol
 
@@ -43,7 +43,7 @@ from didomagic.errors import (
 from didomagic.loop import BackgroundLoop, background_loop
 from didomagic.namespace import analyze_cell, transform_cell
 from didomagic.progress import NoProgress, Progress, make_progress
-from didomagic.protocol import Execute, Output, Result, Status
+from didomagic.protocol import Execute, Output, Result, Status, ValueHeader
 from didomagic.urls import ConnectionURL
 
 RUNNER_ENV = "DIDOMAGIC_RUNNER"
@@ -122,6 +122,9 @@ def apply_values(
 # --------------------------------------------------------------------------- sessions
 
 
+CACHE_MIN = 1 << 20
+"""Values at least this big carry a digest, so an unchanged one is not sent again."""
+
 TICK = 0.25
 """Seconds between progress updates while a cell waits with no event."""
 
@@ -156,6 +159,8 @@ class RemoteSession:
         self.loop = loop or background_loop()
         self._connection: RunnerConnection | None = None
         self._future: concurrent.futures.Future[Any] | None = None
+        self._held: dict[str, str] = {}
+        """Digest of each large value the remote session holds, by name (see CACHE_MIN)."""
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
         self.runner_name = url.address
         """The runner's name, once it has introduced itself."""
@@ -174,6 +179,7 @@ class RemoteSession:
             self._connection = await open_connection(
                 self.url, self.requirements, on_queued=lambda k: events.put(("queued", k))
             )
+            self._held.clear()  # a new remote session holds no values yet
             self.description = dict(self._connection.welcome.runner)
             self.runner_name = self._connection.runner_name
         events.put(("runner", self.description))
@@ -188,12 +194,24 @@ class RemoteSession:
         """Open the session if needed and run one cell (on the I/O loop); report to ``events``."""
         async with self._busy:
             connection = await self.connect_async(events)
-            return await connection.execute(
+            held = self._held
+            request = replace(
+                request,
+                values=tuple(
+                    replace(v, cached=bool(v.digest) and held.get(v.name) == v.digest)
+                    for v in request.values
+                ),
+            )
+            outcome = await connection.execute(
                 request,
                 parts,
                 lambda output: events.put(("output", output)),
                 lambda direction, done, total: events.put(("transfer", direction, done, total)),
             )
+            for v in request.values:  # the runner session now holds these bytes
+                if v.digest:
+                    held[v.name] = v.digest
+            return outcome
 
     def execute(
         self,
@@ -562,7 +580,7 @@ def run_cell(
     request = Execute(
         cell=secrets.token_hex(8),
         code=spec.code,
-        values=tuple(p.header for p in sent),
+        values=tuple(_header(p) for p in sent),
         fetch=tuple(transfer.fetch),
         deletes=tuple(transfer.deletes),
         timeout=spec.timeout,
@@ -583,6 +601,14 @@ def run_cell(
     report_failures(failures, "synced")
     raise_for_status(result, session.runner_name)
     return shown[-1] if shown else None
+
+
+def _header(packed: serialize.Packed) -> ValueHeader:
+    """A value's header, with a content digest when it is large enough to be worth caching."""
+    header = packed.header
+    if packed.nbytes < CACHE_MIN:
+        return header
+    return replace(header, digest=packed.digest())
 
 
 def raise_for_status(result: Result, runner: str) -> None:

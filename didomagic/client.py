@@ -147,7 +147,7 @@ class RunnerConnection:
         self.running = request.cell
         try:
             await self.ws.send(self.session.send(request))
-            total = sum(v.nbytes for v in request.values)
+            total = sum(v.nbytes for v in request.values if not v.cached)
             sent = 0
             for frame in self.session.frames(parts):
                 await self.ws.send(frame)

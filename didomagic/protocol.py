@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 
 from didomagic.errors import ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped on any change that an older peer could misread."""
 
 CHUNK_SIZE = 1 << 20
@@ -72,10 +72,17 @@ def cloudpickle_version() -> str:
 
 @dataclass(frozen=True)
 class ValueHeader:
-    """A value that travels: its name and the byte size of each of its parts."""
+    """A value that travels: its name and the byte size of each of its parts.
+
+    ``digest`` (a content hash, set for large values) lets a runner session keep
+    the value's bytes; a later cell whose value has the same name and digest
+    declares it ``cached`` and sends no frames for it.
+    """
 
     name: str
     sizes: tuple[int, ...]
+    digest: str = ""
+    cached: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -529,16 +536,31 @@ def _as_values(kind: str, name: str, v: Any) -> tuple[ValueHeader, ...]:
     for item in v:
         ok = (
             isinstance(item, dict)
-            and set(item) == {"name", "sizes"}
+            and {"name", "sizes"} <= set(item) <= {"name", "sizes", "digest", "cached"}
             and isinstance(item["name"], str)
+            and isinstance(item.get("digest", ""), str)
+            and isinstance(item.get("cached", False), bool)
             and isinstance(item["sizes"], list)
             and len(item["sizes"]) >= 1
             and all(
                 isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in item["sizes"]
             )
         )
-        _check(kind, name, ok, 'a list of {"name": str, "sizes": [int >= 0, ...]}', item)
-        headers.append(ValueHeader(item["name"], tuple(item["sizes"])))
+        _check(
+            kind,
+            name,
+            ok,
+            'a list of {"name": str, "sizes": [int >= 0, ...], "digest"?: str, "cached"?: bool}',
+            item,
+        )
+        headers.append(
+            ValueHeader(
+                item["name"],
+                tuple(item["sizes"]),
+                item.get("digest", ""),
+                item.get("cached", False),
+            )
+        )
     return tuple(headers)
 
 
@@ -750,6 +772,7 @@ class Session:
         self._pending = [
             (v, p, size)
             for v, header in enumerate(values)
+            if not header.cached  # the receiver has these bytes already
             for p, size in enumerate(header.sizes)
             if size > 0
         ]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import xxhash
 
 from didomagic.protocol import ValueHeader
 
@@ -37,6 +38,19 @@ class Packed:
     def header(self) -> ValueHeader:
         """The header that declares this value on the wire."""
         return ValueHeader(self.name, tuple(p.nbytes for p in self.parts))
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the parts."""
+        return sum(p.nbytes for p in self.parts)
+
+    def digest(self) -> str:
+        """XXH3-128 of the parts (sizes included), to tell whether a value changed."""
+        h = xxhash.xxh3_128()
+        for part in self.parts:
+            h.update(part.nbytes.to_bytes(8, "little"))
+            h.update(part)
+        return h.hexdigest()
 
 
 def _flat(buffer: pickle.PickleBuffer | bytes | bytearray | memoryview) -> memoryview:

@@ -63,12 +63,13 @@ class Agent:
         ns = self.shell.user_ns
         pairs, failures = [], {}
         for i, value in enumerate(request["values"]):
-            path = input_file(self.exchange, i)
+            path = Path(value["path"]) if "path" in value else input_file(self.exchange, i)
             try:
                 pairs.append((value["name"], serialize.read_file(path, value["sizes"])))
             except Exception as exc:
                 failures[value["name"]] = f"could not be read: {serialize.describe(exc)}"
-            path.unlink(missing_ok=True)
+            if not value.get("keep"):  # cached values stay for later cells of the session
+                path.unlink(missing_ok=True)
         failures.update(serialize.unpack_into(ns, pairs))
         self._failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
         self._before = serialize.snapshot(ns, request["fetch"])

@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import secrets
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -312,6 +313,7 @@ class SessionHandler:
         self.interrupted = False
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None
+        self.cache = ValueCache(server.pool.root / f"cache-{self.id[:12]}")
 
     @property
     def log_id(self) -> str:
@@ -459,7 +461,7 @@ class SessionHandler:
             message = self.protocol.receive(frame)
             if isinstance(message, Execute):
                 assert self.kernel is not None
-                self.upload = _Upload(message, self.kernel.exchange)
+                self.upload = _Upload(message, self.kernel.exchange, self.cache)
                 self.interrupted = False
                 if self.protocol.state is State.RUNNING:
                     self._start_cell()
@@ -470,7 +472,7 @@ class SessionHandler:
         assert self.upload is not None
         upload, self.upload = self.upload, None
         upload.close()
-        self.cell_task = asyncio.create_task(self._run_cell(upload.request))
+        self.cell_task = asyncio.create_task(self._run_cell(upload.request, upload.described()))
 
     async def _interrupt(self) -> None:
         if self.cell_task is not None and not self.cell_task.done() and self.kernel:
@@ -478,9 +480,9 @@ class SessionHandler:
             logger.info("session %s: interrupting the cell at the client's request", self.log_id)
             await self.kernel.interrupt()
 
-    async def _run_cell(self, request: Execute) -> None:
+    async def _run_cell(self, request: Execute, values: list[dict[str, Any]]) -> None:
         try:
-            await self._run_cell_inner(request)
+            await self._run_cell_inner(request, values)
         except ConnectionClosed:
             pass
         except Exception:
@@ -491,7 +493,7 @@ class SessionHandler:
                 "Internal runner error; the runner's log has the details.",
             )
 
-    async def _run_cell_inner(self, request: Execute) -> None:
+    async def _run_cell_inner(self, request: Execute, values: list[dict[str, Any]]) -> None:
         assert self.kernel is not None
         kernel = self.kernel
         exchange = kernel.exchange
@@ -499,7 +501,7 @@ class SessionHandler:
         agent.write_json(
             exchange / agent.CELL_FILE,
             {
-                "values": [{"name": v.name, "sizes": list(v.sizes)} for v in request.values],
+                "values": values,
                 "fetch": list(request.fetch),
                 "deletes": list(request.deletes),
             },
@@ -575,6 +577,7 @@ class SessionHandler:
                 await self.cell_task
         if self.upload is not None:
             self.upload.close()
+        self.cache.clear()
         if self.kernel is not None:
             await self.kernel.shutdown()
             logger.info("session %s closed", self.log_id)
@@ -584,16 +587,41 @@ class SessionHandler:
 
 
 class _Upload:
-    """Writes incoming values straight into the kernel's exchange files."""
+    """Writes incoming values straight into files the kernel's agent maps.
 
-    def __init__(self, request: Execute, exchange: Path) -> None:
+    A value with a digest goes to the session's cache (written under a
+    temporary name and renamed into place, so a file a kernel has mapped is
+    never rewritten); one declared ``cached`` is the cached file of the same
+    name and digest. Other values go to temporary exchange files.
+    """
+
+    def __init__(self, request: Execute, exchange: Path, cache: ValueCache) -> None:
         self.request = request
-        self.files: list[IO[bytes] | None] = [None] * len(request.values)
-        for i in range(len(request.values)):
-            fd = os.open(
-                agent.input_file(exchange, i), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
-            )
-            self.files[i] = open(fd, "wb")  # noqa: SIM115 - closed in close()
+        self.cache = cache
+        self.paths: list[Path] = []
+        self.keep: list[bool] = []
+        self.files: list[IO[bytes] | None] = []
+        for i, header in enumerate(request.values):
+            if header.cached:
+                path = cache.lookup(header.name, header.digest)
+                if path is None:
+                    self.close()
+                    raise ProtocolError(
+                        f"value {header.name!r} was declared cached, but this session does "
+                        "not hold it"
+                    )
+                self.paths.append(path)
+                self.keep.append(True)
+                self.files.append(None)
+                continue
+            if header.digest:
+                path = cache.directory / f"{header.digest}.bin.part-{i}"
+            else:
+                path = agent.input_file(exchange, i)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self.paths.append(path)
+            self.keep.append(bool(header.digest))
+            self.files.append(open(fd, "wb"))  # noqa: SIM115 - closed in close()
 
     def write(self, value: int, data: memoryview) -> None:
         f = self.files[value]
@@ -601,10 +629,58 @@ class _Upload:
         f.write(data)
 
     def close(self) -> None:
-        for f in self.files:
-            if f is not None:
-                f.close()
+        """Close the files; move completed cache files into place."""
+        for i, f in enumerate(self.files):
+            if f is None:
+                continue
+            f.close()
+            header = self.request.values[i]
+            if header.digest and not header.cached:
+                self.paths[i] = self.cache.store(header.name, header.digest, self.paths[i])
         self.files = [None] * len(self.files)
+
+    def described(self) -> list[dict[str, Any]]:
+        """The values as the agent reads them from ``cell.json``."""
+        return [
+            {"name": v.name, "sizes": list(v.sizes), "path": str(path), "keep": keep}
+            for v, path, keep in zip(self.request.values, self.paths, self.keep, strict=True)
+        ]
+
+
+class ValueCache:
+    """The large values a session holds, by name: the bytes of the last one sent.
+
+    Lives as long as the session (a replaced kernel keeps it), in a private
+    directory removed with the session.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(mode=0o700)
+        self.entries: dict[str, tuple[str, Path]] = {}
+
+    def lookup(self, name: str, digest: str) -> Path | None:
+        """The file holding ``name`` with this digest, if the session has it."""
+        entry = self.entries.get(name)
+        return entry[1] if entry is not None and entry[0] == digest else None
+
+    def store(self, name: str, digest: str, written: Path) -> Path:
+        """Make ``written`` the cached bytes of ``name``; drop what it replaces."""
+        path = self.directory / f"{digest}.bin"
+        os.replace(written, path)
+        old = self.entries.get(name)
+        self.entries[name] = (digest, path)
+        if old is not None and old[1] != path and old[1] not in self._paths():
+            old[1].unlink(missing_ok=True)
+        return path
+
+    def _paths(self) -> set[Path]:
+        return {path for _, path in self.entries.values()}
+
+    def clear(self) -> None:
+        """Remove every cached file."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.entries.clear()
 
 
 class _Busy(Exception):

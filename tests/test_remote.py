@@ -22,6 +22,7 @@ from didomagic.errors import (
     RunnerUnreachable,
     VersionMismatch,
 )
+from didomagic.protocol import PROTOCOL_VERSION
 from didomagic.urls import ConnectionURL
 
 from .conftest import TIMEOUT
@@ -283,7 +284,8 @@ def test_protocol_version_mismatch_names_both_sides(shell, ns, runner_factory, m
     monkeypatch.setattr("didomagic.client.PROTOCOL_VERSION", 99)
     result, cap = remote(shell, runner.url, "x = 1")
     assert isinstance(result.error_in_exec, VersionMismatch)
-    assert "protocol 99" in str(result.error_in_exec) and "protocol 1" in str(result.error_in_exec)
+    ours = f"protocol {PROTOCOL_VERSION}"
+    assert "protocol 99" in str(result.error_in_exec) and ours in str(result.error_in_exec)
     assert_one_paragraph(cap, "VersionMismatch")
 
 
