@@ -578,12 +578,12 @@ class SessionHandler:
         if self.upload is not None:
             self.upload.close()
         self.cache.clear()
+        if self.has_slot:  # the client is gone: the next session may start while this
+            self.has_slot = False  # kernel shuts down
+            self.server.release()
         if self.kernel is not None:
             await self.kernel.shutdown()
             logger.info("session %s closed", self.log_id)
-        if self.has_slot:
-            self.has_slot = False
-            self.server.release()
 
 
 class _Upload:

@@ -140,7 +140,13 @@ def runner_factory(tmp_path: Path) -> Iterator[Callable[..., RunnerProcess]]:
 def module_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunnerProcess]:
     """One runner shared by a test module (for tests that do not disturb it)."""
     runner = start_runner(
-        tmp_path_factory.mktemp("runner"), "--name", "shared", "--warm-kernels", "2"
+        tmp_path_factory.mktemp("runner"),
+        "--name",
+        "shared",
+        "--warm-kernels",
+        "2",
+        "--max-sessions",
+        "8",
     )
     yield runner
     assert runner.stop() == 0, runner.log
