@@ -24,6 +24,8 @@ import symtable
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from didomagic.errors import ConfigurationError
+
 _CODE_MAGICS = {"time"}
 """Line and cell magics whose argument or body runs as code in the user namespace."""
 
@@ -56,14 +58,27 @@ def analyze_cell(cell: str, transform: Callable[[str], str] = transform_cell) ->
     return analyze_source(source)
 
 
+def _too_deep() -> ConfigurationError:
+    return ConfigurationError(
+        "This cell nests expressions too deeply to analyse which names it reads and binds "
+        "(for example a sum of a thousand terms written out). Write it flatter (sum([...])), "
+        "or give the names yourself with --no-sync --push a,b --pull c."
+    )
+
+
 def analyze_source(source: str) -> CellNames:
     """Analyse plain Python source."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return CellNames()
+    except (RecursionError, MemoryError):
+        raise _too_deep() from None
     visitor = _TopLevel()
-    visitor.visit(tree)
+    try:
+        visitor.visit(tree)
+    except RecursionError:
+        raise _too_deep() from None
     return CellNames(
         frozenset(visitor.reads), frozenset(visitor.writes), frozenset(visitor.deletes)
     )

@@ -119,27 +119,60 @@ def write_file(path: Path, parts: Sequence[memoryview]) -> None:
                 view = view[written:]
 
 
-def read_file(path: Path, sizes: Sequence[int]) -> list[memoryview]:
-    """Map a value file and return its parts as writable copy-on-write views.
+def write_values(path: Path, values: Sequence[Sequence[memoryview]]) -> list[int]:
+    """Write several values' parts end to end into one file; return each value's offset.
 
-    The views share the page cache with the file, so a large array costs no
-    extra copy until it is written to.
+    One file for many values: creating a file costs far more than writing a
+    small value, so a cell with a thousand small values makes one file, not a
+    thousand.
     """
-    total = sum(sizes)
-    if total == 0:
-        return [memoryview(b"") for _ in sizes]
+    offsets, offset = [], 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb", buffering=0) as f:
+        for parts in values:
+            offsets.append(offset)
+            for part in parts:
+                view = part
+                offset += view.nbytes
+                while view.nbytes:
+                    written = f.write(view)
+                    view = view[written:]
+    return offsets
+
+
+def map_file(path: Path) -> memoryview:
+    """Map a whole file as a writable copy-on-write view (shares the page cache)."""
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size != total:
-            raise ValueError(
-                f"{path.name} holds {os.fstat(f.fileno()).st_size} bytes, expected {total}"
-            )
-        mapped = mmap.mmap(f.fileno(), total, access=mmap.ACCESS_COPY)
-    view = memoryview(mapped)
-    parts, offset = [], 0
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return memoryview(bytearray())
+        return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
+
+
+def slice_parts(view: memoryview, offset: int, sizes: Sequence[int]) -> list[memoryview]:
+    """The parts of the value at ``offset`` in a mapped file; raise if the file is short."""
+    end = offset + sum(sizes)
+    if end > view.nbytes:
+        raise ValueError(f"the value file holds {view.nbytes} bytes, expected at least {end}")
+    parts = []
     for size in sizes:
         parts.append(view[offset : offset + size])
         offset += size
     return parts
+
+
+def read_file(path: Path, sizes: Sequence[int]) -> list[memoryview]:
+    """Map a file holding exactly one value and return its parts (copy-on-write views).
+
+    The views share the page cache with the file, so a large array costs no
+    extra copy until it is written to.
+    """
+    if sum(sizes) == 0:
+        return [memoryview(b"") for _ in sizes]
+    view = map_file(path)
+    if view.nbytes != sum(sizes):
+        raise ValueError(f"{path.name} holds {view.nbytes} bytes, expected {sum(sizes)}")
+    return slice_parts(view, 0, sizes)
 
 
 # --------------------------------------------------------------------------- what returns

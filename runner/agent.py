@@ -25,14 +25,11 @@ CELL_FILE = "cell.json"
 RESULT_FILE = "result.json"
 
 
-def input_file(exchange: Path, index: int) -> Path:
-    """Where the runner writes incoming value number ``index``."""
-    return exchange / f"in-{index}.bin"
+INPUT_FILE = "in.bin"
+"""Where the runner writes a cell's incoming values that are not cached, end to end."""
 
-
-def output_file(exchange: Path, index: int) -> Path:
-    """Where the agent writes returned value number ``index``."""
-    return exchange / f"out-{index}.bin"
+OUTPUT_FILE = "out.bin"
+"""Where the agent writes the values going back, end to end."""
 
 
 def write_json(path: Path, body: dict[str, Any]) -> None:
@@ -62,14 +59,23 @@ class Agent:
         cell.unlink()
         ns = self.shell.user_ns
         pairs, failures = [], {}
-        for i, value in enumerate(request["values"]):
-            path = Path(value["path"]) if "path" in value else input_file(self.exchange, i)
+        mapped: dict[str, memoryview] = {}
+        temporary: set[Path] = set()
+        for value in request["values"]:
+            path = Path(value["path"])
             try:
-                pairs.append((value["name"], serialize.read_file(path, value["sizes"])))
+                if value["path"] not in mapped:
+                    mapped[value["path"]] = serialize.map_file(path)
+                parts = serialize.slice_parts(
+                    mapped[value["path"]], value.get("offset", 0), value["sizes"]
+                )
+                pairs.append((value["name"], parts))
             except Exception as exc:
                 failures[value["name"]] = f"could not be read: {serialize.describe(exc)}"
             if not value.get("keep"):  # cached values stay for later cells of the session
-                path.unlink(missing_ok=True)
+                temporary.add(path)
+        for path in temporary:
+            path.unlink(missing_ok=True)
         failures.update(serialize.unpack_into(ns, pairs))
         self._failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
         self._before = serialize.snapshot(ns, request["fetch"])
@@ -84,10 +90,13 @@ class Agent:
         succeeded = bool(getattr(result, "success", False))
         names = serialize.names_to_return(ns, self._before, succeeded)
         packed, failures = serialize.pack_names(ns, names)
-        values = []
-        for i, item in enumerate(packed):
-            serialize.write_file(output_file(self.exchange, i), item.parts)
-            values.append({"name": item.name, "sizes": [p.nbytes for p in item.parts]})
+        offsets = serialize.write_values(
+            self.exchange / OUTPUT_FILE, [item.parts for item in packed]
+        )
+        values = [
+            {"name": item.name, "sizes": [p.nbytes for p in item.parts], "offset": offset}
+            for item, offset in zip(packed, offsets, strict=True)
+        ]
         failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
         write_json(
             self.exchange / RESULT_FILE,

@@ -520,9 +520,10 @@ class SessionHandler:
             and (outcome.error or {}).get("ename") == "KeyboardInterrupt"
         ):
             status = Status.INTERRUPTED
-        values, files, failures, deleted = self._collect(exchange)
+        values, offsets, failures, deleted = self._collect(exchange)
+        out_path = exchange / agent.OUTPUT_FILE
         if status is Status.KERNEL_DIED:
-            values, files = [], []
+            values, offsets = [], []
             await self._replace_kernel()
         logger.info(
             "session %s: cell %s %s in %.1f ms (%d values in, %d out)",
@@ -538,26 +539,28 @@ class SessionHandler:
         )
         await self.ws.send(self.protocol.send(result))
         try:
-            parts = [
-                serialize.read_file(path, v.sizes) for path, v in zip(files, values, strict=True)
-            ]
-            for frame in self.protocol.frames(parts):
-                await self.ws.send(frame)
+            if values:
+                view = serialize.map_file(out_path)
+                parts = [
+                    serialize.slice_parts(view, offset, v.sizes)
+                    for offset, v in zip(offsets, values, strict=True)
+                ]
+                for frame in self.protocol.frames(parts):
+                    await self.ws.send(frame)
         finally:
-            for path in files:
-                path.unlink(missing_ok=True)
+            out_path.unlink(missing_ok=True)
 
     def _collect(
         self, exchange: Path
-    ) -> tuple[list[ValueHeader], list[Path], dict[str, str], list[str]]:
+    ) -> tuple[list[ValueHeader], list[int], dict[str, str], list[str]]:
         path = exchange / agent.RESULT_FILE
         if not path.exists():
             return [], [], {}, []
         body = json.loads(path.read_text())
         path.unlink()
         values = [ValueHeader(v["name"], tuple(v["sizes"])) for v in body["values"]]
-        files = [agent.output_file(exchange, i) for i in range(len(values))]
-        return values, files, dict(body["failures"]), list(body["deleted"])
+        offsets = [int(v["offset"]) for v in body["values"]]
+        return values, offsets, dict(body["failures"]), list(body["deleted"])
 
     async def _replace_kernel(self) -> None:
         old, self.kernel = self.kernel, None
@@ -600,7 +603,10 @@ class _Upload:
         self.cache = cache
         self.paths: list[Path] = []
         self.keep: list[bool] = []
+        self.offsets: list[int] = []
         self.files: list[IO[bytes] | None] = []
+        self.shared: IO[bytes] | None = None
+        self.shared_size = 0
         for i, header in enumerate(request.values):
             if header.cached:
                 path = cache.lookup(header.name, header.digest)
@@ -613,15 +619,23 @@ class _Upload:
                 self.paths.append(path)
                 self.keep.append(True)
                 self.files.append(None)
+                self.offsets.append(0)
                 continue
             if header.digest:
                 path = cache.directory / f"{header.digest}.bin.part-{i}"
-            else:
-                path = agent.input_file(exchange, i)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                self.files.append(open(fd, "wb"))  # noqa: SIM115 - closed in close()
+                self.offsets.append(0)
+            else:  # small or one-off values share one file: creating files is what costs
+                path = exchange / agent.INPUT_FILE
+                if self.shared is None:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    self.shared = open(fd, "wb")  # noqa: SIM115 - closed in close()
+                self.files.append(self.shared)
+                self.offsets.append(self.shared_size)
+                self.shared_size += header.nbytes
             self.paths.append(path)
             self.keep.append(bool(header.digest))
-            self.files.append(open(fd, "wb"))  # noqa: SIM115 - closed in close()
 
     def write(self, value: int, data: memoryview) -> None:
         f = self.files[value]
@@ -637,13 +651,23 @@ class _Upload:
             header = self.request.values[i]
             if header.digest and not header.cached:
                 self.paths[i] = self.cache.store(header.name, header.digest, self.paths[i])
+        if self.shared is not None:
+            self.shared.close()
         self.files = [None] * len(self.files)
 
     def described(self) -> list[dict[str, Any]]:
         """The values as the agent reads them from ``cell.json``."""
         return [
-            {"name": v.name, "sizes": list(v.sizes), "path": str(path), "keep": keep}
-            for v, path, keep in zip(self.request.values, self.paths, self.keep, strict=True)
+            {
+                "name": v.name,
+                "sizes": list(v.sizes),
+                "path": str(path),
+                "offset": offset,
+                "keep": keep,
+            }
+            for v, path, offset, keep in zip(
+                self.request.values, self.paths, self.offsets, self.keep, strict=True
+            )
         ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from didomagic.namespace import analyze_cell
+from didomagic.namespace import analyze_cell, analyze_source
 
 
 def names(cell: str) -> tuple[set[str], set[str], set[str]]:
@@ -86,3 +86,10 @@ def test_ipython_syntax_is_analysed_as_it_will_run(cell, reads, writes):
 
 def test_a_cell_that_does_not_parse_moves_nothing():
     assert names("x = = 1") == (set(), set(), set())
+
+
+def test_a_cell_too_deep_to_analyse_says_what_to_do():
+    from didomagic.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="--no-sync --push"):
+        analyze_source("total = " + " + ".join(f"v{i}" for i in range(5000)))
