@@ -4,6 +4,7 @@
     python3 dev.py quickstart   run notebooks/quickstart.ipynb end to end on the embedded runner
     python3 dev.py test         run the whole test suite
     python3 dev.py pool         start a mediator and three runners here, run notebooks/pool.ipynb
+    python3 dev.py bench [--quick]  didomagic and its baselines side by side (benchmarks/)
 
 Each creates ``.venv`` and installs the project with its test extras the first
 time (again when pyproject.toml changes), then runs inside it.
@@ -126,6 +127,11 @@ def _pool() -> int:
             process.wait(timeout=60)
 
 
+def bench(args: list[str]) -> int:
+    """Run the benchmark suite (``--quick``: under a minute)."""
+    return _in_venv("-m", "benchmarks.bench", *args)
+
+
 def test() -> int:
     """Run the whole suite; a run that collects no test fails."""
     code = _in_venv("-m", "pytest", "-p", "no:cacheprovider", "tests")
@@ -178,6 +184,8 @@ def main(argv: list[str]) -> int:
         return _execute(argv[1])
     if argv[:1] == ["_pool"]:
         return _pool()
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
     if len(argv) != 1 or argv[0] not in tasks:
         print(__doc__, file=sys.stderr)
         return 2
