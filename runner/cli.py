@@ -360,8 +360,11 @@ async def serve(args: argparse.Namespace) -> None:
     )
     if args.name:
         settings.name = args.name
-    work_root = Path(tempfile.mkdtemp(prefix="didomagic-runner-"))
-    server = RunnerServer(settings, work_root)
+    _remove_stale_work_dirs(Path(tempfile.gettempdir()))
+    _remove_stale_work_dirs(MEMORY_BACKED)
+    work_root = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
+    private_root = _memory_backed_dir()
+    server = RunnerServer(settings, work_root, private_root)
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None
     link_task: asyncio.Task[None] | None = None
@@ -397,6 +400,8 @@ async def serve(args: argparse.Namespace) -> None:
             await asyncio.gather(link_task, return_exceptions=True)
         await server.stop()
         shutil.rmtree(work_root, ignore_errors=True)
+        if private_root is not None:
+            shutil.rmtree(private_root, ignore_errors=True)
         if args.url_file:
             args.url_file.unlink(missing_ok=True)
     logger.info("stopped")
@@ -441,6 +446,41 @@ async def mediate(args: argparse.Namespace) -> None:
             if path:
                 path.unlink(missing_ok=True)
     logger.info("stopped")
+
+
+MEMORY_BACKED = Path("/dev/shm")
+"""Linux's memory-backed file system: values reach kernels at memory speed through it."""
+
+
+_WORK_PREFIX = f"didomagic-runner-{os.getpid()}-"
+"""Work directories carry the runner's pid, so a later runner can tell which are stale."""
+
+
+def _remove_stale_work_dirs(parent: Path) -> None:
+    """Remove work directories of this user's runners that died without cleaning up (SIGKILL)."""
+    if not parent.is_dir():
+        return
+    for path in parent.glob("didomagic-runner-*-*"):
+        pid_text = path.name.split("-")[2]
+        try:
+            if not pid_text.isdigit() or path.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)  # still running: not stale
+        except ProcessLookupError:
+            logger.info("removing %s, left behind by a runner that is gone", path)
+            shutil.rmtree(path, ignore_errors=True)
+        except (PermissionError, OSError):
+            continue
+
+
+def _memory_backed_dir() -> Path | None:
+    """A private directory in memory-backed storage, or None where there is none."""
+    if not MEMORY_BACKED.is_dir() or not os.access(MEMORY_BACKED, os.W_OK | os.X_OK):
+        return None
+    try:
+        return Path(tempfile.mkdtemp(prefix=_WORK_PREFIX, dir=MEMORY_BACKED))
+    except OSError:
+        return None
 
 
 def _wait_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

@@ -3,8 +3,12 @@
 Each kernel gets a directory of its own under the runner's work root::
 
     <root>/<kernel id>/            mode 0700
-        private/                   connection file, IPC sockets, exchange files
         scratch/                   the kernel's working directory, empty at start
+    <private root>/<kernel id>/    mode 0700: connection file, IPC sockets, exchange files
+
+The private root is memory-backed where the system has one (``/dev/shm`` on
+Linux), so values move between the runner and its kernel at memory speed;
+otherwise it is ``<root>/<kernel id>/private``.
 
 Kernels talk to the runner over IPC sockets in ``private/`` (TCP on Windows),
 so no port is opened that other local users could reach. Both directories are
@@ -86,11 +90,13 @@ class CellOutcome:
 class Kernel:
     """One ipykernel process with its private and scratch directories."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, env: dict[str, str] | None = None, private_root: Path | None = None
+    ) -> None:
         self.id = secrets.token_hex(6)
         self.env = dict(env or {})
         self.home = root / self.id
-        self.private = self.home / "private"
+        self.private = (private_root / self.id) if private_root else self.home / "private"
         self.scratch = self.home / "scratch"
         self.exchange = self.private / "exchange"
         self._km: AsyncKernelManager | None = None
@@ -101,7 +107,7 @@ class Kernel:
     async def start(self) -> None:
         """Start the kernel process in its scratch directory and load the agent."""
         self.home.mkdir(mode=0o700)
-        self.private.mkdir(mode=0o700)
+        self.private.mkdir(mode=0o700, parents=True)
         self.exchange.mkdir(mode=0o700)
         self.scratch.mkdir(mode=0o700)
         ipc = os.name == "posix"
@@ -242,14 +248,23 @@ class Kernel:
             with contextlib.suppress(Exception):
                 await self._km.shutdown_kernel(now=True)
         shutil.rmtree(self.home, ignore_errors=True)
+        shutil.rmtree(self.private, ignore_errors=True)
         logger.debug("kernel %s shut down", self.id)
 
 
 class KernelPool:
     """Keeps ``size`` kernels started ahead, so a new session does not wait for one."""
 
-    def __init__(self, root: Path, size: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        size: int,
+        env: dict[str, str] | None = None,
+        private_root: Path | None = None,
+    ) -> None:
         self.root = root
+        self.private_root = private_root
+        """Where kernels' IPC sockets and exchange files go (memory-backed when possible)."""
         self.size = size
         self.env = dict(env or {})
         self._warm: list[Kernel] = []
@@ -264,7 +279,7 @@ class KernelPool:
             task.add_done_callback(self._starting.discard)
 
     async def _start_one(self) -> None:
-        kernel = Kernel(self.root, self.env)
+        kernel = Kernel(self.root, self.env, self.private_root)
         try:
             await kernel.start()
         except asyncio.CancelledError:
@@ -284,7 +299,7 @@ class KernelPool:
         if self._warm:
             kernel = self._warm.pop(0)
         else:
-            kernel = Kernel(self.root, self.env)
+            kernel = Kernel(self.root, self.env, self.private_root)
             try:
                 await kernel.start()
             except BaseException:

@@ -136,10 +136,15 @@ def check_token(request: Request, token: str) -> bool:
 class RunnerServer:
     """Serves sessions until :meth:`stop` is called."""
 
-    def __init__(self, settings: RunnerSettings, work_root: Path) -> None:
+    def __init__(
+        self, settings: RunnerSettings, work_root: Path, private_root: Path | None = None
+    ) -> None:
         self.settings = settings
         self.pool = KernelPool(
-            work_root, settings.warm_kernels, env={"DIDOMAGIC_RUNNER_NAME": settings.name}
+            work_root,
+            settings.warm_kernels,
+            env={"DIDOMAGIC_RUNNER_NAME": settings.name},
+            private_root=private_root,
         )
         self.sessions: set[asyncio.Task[Any]] = set()
         self.active = 0
@@ -313,7 +318,9 @@ class SessionHandler:
         self.interrupted = False
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None
-        self.cache = ValueCache(server.pool.root / f"cache-{self.id[:12]}")
+        self.cache = ValueCache(
+            (server.pool.private_root or server.pool.root) / f"cache-{self.id[:12]}"
+        )
 
     @property
     def log_id(self) -> str:

@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
@@ -158,3 +159,17 @@ def test_python_dash_m_runner_shows_help():
         [sys.executable, "-m", "runner", "--help"], capture_output=True, text=True, timeout=TIMEOUT
     )
     assert done.returncode == 0 and "--warm-kernels" in done.stdout and "gen-cert" in done.stdout
+
+
+def test_a_runner_removes_what_a_killed_runner_left_behind(runner_factory):
+    import tempfile
+
+    first = runner_factory()
+    pid = first.process.pid
+    first.process.kill()
+    first.process.wait(timeout=30)
+    roots = [Path(tempfile.gettempdir()), Path("/dev/shm")]
+    left = [p for root in roots if root.is_dir() for p in root.glob(f"didomagic-runner-{pid}-*")]
+    assert left  # SIGKILL gives it no chance to clean up
+    runner_factory()
+    assert not [p for p in left if p.exists()]
