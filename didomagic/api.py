@@ -206,7 +206,7 @@ class RemoteSession:
                 request,
                 parts,
                 lambda output: events.put(("output", output)),
-                lambda direction, done, total: events.put(("transfer", direction, done, total)),
+                _throttled(events),
             )
             for v in request.values:  # the runner session now holds these bytes
                 if v.digest:
@@ -285,6 +285,18 @@ class RemoteSession:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.closed:
             await connection.close()
+
+
+def _throttled(events: EventSink) -> Callable[[str, int, int], None]:
+    """Transfer progress as events, at most one per mebibyte moved (and the last one)."""
+    last = {"sending": -1, "receiving": -1}
+
+    def report(direction: str, done: int, total: int) -> None:
+        if done >= total or done - last[direction] >= 1 << 20 or last[direction] < 0:
+            last[direction] = done
+            events.put(("transfer", direction, done, total))
+
+    return report
 
 
 def dispatch(event: Event, on_output: Callable[[Output], None], progress: Progress) -> None:

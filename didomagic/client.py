@@ -159,11 +159,10 @@ class RunnerConnection:
             while result is None or self.session.state is not State.IDLE:
                 frame = await self.ws.recv()
                 if isinstance(frame, bytes):
-                    chunk = self.session.receive_binary(frame)
-                    buffers[chunk.value][chunk.part][
-                        chunk.offset : chunk.offset + len(chunk.data)
-                    ] = chunk.data
-                    received += len(chunk.data)
+                    for chunk in self.session.receive_binary(frame):
+                        end = chunk.offset + chunk.data.nbytes
+                        buffers[chunk.value][chunk.part][chunk.offset : end] = chunk.data
+                    received += len(frame)
                     on_transfer("receiving", received, expected)
                     continue
                 message = self.session.receive(frame)

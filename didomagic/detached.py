@@ -134,9 +134,9 @@ async def pull_async(url: ConnectionURL, job_id: str) -> tuple[JobData, list[lis
         while data is None or session.state is not State.IDLE:
             frame = await connection.ws.recv()
             if isinstance(frame, bytes):
-                chunk = session.receive_binary(frame)
-                end = chunk.offset + len(chunk.data)
-                buffers[chunk.value][chunk.part][chunk.offset : end] = chunk.data
+                for chunk in session.receive_binary(frame):
+                    end = chunk.offset + chunk.data.nbytes
+                    buffers[chunk.value][chunk.part][chunk.offset : end] = chunk.data
                 continue
             message = session.receive(frame)
             if isinstance(message, Error):

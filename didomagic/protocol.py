@@ -23,10 +23,12 @@ One session, from the client's point of view::
 A value is pickled with protocol 5: one pickle stream plus zero or more
 out-of-band buffers (array memory). Its *parts* are that stream and those
 buffers; a :class:`ValueHeader` declares each part's size, and the binary
-frames that follow carry the parts in order, each part split into frames of at
-most :data:`CHUNK_SIZE` bytes. A frame never spans two parts, and empty parts
-have no frame, so a receiver always knows where each byte goes before it
-arrives and can write it straight into its destination.
+frames that follow carry the bytes of all parts in order. A large part travels
+as zero-copy slices of at most :data:`CHUNK_SIZE` bytes; consecutive small
+parts (under :data:`SMALL_PART`) share frames, so a thousand small values cost
+a few frames, not a thousand. Since every size is declared first, a receiver
+always knows where each byte goes and can write it straight into its
+destination.
 
 :class:`Session` enforces the order above with a transition table. A message
 that is not legal in the current state raises :class:`ProtocolError`, so each
@@ -50,6 +52,9 @@ PROTOCOL_VERSION = 2
 
 CHUNK_SIZE = 1 << 20
 """Largest binary frame a sender produces (1 MiB)."""
+
+SMALL_PART = 64 << 10
+"""Parts smaller than this are packed together into shared frames."""
 
 MAX_TEXT_SIZE = 16 << 20
 """Largest control message accepted (16 MiB: a cell's source fits with room)."""
@@ -791,34 +796,46 @@ class Session:
             self.state = State.IDLE
 
     def _take(self, nbytes: int) -> tuple[int, int, int]:
+        """Consume up to ``nbytes`` of the current part; return (value, part, offset)."""
         value, part, size = self._pending[0]
         offset = self._offset
-        if nbytes > size - offset:
-            raise ProtocolError(
-                f"binary frame of {nbytes} bytes overruns value {value} part {part} "
-                f"({size - offset} bytes left in it)"
-            )
         self._offset += nbytes
         if self._offset == size:
             self._pending.pop(0)
             self._offset = 0
         return value, part, offset
 
-    def receive_binary(self, data: bytes | bytearray | memoryview) -> Chunk:
-        """Place one received binary frame; raise if none was expected or it overruns."""
+    def receive_binary(self, data: bytes | bytearray | memoryview) -> list[Chunk]:
+        """Place one received binary frame: where each of its bytes goes, part by part.
+
+        Raise if no bytes were expected or the frame holds more than was declared.
+        """
         if not self._receiving_blobs() or not self._pending:
             raise ProtocolError(f"unexpected binary frame in state {self.state.value!r}")
-        if len(data) == 0:
+        view = memoryview(data)
+        if view.nbytes == 0:
             raise ProtocolError("empty binary frame")
-        value, part, offset = self._take(len(data))
+        if view.nbytes > self._bytes_left():
+            raise ProtocolError(
+                f"binary frame of {view.nbytes} bytes overruns the declared values "
+                f"({self._bytes_left()} bytes left)"
+            )
+        chunks, position = [], 0
+        while position < view.nbytes:
+            _, _, size = self._pending[0]
+            take = min(size - self._offset, view.nbytes - position)
+            value, part, offset = self._take(take)
+            chunks.append(Chunk(value, part, offset, view[position : position + take]))
+            position += take
         self._settle()
-        return Chunk(value, part, offset, memoryview(data))
+        return chunks
 
     def frames(self, parts: Sequence[Sequence[memoryview]]) -> Iterator[memoryview]:
         """Yield the binary frames for the values just declared by :meth:`send`.
 
-        ``parts[v][p]`` is the memory of part ``p`` of value ``v``; frames are
-        zero-copy slices of it, at most :data:`CHUNK_SIZE` bytes each.
+        ``parts[v][p]`` is the memory of part ``p`` of value ``v``. A large part
+        goes as zero-copy slices of at most :data:`CHUNK_SIZE` bytes; runs of
+        small parts are joined into frames of at most that size.
         """
         sending = (self.state is State.UPLOAD and self.role is Role.CLIENT) or (
             self.state is State.DOWNLOAD and self.role is Role.RUNNER
@@ -827,16 +844,34 @@ class Session:
             raise ProtocolError(f"no values to send in state {self.state.value!r}")
         while self._pending:
             value, part, size = self._pending[0]
-            buf = parts[value][part]
-            if buf.nbytes != size:
-                raise ProtocolError(
-                    f"value {value} part {part} has {buf.nbytes} bytes, declared {size}"
-                )
-            end = min(self._offset + CHUNK_SIZE, size)
-            chunk = buf[self._offset : end]
-            self._take(end - self._offset)
-            yield chunk
+            buf = self._declared(parts, value, part, size)
+            if size >= SMALL_PART or self._offset:
+                end = min(self._offset + CHUNK_SIZE, size)
+                chunk = buf[self._offset : end]
+                self._take(end - self._offset)
+                yield chunk
+                continue
+            batch, total = [], 0
+            while self._pending:
+                value, part, size = self._pending[0]
+                if size >= SMALL_PART or total + size > CHUNK_SIZE:
+                    break
+                batch.append(self._declared(parts, value, part, size))
+                total += size
+                self._take(size)
+            yield batch[0] if len(batch) == 1 else memoryview(b"".join(batch))
         self._settle()
+
+    @staticmethod
+    def _declared(
+        parts: Sequence[Sequence[memoryview]], value: int, part: int, size: int
+    ) -> memoryview:
+        buf = parts[value][part]
+        if buf.nbytes != size:
+            raise ProtocolError(
+                f"value {value} part {part} has {buf.nbytes} bytes, declared {size}"
+            )
+        return buf
 
 
 # --------------------------------------------------------------------------- link

@@ -16,6 +16,7 @@ import os
 import pickle
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,12 @@ class Packed:
     name: str
     parts: tuple[memoryview, ...]
 
-    @property
+    @cached_property
     def header(self) -> ValueHeader:
         """The header that declares this value on the wire."""
         return ValueHeader(self.name, tuple(p.nbytes for p in self.parts))
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Total size of the parts."""
         return sum(p.nbytes for p in self.parts)

@@ -294,9 +294,9 @@ class JobService:
         upload: _Upload | None = None
         async for frame in ws:
             if isinstance(frame, bytes):
-                chunk = session.receive_binary(frame)
                 assert upload is not None
-                upload.write(chunk.value, chunk.data)
+                for chunk in session.receive_binary(frame):
+                    upload.write(chunk.value, chunk.data)
                 if session.state is State.WAIT:
                     await self._submitted(ws, session, upload)
                     upload = None

@@ -459,9 +459,9 @@ class SessionHandler:
     async def _serve_cells(self) -> None:
         async for frame in self.ws:
             if isinstance(frame, bytes):
-                chunk = self.protocol.receive_binary(frame)
                 assert self.upload is not None
-                self.upload.write(chunk.value, chunk.data)
+                for chunk in self.protocol.receive_binary(frame):
+                    self.upload.write(chunk.value, chunk.data)
                 if self.protocol.state is State.RUNNING:
                     self._start_cell()
                 continue

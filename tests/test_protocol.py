@@ -10,6 +10,7 @@ from didomagic.errors import ProtocolError, VersionMismatch
 from didomagic.protocol import (
     CHUNK_SIZE,
     PROTOCOL_VERSION,
+    SMALL_PART,
     Error,
     ErrorCode,
     Execute,
@@ -112,8 +113,8 @@ def test_a_whole_cell_moves_values_both_ways_in_chunks():
     assert max(len(f) for f in frames) <= CHUNK_SIZE
     assert len(frames) == 1 + 3  # the empty part has no frame
     for frame in frames:
-        chunk = runner.receive_binary(bytes(frame))
-        received[chunk.part][chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+        for chunk in runner.receive_binary(bytes(frame)):
+            received[chunk.part][chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
     assert received == {0: bytearray(b"pickle"), 2: bytearray(big)}
     assert client.state is State.RUNNING and runner.state is State.RUNNING
 
@@ -121,7 +122,7 @@ def test_a_whole_cell_moves_values_both_ways_in_chunks():
     client.receive(runner.send(Result("c", Status.OK, (ValueHeader("y", (3,)),))))
     assert client.state is State.DOWNLOAD
     for frame in runner.frames([[memoryview(b"abc")]]):
-        assert client.receive_binary(frame).data.tobytes() == b"abc"
+        assert client.receive_binary(frame)[0].data.tobytes() == b"abc"
     assert client.state is State.IDLE and runner.state is State.IDLE
 
 
@@ -192,3 +193,21 @@ def test_an_error_closes_the_session_from_any_state():
 def test_encoded_messages_are_plain_json_objects():
     body = json.loads(encode(EVERY_MESSAGE[6]))
     assert body["type"] == "result" and body["status"] == "ok"
+
+
+def test_small_parts_share_frames_and_land_in_place():
+    client, runner = _open_pair()
+    small = [[memoryview(f"value {i}".encode())] for i in range(1000)]
+    big = memoryview(bytes(SMALL_PART + 5))
+    values = [*small[:500], [big], *small[500:]]
+    headers = tuple(ValueHeader(f"v{i}", (v[0].nbytes,)) for i, v in enumerate(values))
+    runner.receive(client.send(Execute("c", "pass", headers)))
+    frames = list(client.frames(values))
+    assert len(frames) == 3  # 500 small ones, the big one alone, 500 small ones
+    assert frames[1].obj is big.obj  # a large part is never copied
+    received = [bytearray(h.sizes[0]) for h in headers]
+    for frame in frames:
+        for chunk in runner.receive_binary(bytes(frame)):
+            received[chunk.value][chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+    assert [bytes(r) for r in received] == [v[0].tobytes() for v in values]
+    assert runner.state is State.RUNNING
