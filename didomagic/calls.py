@@ -47,12 +47,22 @@ BUSY_WAIT = 30.0
 """Seconds a map's session waits for a busy runner while other sessions do the items."""
 
 _CALL = "__didomagic_call__"
-_OUT = "__didomagic_out__"
+RESULT_NAME = "__didomagic_out__"
+"""The remote name a call's outcome is kept under until it travels back."""
+_OUT = RESULT_NAME
 _FN = "__didomagic_fn__"
 
-_CALL_CODE = f"""\
+
+def _call_code(with_function: bool) -> str:
+    """The cell that makes one call remotely and keeps its outcome in ``__didomagic_out__``.
+
+    With ``with_function`` the sent tuple carries the function too (and it stays
+    bound in the session, so later calls of a map send only their arguments).
+    """
+    function = f"{_FN}, " if with_function else ""
+    return f"""\
 globals().pop({_OUT!r}, None)
-{_FN}, __didomagic_args__, __didomagic_kwargs__ = {_CALL}
+{function}__didomagic_args__, __didomagic_kwargs__ = {_CALL}
 del {_CALL}
 try:
     {_OUT} = (True, {_FN}(*__didomagic_args__, **__didomagic_kwargs__))
@@ -64,6 +74,10 @@ except Exception as __didomagic_error__:
 finally:
     del __didomagic_args__, __didomagic_kwargs__
 """
+
+
+_CALL_CODE = _call_code(with_function=True)
+_MAP_CODE = _call_code(with_function=False)
 
 
 def _request(values: Sequence[serialize.Packed], timeout: float | None) -> Execute:
@@ -249,22 +263,6 @@ class _MapState:
     stop: bool = False
 
 
-_MAP_CODE = f"""\
-globals().pop({_OUT!r}, None)
-__didomagic_args__, __didomagic_kwargs__ = {_CALL}
-del {_CALL}
-try:
-    {_OUT} = (True, {_FN}(*__didomagic_args__, **__didomagic_kwargs__))
-except Exception as __didomagic_error__:
-    import traceback as __didomagic_tb__
-    {_OUT} = (False, __didomagic_error__, __didomagic_tb__.format_exc())
-    del __didomagic_tb__
-    raise  # the cell fails too, so a detached job ends "failed"
-finally:
-    del __didomagic_args__, __didomagic_kwargs__
-"""
-
-
 def _worker_targets(
     pool: SessionPool, tags: tuple[str, ...], os: str, runner: str | None, count: int
 ) -> list[tuple[Any, Requirements]]:
@@ -399,6 +397,9 @@ async def _scatter(
                     fetch=(_OUT,),
                     timeout=timeout,
                 )
+                if state.stop:  # another item failed while this one was being packed
+                    state.cancelled.add(index)
+                    break
                 try:
                     result, buffers = await session.execute_async(
                         request, [p.parts for p in packed], sink

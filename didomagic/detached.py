@@ -199,10 +199,10 @@ class Job:
         here), or, for a cell, the dict of names it bound. Raises if the cell failed."""
         pulled = self.fetch()
         runner = str(pulled.record.get("runner") or "")
-        if _OUT in pulled.values:
-            from didomagic.calls import unwrap
+        from didomagic.calls import RESULT_NAME, unwrap
 
-            return unwrap(pulled.values[_OUT], runner)
+        if RESULT_NAME in pulled.values:
+            return unwrap(pulled.values[RESULT_NAME], runner)
         raise_for_status(pulled.result, runner)
         return pulled.values
 
@@ -224,9 +224,6 @@ class Job:
     def delete(self) -> None:
         """Forget the job and its stored results."""
         background_loop().run(delete_async(self.holder, self.id))
-
-
-_OUT = "__didomagic_out__"
 
 
 def _holders(pool: SessionPool) -> list[tuple[str, ConnectionURL]]:

@@ -109,17 +109,6 @@ def unpack_into(
 # --------------------------------------------------------------------------- files
 
 
-def write_file(path: Path, parts: Sequence[memoryview]) -> None:
-    """Write a value's parts end to end into ``path`` (mode 0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb", buffering=0) as f:
-        for part in parts:
-            view = part
-            while view.nbytes:
-                written = f.write(view)
-                view = view[written:]
-
-
 def write_values(path: Path, values: Sequence[Sequence[memoryview]]) -> list[int]:
     """Write several values' parts end to end into one file; return each value's offset.
 

@@ -468,7 +468,10 @@ def _remove_stale_work_dirs(parent: Path) -> None:
             os.kill(int(pid_text), 0)  # still running: not stale
         except ProcessLookupError:
             logger.info("removing %s, left behind by a runner that is gone", path)
-            shutil.rmtree(path, ignore_errors=True)
+            for _ in range(3):  # its orphaned kernels may still be writing as they exit
+                shutil.rmtree(path, ignore_errors=True)
+                if not path.exists():
+                    break
         except (PermissionError, OSError):
             continue
 

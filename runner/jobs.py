@@ -203,7 +203,9 @@ class JobService:
             with contextlib.suppress(Exception):
                 await connection.close()
         for i, parts_of_value in enumerate(buffers):
-            serialize.write_file(_out_file(directory, i), [memoryview(p) for p in parts_of_value])
+            serialize.write_values(
+                _out_file(directory, i), [[memoryview(p) for p in parts_of_value]]
+            )
         self.store.save_result(
             job.id,
             outputs,

@@ -70,7 +70,7 @@ from didomagic.protocol import (
 from runner import agent, resources
 from runner.certs import server_context
 from runner.jobs import JOBS_PATH, JobService
-from runner.kernels import Kernel, KernelPool
+from runner.kernels import CellOutcome, Kernel, KernelPool
 from runner.wire import peer_of, refuse
 
 logger = logging.getLogger("didomagic.runner")
@@ -482,6 +482,10 @@ class SessionHandler:
         self.cell_task = asyncio.create_task(self._run_cell(upload.request, upload.described()))
 
     async def _interrupt(self) -> None:
+        if self.upload is not None:  # the cell has not started: it will not
+            self.interrupted = True
+            logger.info("session %s: cell cancelled before it started", self.log_id)
+            return
         if self.cell_task is not None and not self.cell_task.done() and self.kernel:
             self.interrupted = True
             logger.info("session %s: interrupting the cell at the client's request", self.log_id)
@@ -518,7 +522,14 @@ class SessionHandler:
         def forward(msg_type: str, content: dict[str, Any]) -> None:
             self.outbox.put_nowait(self.protocol.send(Output(request.cell, msg_type, content)))
 
-        outcome = await kernel.execute(request.code, forward, request.timeout)
+        if self.interrupted:  # interrupted while its values were still arriving
+            outcome = CellOutcome(
+                Status.ERROR,
+                {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"},
+            )
+            (exchange / agent.CELL_FILE).unlink(missing_ok=True)
+        else:
+            outcome = await kernel.execute(request.code, forward, request.timeout)
         await self.outbox.join()  # every output leaves before the result
         status = outcome.status
         if (

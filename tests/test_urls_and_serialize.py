@@ -43,9 +43,24 @@ def test_arrays_travel_out_of_band_and_come_back_equal(tmp_path):
     assert len(packed.parts) == 2 and packed.parts[1].nbytes == array.nbytes
     assert packed.parts[0].nbytes < 1000  # the array is not inside the pickle stream
     path = tmp_path / "a.bin"
-    serialize.write_file(path, packed.parts)
+    assert serialize.write_values(path, [packed.parts]) == [0]
     back = serialize.unpack(serialize.read_file(path, packed.header.sizes))
     assert np.array_equal(back, array) and back.flags.writeable
+
+
+def test_many_values_share_one_file_and_come_back_by_offset(tmp_path):
+    values = {f"v{i}": list(range(i)) for i in range(50)}
+    packed, _ = serialize.pack_names(values, list(values))
+    path = tmp_path / "many.bin"
+    offsets = serialize.write_values(path, [p.parts for p in packed])
+    view = serialize.map_file(path)
+    back = {
+        p.name: serialize.unpack(serialize.slice_parts(view, offset, p.header.sizes))
+        for p, offset in zip(packed, offsets, strict=True)
+    }
+    assert back == values
+    with pytest.raises(ValueError, match="expected at least"):
+        serialize.slice_parts(view, offsets[-1], [10**6])
 
 
 def test_one_bad_name_does_not_stop_the_others():
