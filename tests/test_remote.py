@@ -315,3 +315,36 @@ def test_a_bad_option_is_a_usage_error(shell, ns):
     with capture_output():
         result = shell.run_cell("%%remote --runner not-a-url\nx = 1")
     assert "No runner called 'not-a-url'" in str(result.error_in_exec)
+
+
+def test_an_interrupt_while_values_arrive_cancels_the_cell_before_it_starts(module_runner):
+    from didomagic.client import open_connection
+    from didomagic.loop import background_loop
+    from didomagic.protocol import Execute, Interrupt, Result, State, Status
+    from didomagic.serialize import pack_names, unpack
+
+    packed, _ = pack_names({"a": np.ones(2_000_000)}, ["a"])
+    request = Execute("c1", "ran = True", (packed[0].header,), ("ran",))
+
+    async def cancelled_then_fine() -> tuple[Result, object]:
+        connection = await open_connection(ConnectionURL.parse(module_runner.url))
+        session = connection.session
+        await connection.ws.send(session.send(request))
+        await connection.ws.send(session.send(Interrupt("c1")))  # before any value byte
+        for frame in session.frames([packed[0].parts]):
+            await connection.ws.send(frame)
+        first = None
+        while first is None or session.state is not State.IDLE:
+            message = session.receive(await connection.ws.recv())
+            if isinstance(message, Result):
+                first = message
+        second, buffers = await connection.execute(
+            Execute("c2", "ok = 'ran' not in globals()", fetch=("ok",)), [], lambda o: None
+        )
+        await connection.close()
+        assert second.status is Status.OK
+        return first, unpack(buffers[0])
+
+    first, never_ran = background_loop().run(cancelled_then_fine())
+    assert first.status is Status.INTERRUPTED and not first.values
+    assert never_ran is True  # the cancelled cell's code did not run; the session goes on
