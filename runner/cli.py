@@ -153,6 +153,20 @@ def serve_parser() -> argparse.ArgumentParser:
         "(default 0: refuse at once)",
     )
     p.add_argument(
+        "--max-output",
+        type=_positive,
+        default=64 << 20,
+        help="bytes of output one cell may stream back; beyond it output is cut with a "
+        "visible note and the cell goes on (default 64 MiB)",
+    )
+    p.add_argument(
+        "--cell-timeout",
+        type=_seconds,
+        default=None,
+        help="interrupt any cell running longer than this many seconds (default: none; "
+        "a client's --timeout may only be shorter)",
+    )
+    p.add_argument(
         "--mediator",
         type=_url,
         default=None,
@@ -356,6 +370,8 @@ async def serve(args: argparse.Namespace) -> None:
         keyfile=keyfile,
         max_sessions=args.max_sessions,
         max_queue=args.max_queue,
+        max_output=args.max_output,
+        cell_timeout=args.cell_timeout,
         warm_kernels=args.warm_kernels,
     )
     if args.name:

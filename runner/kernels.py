@@ -169,7 +169,11 @@ class Kernel:
             await asyncio.sleep(DEATH_POLL)
 
     async def execute(
-        self, code: str, on_output: OutputCallback, timeout: float | None = None
+        self,
+        code: str,
+        on_output: OutputCallback,
+        timeout: float | None = None,
+        limit_name: str = "its timeout",
     ) -> CellOutcome:
         """Run a cell, streaming its outputs; enforce ``timeout`` by interrupting it."""
         run = asyncio.ensure_future(self._run(code, on_output=on_output))
@@ -193,7 +197,7 @@ class Kernel:
                     return CellOutcome(
                         Status.TIMEOUT,
                         {
-                            "message": f"the cell ran longer than its timeout of {timeout:g} s "
+                            "message": f"the cell ran longer than {limit_name} of {timeout:g} s "
                             "and was interrupted; the session's state is kept"
                         },
                     )
@@ -211,8 +215,8 @@ class Kernel:
                 return CellOutcome(
                     Status.KERNEL_DIED,
                     {
-                        "message": f"the cell ran longer than its timeout of {timeout:g} s and did "
-                        f"not stop within {INTERRUPT_GRACE:g} s of an interrupt, so its "
+                        "message": f"the cell ran longer than {limit_name} of {timeout:g} s "
+                        f"and did not stop within {INTERRUPT_GRACE:g} s of an interrupt, so its "
                         "kernel was stopped; the session's state is lost"
                     },
                 )

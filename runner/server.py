@@ -98,6 +98,10 @@ class RunnerSettings:
     keyfile: Path = Path()
     max_sessions: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_queue: int = 0
+    max_output: int = 64 << 20
+    """Bytes of output one cell may stream to the client; beyond it output is cut."""
+    cell_timeout: float | None = None
+    """The longest any cell may run (a client's --timeout can only be shorter)."""
     warm_kernels: int = 1
 
 
@@ -519,8 +523,29 @@ class SessionHandler:
         )
         started = time.perf_counter()
 
+        limit = self.server.settings.max_output
+        sent = 0
+
         def forward(msg_type: str, content: dict[str, Any]) -> None:
-            self.outbox.put_nowait(self.protocol.send(Output(request.cell, msg_type, content)))
+            nonlocal sent
+            if sent > limit:
+                return  # cut: the cell goes on, its further output is dropped
+            text = self.protocol.send(Output(request.cell, msg_type, content))
+            sent += len(text)
+            if sent > limit:
+                logger.info("session %s: output cut at --max-output", self.log_id)
+                text = self.protocol.send(
+                    Output(
+                        request.cell,
+                        "stream",
+                        {
+                            "name": "stderr",
+                            "text": f"\n[didomagic: output beyond {limit / 1e6:g} MB "
+                            "(--max-output) was cut here; the cell kept running]\n",
+                        },
+                    )
+                )
+            self.outbox.put_nowait(text)
 
         if self.interrupted:  # interrupted while its values were still arriving
             outcome = CellOutcome(
@@ -529,7 +554,11 @@ class SessionHandler:
             )
             (exchange / agent.CELL_FILE).unlink(missing_ok=True)
         else:
-            outcome = await kernel.execute(request.code, forward, request.timeout)
+            timeout, limit_name = request.timeout, "its timeout"
+            cap = self.server.settings.cell_timeout
+            if cap is not None and (timeout is None or cap < timeout):
+                timeout, limit_name = cap, "the runner's --cell-timeout"
+            outcome = await kernel.execute(request.code, forward, timeout, limit_name)
         await self.outbox.join()  # every output leaves before the result
         status = outcome.status
         if (
