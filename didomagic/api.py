@@ -46,6 +46,9 @@ from didomagic.progress import NoProgress, Progress, make_progress
 from didomagic.protocol import Execute, Output, Result, Status, ValueHeader
 from didomagic.urls import ConnectionURL
 
+IDLE_ENDED = "idle-timeout"
+"""The close reason a runner gives when it ends an idle session."""
+
 RUNNER_ENV = "DIDOMAGIC_RUNNER"
 """Environment variable naming the default runner's connection URL."""
 
@@ -175,6 +178,15 @@ class RemoteSession:
     async def connect_async(self, events: EventSink) -> RunnerConnection:
         """Open the session now if it is not open (on the I/O loop)."""
         if self._connection is None or self._connection.closed:
+            if self._connection is not None and self._connection.ws.close_reason == IDLE_ENDED:
+                events.put(
+                    (
+                        "notice",
+                        f"runner {self.runner_name} ended this notebook's idle session "
+                        "(--idle-timeout); this cell starts a new one, so earlier remote "
+                        "state is gone.",
+                    )
+                )
             events.put(("connecting", self.url.address))
             self._connection = await open_connection(
                 self.url, self.requirements, on_queued=lambda k: events.put(("queued", k))
@@ -307,6 +319,8 @@ def dispatch(event: Event, on_output: Callable[[Output], None], progress: Progre
         on_output(event[1])
     elif kind == "connecting":
         progress.connecting(event[1])
+    elif kind == "notice":
+        print(f"didomagic: {event[1]}", file=sys.stderr)
     elif kind == "queued":
         progress.queued(event[1])
     elif kind == "runner":

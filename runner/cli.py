@@ -167,6 +167,13 @@ def serve_parser() -> argparse.ArgumentParser:
         "a client's --timeout may only be shorter)",
     )
     p.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=None,
+        help="end a session that runs no cell for this many seconds and free its kernel "
+        "(default: none); its next cell starts a new session",
+    )
+    p.add_argument(
         "--mediator",
         type=_url,
         default=None,
@@ -372,6 +379,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_output=args.max_output,
         cell_timeout=args.cell_timeout,
+        idle_timeout=args.idle_timeout,
         warm_kernels=args.warm_kernels,
     )
     if args.name:

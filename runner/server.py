@@ -75,6 +75,9 @@ from runner.wire import peer_of, refuse
 
 logger = logging.getLogger("didomagic.runner")
 
+IDLE_CLOSE_REASON = "idle-timeout"
+"""The close reason of a session ended by --idle-timeout (the client tells the user)."""
+
 HELLO_TIMEOUT = 10.0
 """Seconds a client has to send its hello after the websocket opens."""
 
@@ -102,6 +105,8 @@ class RunnerSettings:
     """Bytes of output one cell may stream to the client; beyond it output is cut."""
     cell_timeout: float | None = None
     """The longest any cell may run (a client's --timeout can only be shorter)."""
+    idle_timeout: float | None = None
+    """A session with no cell for this long is ended and its kernel freed."""
     warm_kernels: int = 1
 
 
@@ -322,6 +327,8 @@ class SessionHandler:
         self.interrupted = False
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None
+        self.last_activity = time.monotonic()
+        """When the session last received a frame or was busy with a cell."""
         self.cache = ValueCache(
             (server.pool.private_root or server.pool.root) / f"cache-{self.id[:12]}"
         )
@@ -460,8 +467,43 @@ class SessionHandler:
             return True
         return False
 
+    def _idle(self) -> bool:
+        return self.protocol.state is State.IDLE and (
+            self.cell_task is None or self.cell_task.done()
+        )
+
+    async def _next_frame(self) -> str | bytes | None:
+        """The next frame; None once the session has stayed idle past --idle-timeout."""
+        limit = self.server.settings.idle_timeout
+        if limit is None:
+            return await self.ws.recv()
+        receiving = asyncio.ensure_future(self.ws.recv())
+        while True:
+            # Look again at least every second: a running cell may end meanwhile.
+            wait = min(1.0, max(0.0, limit - (time.monotonic() - self.last_activity)))
+            done, _ = await asyncio.wait({receiving}, timeout=wait)
+            if done:
+                self.last_activity = time.monotonic()
+                return receiving.result()
+            if not self._idle():
+                self.last_activity = time.monotonic()
+            elif time.monotonic() - self.last_activity >= limit:
+                receiving.cancel()
+                with contextlib.suppress(BaseException):
+                    await receiving
+                return None
+
     async def _serve_cells(self) -> None:
-        async for frame in self.ws:
+        while True:
+            frame = await self._next_frame()
+            if frame is None:
+                logger.info(
+                    "session %s: idle for %g s (--idle-timeout); ending it",
+                    self.log_id,
+                    self.server.settings.idle_timeout,
+                )
+                await self.ws.close(1000, IDLE_CLOSE_REASON)
+                return
             if isinstance(frame, bytes):
                 assert self.upload is not None
                 for chunk in self.protocol.receive_binary(frame):

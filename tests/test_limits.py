@@ -37,3 +37,18 @@ def test_the_runner_cell_timeout_caps_every_cell(shell, ns, runner_factory):
     assert "its timeout of 0.5 s" in str(result.error_in_exec)  # a shorter one still applies
     assert shell.run_cell(f"%%remote --runner {runner.url}\nalive = True").success
     assert ns["alive"] is True
+
+
+def test_an_idle_session_is_ended_and_the_next_cell_says_so(shell, ns, runner_factory):
+    from .conftest import wait_until
+
+    runner = runner_factory("--idle-timeout", "1")
+    assert shell.run_cell(f"%%remote --runner {runner.url}\nremote_state = 41").success
+    wait_until(lambda: "(--idle-timeout); ending it" in runner.log, "the idle session to end")
+    wait_until(lambda: "closed" in runner.log.split("ending it")[-1], "its kernel to be freed")
+    with capture_output() as cap:
+        result = shell.run_cell(
+            f"%%remote --runner {runner.url}\nfresh = 'remote_state' not in globals()"
+        )
+    assert result.success and ns["fresh"] is True
+    assert "ended this notebook's idle session (--idle-timeout)" in cap.stderr
