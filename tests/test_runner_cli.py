@@ -164,7 +164,7 @@ def test_python_dash_m_runner_shows_help():
 def test_a_runner_removes_what_a_killed_runner_left_behind(runner_factory):
     import tempfile
 
-    first = runner_factory()
+    first = runner_factory("--warm-kernels", "0")  # no orphaned kernel left writing there
     pid = first.process.pid
     first.process.kill()
     first.process.wait(timeout=30)
