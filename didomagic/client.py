@@ -224,6 +224,12 @@ async def dial(
             logger=logging.getLogger("didomagic.client.websockets"),
         )
     except InvalidStatus as exc:
+        if exc.response.status_code == 503:
+            body = exc.response.body.decode(errors="replace").strip() if exc.response.body else ""
+            raise RunnerBusy(
+                f"The server at {url.address} refused a new connection: "
+                f"{body or 'too many connections'}"
+            ) from None
         if exc.response.status_code == 401:
             raise AuthenticationFailed(
                 f"The server at {url.address} refused the token (missing or wrong). Copy the "

@@ -167,6 +167,13 @@ def serve_parser() -> argparse.ArgumentParser:
         "a client's --timeout may only be shorter)",
     )
     p.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=64,
+        help="open connections (sessions, queued ones, queries) beyond which new ones are "
+        "refused at once with 503 (default 64)",
+    )
+    p.add_argument(
         "--idle-timeout",
         type=_seconds,
         default=None,
@@ -380,6 +387,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_output=args.max_output,
         cell_timeout=args.cell_timeout,
         idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
         warm_kernels=args.warm_kernels,
     )
     if args.name:

@@ -107,6 +107,8 @@ class RunnerSettings:
     """The longest any cell may run (a client's --timeout can only be shorter)."""
     idle_timeout: float | None = None
     """A session with no cell for this long is ended and its kernel freed."""
+    max_connections: int = 64
+    """Open websocket connections (any stage) beyond which new ones get a 503 at once."""
     warm_kernels: int = 1
 
 
@@ -280,6 +282,20 @@ class RunnerServer:
         await self.pool.close()
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        limit = self.settings.max_connections
+        # Server.connections counts those past the handshake, not this one.
+        if self._server is not None and len(self._server.connections) >= limit:
+            logger.warning(
+                "refused a connection from %s: %d open (--max-connections %d)",
+                peer_of(connection),
+                len(self._server.connections),
+                limit,
+            )
+            return connection.respond(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"didomagic runner: too many connections (--max-connections {limit}); "
+                "try again shortly.\n",
+            )
         if check_token(request, self.settings.token):
             return None
         logger.warning("refused a connection from %s: missing or wrong token", peer_of(connection))

@@ -52,3 +52,29 @@ def test_an_idle_session_is_ended_and_the_next_cell_says_so(shell, ns, runner_fa
         )
     assert result.success and ns["fresh"] is True
     assert "ended this notebook's idle session (--idle-timeout)" in cap.stderr
+
+
+def test_connections_beyond_the_limit_are_refused_at_once(runner_factory):
+    import pytest
+
+    from didomagic.client import dial
+    from didomagic.errors import RunnerBusy
+    from didomagic.loop import background_loop
+    from didomagic.urls import ConnectionURL
+
+    runner = runner_factory("--max-connections", "2")
+    url = ConnectionURL.parse(runner.url)
+    held = [background_loop().run(dial(url)) for _ in range(2)]  # open, saying nothing
+    with pytest.raises(RunnerBusy, match=r"too many connections \(--max-connections 2\)"):
+        background_loop().run(dial(url))
+    for ws in held:
+        background_loop().run(ws.close())
+    # Room again once they are gone: a real session runs a cell.
+    from didomagic.api import RemoteSession
+    from didomagic.protocol import Execute, Status
+
+    session = RemoteSession(url)
+    result, _ = session.execute(Execute("c", "y = 2", fetch=("y",)), [], lambda o: None)
+    session.close()
+    assert result.status is Status.OK and [v.name for v in result.values] == ["y"]
+    assert "(--max-connections 2)" in runner.log
