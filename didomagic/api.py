@@ -22,7 +22,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
-from os import environ as os_environ
 from typing import Any, Protocol
 
 from didomagic import display, matching, serialize
@@ -427,9 +426,9 @@ class SessionPool:
     def entries(self) -> list[Entry]:
         """The configured runners and mediators, plus ``$DIDOMAGIC_RUNNER`` if set."""
         entries = list(self.config.entries)
-        env = os.environ.get(RUNNER_ENV)
-        if env and all(str(e.url) != env for e in entries):
-            entries.append(Entry(RUNNER_ENV, _parse_url(env)))
+        env = _env_url()
+        if env is not None and all(str(e.url) != str(env) for e in entries):
+            entries.append(Entry(RUNNER_ENV, env))
         return entries
 
     def use(self, runner: str | None) -> None:
@@ -474,9 +473,9 @@ class SessionPool:
             return next((v.url for v in up if v.mediator), up[0].url)
         if self.default:
             return self._target(self.default)[0]
-        env = os_environ.get(RUNNER_ENV)
-        if env:
-            return _parse_url(env)
+        env = _env_url()
+        if env is not None:
+            return env
         views = [v for v in self.survey() if v.status == "up"]
         if views:  # a configured mediator first (it has the most runners), else a runner
             return next((v.url for v in views if v.mediator), views[0].url)
@@ -529,9 +528,9 @@ class SessionPool:
         return self._get(view.url, ANY_RUNNER)
 
     def _fallback(self) -> ConnectionURL:
-        env = os.environ.get(RUNNER_ENV)
-        if env:
-            return _parse_url(env)
+        env = _env_url()
+        if env is not None:
+            return env
         if self._embedded is None or self._embedded.process is None:
             self._embedded = EmbeddedRunner()
             url = self._embedded.start()
@@ -554,6 +553,12 @@ class SessionPool:
             if self._embedded is not None:
                 self._embedded.stop()
                 self._embedded = None
+
+
+def _env_url() -> ConnectionURL | None:
+    """The runner named by ``$DIDOMAGIC_RUNNER``, if it is set."""
+    text = os.environ.get(RUNNER_ENV)
+    return _parse_url(text) if text else None
 
 
 def _parse_url(text: str) -> ConnectionURL:

@@ -49,7 +49,6 @@ BUSY_WAIT = 30.0
 _CALL = "__didomagic_call__"
 RESULT_NAME = "__didomagic_out__"
 """The remote name a call's outcome is kept under until it travels back."""
-_OUT = RESULT_NAME
 _FN = "__didomagic_fn__"
 
 
@@ -61,14 +60,14 @@ def _call_code(with_function: bool) -> str:
     """
     function = f"{_FN}, " if with_function else ""
     return f"""\
-globals().pop({_OUT!r}, None)
+globals().pop({RESULT_NAME!r}, None)
 {function}__didomagic_args__, __didomagic_kwargs__ = {_CALL}
 del {_CALL}
 try:
-    {_OUT} = (True, {_FN}(*__didomagic_args__, **__didomagic_kwargs__))
+    {RESULT_NAME} = (True, {_FN}(*__didomagic_args__, **__didomagic_kwargs__))
 except Exception as __didomagic_error__:
     import traceback as __didomagic_tb__
-    {_OUT} = (False, __didomagic_error__, __didomagic_tb__.format_exc())
+    {RESULT_NAME} = (False, __didomagic_error__, __didomagic_tb__.format_exc())
     del __didomagic_tb__
     raise  # the cell fails too, so a detached job ends "failed"
 finally:
@@ -85,7 +84,7 @@ def _request(values: Sequence[serialize.Packed], timeout: float | None) -> Execu
         cell=secrets.token_hex(8),
         code=_CALL_CODE,
         values=tuple(p.header for p in values),
-        fetch=(_OUT,),
+        fetch=(RESULT_NAME,),
         timeout=timeout,
     )
 
@@ -107,16 +106,16 @@ def _outcome(result: Result, buffers: list[list[bytearray]], runner: str) -> Any
         values, [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
     )
     failures.update(result.failures)
-    if _OUT not in values:
+    if RESULT_NAME not in values:
         raise_for_status(result, runner)  # timeout, kernel died, an exception that can't travel
-        reason = failures.get(_OUT, "nothing came back")
+        reason = failures.get(RESULT_NAME, "nothing came back")
         raise RemoteError(
             "ResultNotTransferable",
             f"the call finished but its result could not travel back: {reason}",
             [],
             runner,
         )
-    return unwrap(values[_OUT], runner)
+    return unwrap(values[RESULT_NAME], runner)
 
 
 def unwrap(out: tuple[Any, ...], runner: str) -> Any:
@@ -188,7 +187,7 @@ def submit(
         request_id=secrets.token_urlsafe(16),
         code=_CALL_CODE,
         values=tuple(p.header for p in packed),
-        fetch=(_OUT,),
+        fetch=(RESULT_NAME,),
         name=name or getattr(fn, "__name__", ""),
         tags=tuple(tags),
         os=os,
@@ -394,7 +393,7 @@ async def _scatter(
                     cell=secrets.token_hex(8),
                     code=code,
                     values=tuple(p.header for p in packed),
-                    fetch=(_OUT,),
+                    fetch=(RESULT_NAME,),
                     timeout=timeout,
                 )
                 if state.stop:  # another item failed while this one was being packed

@@ -27,6 +27,7 @@ import didomagic
 from didomagic.errors import (
     AuthenticationFailed,
     ConnectionLost,
+    DidomagicError,
     FingerprintMismatch,
     NoMatchingRunner,
     ProtocolError,
@@ -317,7 +318,7 @@ async def handshake(
         raise
     if isinstance(reply, Error):
         await ws.close()
-        raise _refusal(reply)
+        raise refusal(reply)
     assert isinstance(reply, Welcome)
     logger.debug("session opened with runner %s", reply.runner.get("name"))
     return RunnerConnection(ws, session, reply, url)
@@ -340,13 +341,14 @@ async def query(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> tuple[Info
     finally:
         await ws.close()
     if isinstance(reply, Error):
-        raise _refusal(reply)
+        raise refusal(reply)
     assert isinstance(reply, Info)
     return reply, latency
 
 
-def _refusal(error: Error) -> Exception:
-    kinds: dict[ErrorCode, type[Exception]] = {
+def refusal(error: Error) -> DidomagicError:
+    """The exception for a runner's or mediator's :class:`Error` message."""
+    kinds: dict[ErrorCode, type[DidomagicError]] = {
         ErrorCode.VERSION: VersionMismatch,
         ErrorCode.BUSY: RunnerBusy,
         ErrorCode.NO_MATCH: NoMatchingRunner,

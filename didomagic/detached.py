@@ -31,7 +31,7 @@ from didomagic.api import (
     raise_for_status,
     report_failures,
 )
-from didomagic.client import RunnerConnection, dial, handshake
+from didomagic.client import RunnerConnection, dial, handshake, refusal
 from didomagic.errors import (
     ConfigurationError,
     ConnectError,
@@ -71,10 +71,7 @@ async def _open(url: ConnectionURL) -> RunnerConnection:
 def _job_error(error: Error) -> DidomagicError:
     if error.code in (ErrorCode.NOT_FOUND, ErrorCode.NOT_READY):
         return JobError(error.message)
-    from didomagic.client import _refusal
-
-    refusal = _refusal(error)
-    return refusal if isinstance(refusal, DidomagicError) else JobError(error.message)
+    return refusal(error)
 
 
 async def _request(url: ConnectionURL, message: Any) -> JobList:

@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -172,7 +172,7 @@ class JobService:
         logger.info("job %s (%s) running on %s", job.id, job.name or "unnamed", runner)
         directory = self.store.blob_dir(job.id)
         request = _read_request(directory)
-        values = tuple(ValueHeader(v["name"], tuple(v["sizes"])) for v in request["values"])
+        values = _headers(request["values"])
         outputs: list[dict[str, Any]] = []
 
         def collect(output: Output) -> None:
@@ -211,7 +211,7 @@ class JobService:
             outputs,
             {
                 "status": result.status.value,
-                "values": [{"name": v.name, "sizes": list(v.sizes)} for v in result.values],
+                "values": _described(result.values),
                 "deleted": list(result.deleted),
                 "failures": result.failures,
                 "error": result.error,
@@ -341,7 +341,7 @@ class JobService:
             upload.directory,
             {
                 "code": request.code,
-                "values": [{"name": v.name, "sizes": list(v.sizes)} for v in request.values],
+                "values": _described(request.values),
                 "fetch": list(request.fetch),
                 "deletes": list(request.deletes),
             },
@@ -364,7 +364,7 @@ class JobService:
         if stored is None:
             raise _NotReady(job)
         outputs, result = stored
-        values = tuple(ValueHeader(v["name"], tuple(v["sizes"])) for v in result["values"])
+        values = _headers(result["values"])
         directory = self.store.blob_dir(job.id)
         parts = [
             serialize.read_file(_out_file(directory, i), v.sizes) for i, v in enumerate(values)
@@ -381,6 +381,16 @@ class JobService:
         await ws.send(session.send(data))
         for frame in session.frames(parts):
             await ws.send(frame)
+
+
+def _described(values: Sequence[ValueHeader]) -> list[dict[str, Any]]:
+    """Value headers as stored in a job's JSON files."""
+    return [{"name": v.name, "sizes": list(v.sizes)} for v in values]
+
+
+def _headers(stored: Sequence[dict[str, Any]]) -> tuple[ValueHeader, ...]:
+    """Value headers back from a job's JSON files."""
+    return tuple(ValueHeader(v["name"], tuple(v["sizes"])) for v in stored)
 
 
 def _read_request(directory: Path) -> dict[str, Any]:
