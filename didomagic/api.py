@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from didomagic import display, matching, serialize
@@ -31,6 +32,7 @@ from didomagic.discovery import RunnerView, survey_async
 from didomagic.embedded import EmbeddedRunner
 from didomagic.errors import (
     CellTimeout,
+    CellTooLarge,
     ConfigurationError,
     ConnectError,
     ConnectionLost,
@@ -111,10 +113,14 @@ def apply_values(
     namespace: MutableMapping[str, Any],
     values: Iterable[tuple[str, Sequence[Any]]],
     deleted: Iterable[str],
+    safe: bool = False,
 ) -> dict[str, str]:
-    """Unpack values into a staging dict, then apply them and the deletions in one step."""
+    """Unpack values into a staging dict, then apply them and the deletions in one step.
+
+    ``safe``: accept only plain data (the runner's URL says ``safe_results``).
+    """
     staging: dict[str, Any] = {}
-    failures = serialize.unpack_into(staging, values)
+    failures = serialize.unpack_into(staging, values, safe)
     namespace.update(staging)
     for name in deleted:
         namespace.pop(name, None)
@@ -206,6 +212,7 @@ class RemoteSession:
         async with self._busy:
             connection = await self.connect_async(events)
             held = self._held
+            _check_size(request, held, self.description)
             request = replace(
                 request,
                 values=tuple(
@@ -296,6 +303,20 @@ class RemoteSession:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.closed:
             await connection.close()
+
+
+def _check_size(request: Execute, held: dict[str, str], runner: dict[str, Any]) -> None:
+    """Refuse, before anything is sent, a cell over the runner's --max-message-size."""
+    limit = runner.get("max_message_size")
+    size = sum(v.nbytes for v in request.values if not (v.digest and held.get(v.name) == v.digest))
+    if isinstance(limit, int) and size > limit:
+        raise CellTooLarge(
+            f"This cell sends {size / 1e6:,.1f} MB of values, but runner "
+            f"{runner.get('name', '?')} accepts at most {limit / 1e6:,.1f} MB per cell (its "
+            "--max-message-size). Nothing was sent and the session is intact: send less "
+            "(compute the data on the runner, or --push fewer names), or ask the runner's "
+            "owner to raise the limit."
+        )
 
 
 def _throttled(events: EventSink) -> Callable[[str, int, int], None]:
@@ -628,7 +649,7 @@ def run_cell(
     )
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
     failures = dict(result.failures)
-    failures.update(apply_values(namespace, returned, result.deleted))
+    failures.update(apply_values(namespace, returned, result.deleted, session.url.safe_results))
     report_failures(failures, "synced")
     raise_for_status(result, session.runner_name)
     return shown[-1] if shown else None
@@ -684,12 +705,29 @@ def runners(pool: SessionPool | None = None) -> list[RunnerView]:
     return (pool or default_pool()).survey()
 
 
-def add_runner(url: str, name: str | None = None) -> Entry:
+def add_runner(
+    url: str,
+    name: str | None = None,
+    *,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    safe_results: bool = False,
+) -> Entry:
     """Remember a runner's or mediator's connection URL in the config file (mode 0600).
 
     Without ``name`` the runner (or mediator) is asked for its own name.
+    ``client_cert``/``client_key`` are presented to runners started with
+    ``--client-ca``; ``safe_results`` accepts only plain data back from it.
     """
     parsed = _parse_url(url)
+    if client_key is not None and client_cert is None:
+        raise ConfigurationError("--client-key needs --client-cert (the certificate it goes with).")
+    if client_cert is not None:
+        client_cert = str(Path(client_cert).expanduser().resolve())
+        client_key = str(Path(client_key).expanduser().resolve()) if client_key else None
+        parsed = replace(parsed, client_cert=client_cert, client_key=client_key)
+    if safe_results:
+        parsed = replace(parsed, safe_results=True)
     if name is None:
         try:
             info, _ = background_loop().run(query(parsed))

@@ -99,11 +99,13 @@ def _pack_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[s
     return packed
 
 
-def _outcome(result: Result, buffers: list[list[bytearray]], runner: str) -> Any:
+def _outcome(
+    result: Result, buffers: list[list[bytearray]], runner: str, safe: bool = False
+) -> Any:
     """The call's return value, or raise what it raised (with the remote traceback)."""
     values: dict[str, Any] = {}
     failures = serialize.unpack_into(
-        values, [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
+        values, [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)], safe
     )
     failures.update(result.failures)
     if RESULT_NAME not in values:
@@ -156,7 +158,7 @@ def run(
     result, buffers = session.execute(
         _request(packed, timeout), [p.parts for p in packed], _show, NoProgress()
     )
-    return _outcome(result, buffers, session.runner_name)
+    return _outcome(result, buffers, session.runner_name, session.url.safe_results)
 
 
 def submit(
@@ -236,7 +238,7 @@ async def run_async(
         session.cancel()
         raise
     result, buffers = await asyncio.wrap_future(future)
-    return _outcome(result, buffers, session.runner_name)
+    return _outcome(result, buffers, session.runner_name, session.url.safe_results)
 
 
 # --------------------------------------------------------------------------- map
@@ -405,7 +407,9 @@ async def _scatter(
                     )
                     worker.has_fn = True
                     worker.items += 1
-                    state.results[index] = _outcome(result, buffers, session.runner_name)
+                    state.results[index] = _outcome(
+                        result, buffers, session.runner_name, session.url.safe_results
+                    )
                     events.put(("item", index, True))
                 except (Exception, KeyboardInterrupt) as exc:
                     if state.stop:

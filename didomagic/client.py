@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 import didomagic
 from didomagic.errors import (
     AuthenticationFailed,
+    ConfigurationError,
     ConnectionLost,
     DidomagicError,
     FingerprintMismatch,
@@ -72,6 +74,7 @@ async def _fetch_certificate(url: ConnectionURL, timeout: float) -> bytes:
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     probe.check_hostname = False
     probe.verify_mode = ssl.CERT_NONE
+    _present_identity(probe, url)
     try:
         _, writer = await asyncio.wait_for(
             asyncio.open_connection(url.host, url.port, ssl=probe), timeout
@@ -86,7 +89,9 @@ async def _fetch_certificate(url: ConnectionURL, timeout: float) -> bytes:
 async def tls_context(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> ssl.SSLContext:
     """A client TLS context that trusts only the pinned certificate (or the system CAs)."""
     if url.fingerprint is None:
-        return ssl.create_default_context()
+        system = ssl.create_default_context()
+        _present_identity(system, url)
+        return system
     key = (url.address, url.fingerprint)
     der = _pinned.get(key)
     if der is None:
@@ -99,7 +104,61 @@ async def tls_context(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> ssl.
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False  # the pin identifies the runner, whatever its name
     context.load_verify_locations(cadata=der)
+    _present_identity(context, url)
     return context
+
+
+def _present_identity(context: ssl.SSLContext, url: ConnectionURL) -> None:
+    """Load the client certificate the URL names (for runners with --client-ca)."""
+    if url.client_cert is None:
+        return
+    try:
+        context.load_cert_chain(url.client_cert, url.client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"Cannot load the client certificate {url.client_cert}"
+            f"{' with key ' + url.client_key if url.client_key else ''}: {exc}. Check the "
+            "paths given to '%runners add ... --client-cert/--client-key'."
+        ) from None
+
+
+_CERTIFICATE_REFUSED = (
+    "CERTIFICATE_REQUIRED",
+    "UNKNOWN_CA",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_UNKNOWN",
+)
+"""TLS alerts a server sends when it wants a client certificate it did not get."""
+
+
+def _refused_after_handshake(url: ConnectionURL, context: ssl.SSLContext) -> bool:
+    """Whether the server drops us right after the TLS handshake, before any request.
+
+    That is what a server with ``--client-ca`` does to a certificate it does
+    not accept under TLS 1.3 (it checks it after the client has finished its
+    handshake, and closes); a server that accepted us waits for our request.
+    """
+    try:
+        raw = socket.create_connection((url.host, url.port), timeout=REFUSAL_PROBE)
+        with context.wrap_socket(raw, server_hostname=url.host) as tls:
+            return tls.recv(1) == b""
+    except ssl.SSLError as exc:
+        return _certificate_refused(exc)
+    except OSError:  # a timeout: the server waits for a request, so it accepted us
+        return False
+
+
+REFUSAL_PROBE = 3.0
+"""Seconds to wait, when a connection failed, for a server to drop a fresh one."""
+
+
+def _certificate_refused(exc: BaseException | None) -> bool:
+    """True when ``exc`` (or what caused it) is a TLS alert refusing our client certificate."""
+    while exc is not None:
+        if any(alert in str(exc) for alert in _CERTIFICATE_REFUSED):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _unreachable(url: ConnectionURL, exc: BaseException) -> RunnerUnreachable:
@@ -252,6 +311,23 @@ async def dial(
             "connection URL."
         ) from None
     except (OSError, TimeoutError, InvalidHandshake, ssl.SSLError) as exc:
+        if _certificate_refused(exc) or (
+            isinstance(exc, InvalidHandshake)
+            and await asyncio.to_thread(_refused_after_handshake, url, context)
+        ):
+            raise AuthenticationFailed(
+                f"The server at {url.address} closed the connection right after the TLS "
+                "handshake: it requires a client certificate signed by its certificate "
+                "authority (it runs with --client-ca), and "
+                + (
+                    "none was presented"
+                    if url.client_cert is None
+                    else f"it did not accept {url.client_cert}"
+                )
+                + ". Add the runner with '%runners add URL --client-cert FILE --client-key "
+                "FILE' using a certificate its owner issued (didomagic-runner "
+                "gen-client-cert)."
+            ) from None
         raise _unreachable(url, exc) from None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,32 @@ def config_path() -> Path:
     if explicit:
         return Path(explicit).expanduser()
     return Path(platformdirs.user_config_dir("didomagic")) / "config.json"
+
+
+def client_secret() -> str:
+    """This user's client identity: a secret made once, kept beside the config (mode 0600).
+
+    Detached jobs belong to it, so every notebook of this user sees its jobs
+    and no other client does.
+    """
+    path = config_path().with_name("client-secret")
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".client-secret.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as f:
+        f.write(secret)
+    try:
+        os.link(tmp, path)  # never replaces one another process made meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from didomagic.api import (
     report_failures,
 )
 from didomagic.client import RunnerConnection, dial, handshake, refusal
+from didomagic.config import client_secret
 from didomagic.errors import (
     ConfigurationError,
     ConnectError,
@@ -42,6 +43,7 @@ from didomagic.errors import (
 from didomagic.loop import background_loop
 from didomagic.namespace import transform_cell
 from didomagic.protocol import (
+    CLIENT_HEADER,
     CancelJob,
     Channel,
     DeleteJob,
@@ -64,7 +66,7 @@ JOBS_PATH = "jobs"
 
 
 async def _open(url: ConnectionURL) -> RunnerConnection:
-    ws = await dial(url, JOBS_PATH)
+    ws = await dial(url, JOBS_PATH, {CLIENT_HEADER: client_secret()})
     return await handshake(ws, url, channel=Channel.JOBS)
 
 
@@ -184,7 +186,9 @@ class Job:
         data, buffers = self.pull()
         values: dict[str, Any] = {}
         failures = serialize.unpack_into(
-            values, [(v.name, parts) for v, parts in zip(data.values, buffers, strict=True)]
+            values,
+            [(v.name, parts) for v, parts in zip(data.values, buffers, strict=True)],
+            self.holder.safe_results,
         )
         failures.update(data.failures)
         result = Result(self.id, data.status, data.values, data.deleted, data.failures, data.error)
@@ -356,7 +360,7 @@ def pull_into(
             shown = result
     failures = dict(data.failures)
     returned = [(v.name, parts) for v, parts in zip(data.values, buffers, strict=True)]
-    failures.update(apply_values(namespace, returned, data.deleted))
+    failures.update(apply_values(namespace, returned, data.deleted, handle.holder.safe_results))
     report_failures(failures, "synced")
     result = Result(job_id, data.status, data.values, data.deleted, data.failures, data.error)
     raise_for_status(result, str(data.job.get("runner") or handle.holder_name))

@@ -95,6 +95,10 @@ class RunnerStartError(DidomagicError):
     """The embedded runner subprocess did not start."""
 
 
+class CellTooLarge(DidomagicError, ValueError):
+    """A cell sends more bytes of values than the runner accepts (its --max-message-size)."""
+
+
 class CellFailed(DidomagicError):
     """The cell ran on the runner but did not finish normally."""
 

@@ -20,6 +20,8 @@ def _names(text: str) -> tuple[str, ...]:
 RUNNERS_USAGE = """\
 %runners                          list runners: status, resources, load
 %runners add URL [--name NAME]    remember a runner's or mediator's connection URL
+    [--client-cert F --client-key F]  present this certificate (runners with --client-ca)
+    [--safe-results]                  accept only plain data back from this runner
 %runners remove NAME              forget one
 %runners use NAME                 run cells without --runner/--tags there (this notebook)
 %runners use --clear              back to $DIDOMAGIC_RUNNER or the embedded runner
@@ -38,6 +40,9 @@ def _runners_parser() -> argparse.ArgumentParser:
     parser.add_argument("target", nargs="?", default=None)
     parser.add_argument("--name", default=None)
     parser.add_argument("--clear", action="store_true")
+    parser.add_argument("--client-cert", default=None)
+    parser.add_argument("--client-key", default=None)
+    parser.add_argument("--safe-results", action="store_true")
     parser.add_argument("--text", action="store_true")
     return parser
 
@@ -159,7 +164,13 @@ class RemoteMagics(Magics):
         if args.action == "add":
             if not args.target:
                 raise UsageError(f"%runners add needs a connection URL.\n{RUNNERS_USAGE}")
-            entry = api.add_runner(args.target, args.name)
+            entry = api.add_runner(
+                args.target,
+                args.name,
+                client_cert=args.client_cert,
+                client_key=args.client_key,
+                safe_results=args.safe_results,
+            )
             print(f"didomagic: added {entry.name} ({entry.url.address})")
             return None
         if args.action == "remove":

@@ -50,6 +50,9 @@ from didomagic.errors import ProtocolError, VersionMismatch
 PROTOCOL_VERSION = 2
 """Bumped on any change that an older peer could misread."""
 
+CLIENT_HEADER = "X-Didomagic-Client"
+"""The handshake header carrying the client's identity secret; jobs belong to its hash."""
+
 CHUNK_SIZE = 1 << 20
 """Largest binary frame a sender produces (1 MiB)."""
 

@@ -11,6 +11,7 @@ functions here return the failures by name with the reason.
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import pickle
@@ -47,11 +48,40 @@ class Packed:
 
     def digest(self) -> str:
         """XXH3-128 of the parts (sizes included), to tell whether a value changed."""
-        h = xxhash.xxh3_128()
+        digester = Digester(tuple(p.nbytes for p in self.parts))
         for part in self.parts:
-            h.update(part.nbytes.to_bytes(8, "little"))
-            h.update(part)
-        return h.hexdigest()
+            digester.update(part)
+        return digester.hexdigest()
+
+
+class Digester:
+    """A value's digest computed from its bytes as they stream in, in any slicing."""
+
+    def __init__(self, sizes: tuple[int, ...]) -> None:
+        self._hash = xxhash.xxh3_128()
+        self._sizes = list(reversed(sizes))
+        self._left = 0
+
+    def update(self, data: memoryview | bytes) -> None:
+        """Add the next bytes of the value."""
+        view = memoryview(data).cast("B")
+        while len(view):
+            while self._left == 0 and self._sizes:
+                self._left = self._sizes.pop()
+                self._hash.update(self._left.to_bytes(8, "little"))
+            if self._left == 0:
+                raise ValueError("more bytes than the value's declared sizes")
+            take = min(self._left, len(view))
+            self._hash.update(view[:take])
+            self._left -= take
+            view = view[take:]
+
+    def hexdigest(self) -> str:
+        """The digest, once every byte has been added (empty parts included)."""
+        while self._sizes:
+            size = self._sizes.pop()
+            self._hash.update(size.to_bytes(8, "little"))
+        return self._hash.hexdigest()
 
 
 def _flat(buffer: pickle.PickleBuffer | bytes | bytearray | memoryview) -> memoryview:
@@ -88,22 +118,79 @@ def pack_names(
     return packed, failures
 
 
-def unpack(parts: Sequence[bytes | bytearray | memoryview]) -> Any:
-    """Rebuild a value from its parts (pickle stream first, then its buffers)."""
+def unpack(parts: Sequence[bytes | bytearray | memoryview], safe: bool = False) -> Any:
+    """Rebuild a value from its parts (pickle stream first, then its buffers).
+
+    With ``safe``, only plain data is accepted (see :class:`PlainDataUnpickler`).
+    """
+    if safe:
+        return PlainDataUnpickler(io.BytesIO(parts[0]), buffers=parts[1:]).load()
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
 def unpack_into(
-    namespace: MutableMapping[str, Any], values: Iterable[tuple[str, Sequence[Any]]]
+    namespace: MutableMapping[str, Any],
+    values: Iterable[tuple[str, Sequence[Any]]],
+    safe: bool = False,
 ) -> dict[str, str]:
     """Unpickle ``(name, parts)`` pairs into ``namespace``; return the failures by name."""
     failures: dict[str, str] = {}
     for name, parts in values:
         try:
-            namespace[name] = unpack(parts)
+            namespace[name] = unpack(parts, safe)
+        except NotPlainData as exc:
+            failures[name] = str(exc)
         except Exception as exc:
             failures[name] = f"could not be unpickled: {describe(exc)}"
     return failures
+
+
+class NotPlainData(pickle.UnpicklingError):
+    """A value refused by safe-results mode: unpickling it would need arbitrary code."""
+
+
+PLAIN_DATA = frozenset(
+    {
+        *(
+            ("builtins", name)
+            for name in ("bytearray", "complex", "frozenset", "set", "slice", "range")
+        ),
+        ("collections", "OrderedDict"),
+        *(("datetime", name) for name in ("date", "datetime", "time", "timedelta", "timezone")),
+        ("decimal", "Decimal"),
+        ("fractions", "Fraction"),
+        *(
+            (module, name)
+            for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+            for name in ("_reconstruct", "scalar")
+        ),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
+"""The globals a safe-results pickle may name: constructors of plain data, nothing else."""
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """Accepts numbers, strings, bytes, containers of them, dates and numpy arrays.
+
+    Any other global (a class, a function: anything whose call could run code)
+    is refused before it is looked up, so a hostile runner cannot make the
+    notebook run code by returning a crafted pickle.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in PLAIN_DATA or (
+            module.startswith("numpy") and name.endswith("DType") and "dtypes" in module
+        ):
+            return super().find_class(module, name)
+        raise NotPlainData(
+            f"refused by safe-results: unpickling it needs {module}.{name}, which is not plain "
+            "data (numbers, strings, bytes, containers of them, numpy arrays); return plain "
+            "data from this runner, or add it without --safe-results if you trust it"
+        )
 
 
 # --------------------------------------------------------------------------- files

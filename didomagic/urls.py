@@ -39,6 +39,12 @@ class ConnectionURL:
     port: int
     token: str
     fingerprint: str | None = None
+    client_cert: str | None = None
+    """A client certificate (PEM) to present, for runners started with --client-ca."""
+    client_key: str | None = None
+    """Its private key (PEM); None when the certificate file holds it."""
+    safe_results: bool = False
+    """Accept only plain data (no code-running pickles) in values from this runner."""
 
     @property
     def address(self) -> str:
@@ -52,7 +58,13 @@ class ConnectionURL:
         return f"wss://{self.address}/"
 
     def __str__(self) -> str:
-        fragment = f"fp={self.fingerprint}&" if self.fingerprint else ""
+        fields = {
+            "fp": self.fingerprint,
+            "cert": self.client_cert,
+            "key": self.client_key,
+            "safe": "1" if self.safe_results else None,
+        }
+        fragment = "".join(f"{k}={quote(v, safe='/')}&" for k, v in fields.items() if v)
         return f"wss://{self.address}/#{fragment}token={quote(self.token, safe='')}"
 
     def __repr__(self) -> str:
@@ -83,9 +95,15 @@ class ConnectionURL:
         if not token:
             raise ConfigurationError(f"The connection URL has no token (#token=…). {hint}")
         fp = fields.get("fp", [None])[0]
+        safe = fields.get("safe", ["0"])[0]
+        if safe not in ("0", "1"):
+            raise ConfigurationError(f"safe= in a connection URL is 0 or 1, not {safe!r}.")
         return cls(
             host=parts.hostname,
             port=port,
             token=token,
             fingerprint=normalize_fingerprint(fp) if fp else None,
+            client_cert=fields.get("cert", [None])[0] or None,
+            client_key=fields.get("key", [None])[0] or None,
+            safe_results=safe == "1",
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from didomagic import serialize
+from didomagic.protocol import cloudpickle_version, python_version
 
 CELL_FILE = "cell.json"
 RESULT_FILE = "result.json"
@@ -77,7 +78,8 @@ class Agent:
         for path in temporary:
             path.unlink(missing_ok=True)
         failures.update(serialize.unpack_into(ns, pairs))
-        self._failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
+        where = _versions(request.get("origin", {}))
+        self._failures = {name: f"{reason} ({where})" for name, reason in failures.items()}
         self._before = serialize.snapshot(ns, request["fetch"])
         self._request = request
 
@@ -107,6 +109,15 @@ class Agent:
             },
         )
         self._before, self._failures = {}, {}
+
+
+def _versions(origin: dict[str, str]) -> str:
+    """Where a value failed to load, naming both sides' versions (pickles depend on them)."""
+    return (
+        f"on the runner: Python {python_version()}, cloudpickle {cloudpickle_version()}; "
+        f"the client pickled it with Python {origin.get('python', '?')}, cloudpickle "
+        f"{origin.get('cloudpickle', '?')}"
+    )
 
 
 def install(exchange: str) -> None:

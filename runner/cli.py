@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -37,8 +38,10 @@ from didomagic.urls import ConnectionURL
 from runner import certs
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
+from runner.limits import Limits, parse_size
 from runner.link import MediatorLink
 from runner.mediator import Mediator, MediatorSettings
+from runner.sandbox import Sandbox, SandboxUnavailable, probe, report
 from runner.server import RunnerServer, RunnerSettings
 
 logger = logging.getLogger("didomagic.runner")
@@ -70,6 +73,19 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _readable(path: Path | None) -> Path | None:
+    if path is not None and not path.is_file():
+        raise SystemExit(f"didomagic-runner: --client-ca {path}: no such file.")
+    return path
 
 
 def _url(text: str) -> ConnectionURL:
@@ -112,6 +128,20 @@ def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
         type=Path,
         default=None,
         help="write the clients' connection URL here (mode 0600) once listening",
+    )
+    p.add_argument(
+        "--client-ca",
+        type=Path,
+        default=None,
+        help="mutual TLS: refuse clients without a certificate signed by this CA (PEM); "
+        "'didomagic-runner gen-client-cert' makes the CA and client certificates",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=10.0,
+        help="close connections that have not finished the TLS and websocket handshakes "
+        "within this many seconds (default 10)",
     )
     p.add_argument(
         "--job-ttl",
@@ -200,6 +230,7 @@ def serve_parser() -> argparse.ArgumentParser:
         default=1,
         help="kernels started ahead of sessions (default 1)",
     )
+    _add_limits(p)
     p.add_argument(
         "--exit-on-stdin-eof",
         action="store_true",
@@ -207,6 +238,88 @@ def serve_parser() -> argparse.ArgumentParser:
         "dies with the notebook kernel that started it)",
     )
     return p
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    """The per-session limits and the sandbox (see ``--check-sandbox`` for this host)."""
+    g = p.add_argument_group(
+        "limits per session",
+        "Each session's kernel is boxed by these; exceeding one ends that cell (or that "
+        "session's kernel) with a message naming the limit, and the runner and other "
+        "sessions go on. Sizes take K, M, G suffixes (powers of 1024). 'didomagic-runner "
+        "--check-sandbox' shows how each is enforced on this host.",
+    )
+    g.add_argument(
+        "--memory-limit",
+        type=_size,
+        default=None,
+        help="memory of one kernel and its children (cgroup; else RLIMIT_DATA) (default: none)",
+    )
+    g.add_argument(
+        "--cpu-time-limit",
+        type=_positive,
+        default=None,
+        help="CPU seconds one kernel may use over its life (default: none)",
+    )
+    g.add_argument(
+        "--max-file-size",
+        type=_size,
+        default=None,
+        help="largest file a kernel may write, values it returns included (default: none)",
+    )
+    g.add_argument(
+        "--max-processes",
+        type=_positive,
+        default=None,
+        help="processes and threads per kernel (cgroup pids; else RLIMIT_NPROC, which counts "
+        "per user) (default: none)",
+    )
+    g.add_argument(
+        "--disk-quota",
+        type=_size,
+        default=None,
+        help="bytes in a session's scratch directory, measured while cells run; over it the "
+        "kernel is stopped (default: none)",
+    )
+    g.add_argument(
+        "--max-message-size",
+        type=_size,
+        default=8 << 30,
+        help="the most bytes of values one cell may send; larger cells are refused before "
+        "anything is allocated (default 8G)",
+    )
+    g.add_argument(
+        "--no-network",
+        action="store_true",
+        help="cut kernels off from every network, this host's loopback included (a network "
+        "namespace); the runner refuses to start where the host cannot",
+    )
+    g.add_argument(
+        "--sandbox",
+        choices=["none", "bwrap"],
+        default="none",
+        help="bwrap: run kernels under bubblewrap, seeing only the Python environment "
+        "(read-only), their scratch directory and a private /tmp (default: none)",
+    )
+    g.add_argument(
+        "--check-sandbox",
+        action="store_true",
+        help="print which mechanisms this host offers and how the given limits would be "
+        "enforced, then exit",
+    )
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The :class:`Limits` the command line asks for."""
+    return Limits(
+        memory=args.memory_limit,
+        cpu_time=args.cpu_time_limit,
+        file_size=args.max_file_size,
+        processes=args.max_processes,
+        disk_quota=args.disk_quota,
+        no_network=args.no_network,
+        sandbox=args.sandbox,
+    )
 
 
 def mediator_parser() -> argparse.ArgumentParser:
@@ -246,6 +359,30 @@ def gen_cert_parser() -> argparse.ArgumentParser:
         help="host name or address the certificate names (default localhost)",
     )
     return p
+
+
+def gen_client_cert_parser() -> argparse.ArgumentParser:
+    """The parser of ``gen-client-cert``."""
+    p = argparse.ArgumentParser(
+        prog="didomagic-runner gen-client-cert",
+        description="Issue a client certificate for mutual TLS, signed by a CA kept in "
+        "--ca-dir (made on first use). Start runners with --client-ca "
+        "CA_DIR/client-ca-cert.pem; give the client the certificate and key.",
+    )
+    p.add_argument("--ca-dir", type=Path, required=True, help="where the CA is kept")
+    p.add_argument("--name", required=True, help="who the certificate is for, e.g. alice")
+    p.add_argument("--out", type=Path, required=True, help="directory to write into")
+    return p
+
+
+def gen_client_cert(args: argparse.Namespace) -> None:
+    """Issue a client certificate and print how to use it."""
+    certfile, keyfile = certs.issue_client_cert(args.ca_dir, args.name, args.out)
+    print(
+        f"client certificate: {certfile}\nkey:                {keyfile}\n"
+        f"runner flag:        --client-ca {args.ca_dir / certs.CA_CERT_NAME}\n"
+        f"in the notebook:    %runners add URL --client-cert {certfile} --client-key {keyfile}"
+    )
 
 
 def default_state_dir(what: str = "runner") -> Path:
@@ -374,6 +511,11 @@ def _publish(url: ConnectionURL, label: str, url_file: Path | None) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     """Run the runner until SIGTERM, SIGINT or (optionally) standard input closes."""
+    limits = limits_of(args)
+    try:
+        sandbox = Sandbox(limits, probe(network=limits.no_network, bwrap=limits.sandbox == "bwrap"))
+    except SandboxUnavailable as exc:
+        raise SystemExit(f"didomagic-runner: cannot start: {exc}") from None
     state_dir, certfile, keyfile = _prepare(args, "runner")
     settings = RunnerSettings(
         host=args.host,
@@ -389,6 +531,10 @@ async def serve(args: argparse.Namespace) -> None:
         idle_timeout=args.idle_timeout,
         max_connections=args.max_connections,
         warm_kernels=args.warm_kernels,
+        max_message_size=args.max_message_size,
+        limits=limits,
+        client_ca=_readable(args.client_ca),
+        handshake_timeout=args.handshake_timeout,
     )
     if args.name:
         settings.name = args.name
@@ -396,7 +542,7 @@ async def serve(args: argparse.Namespace) -> None:
     _remove_stale_work_dirs(MEMORY_BACKED)
     work_root = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
     private_root = _memory_backed_dir()
-    server = RunnerServer(settings, work_root, private_root)
+    server = RunnerServer(settings, work_root, private_root, sandbox)
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None
     link_task: asyncio.Task[None] | None = None
@@ -410,11 +556,16 @@ async def serve(args: argparse.Namespace) -> None:
             settings.max_queue,
         )
         _publish(url, "connection URL", args.url_file)
+        own_url = (  # its own certificate is trusted as a client's: see listen()
+            dataclasses.replace(url, client_cert=str(certfile), client_key=str(keyfile))
+            if settings.client_ca
+            else url
+        )
 
         async def open_own_session(job: JobRecord) -> RunnerConnection | None:
             if server.active >= settings.max_sessions:
                 return None  # the job waits in the job queue, not in a session queue
-            return await open_connection(url)
+            return await open_connection(own_url)
 
         server.jobs = JobService(
             JobStore(state_dir / "jobs"), open_own_session, settings.name, args.job_ttl
@@ -454,6 +605,8 @@ async def mediate(args: argparse.Namespace) -> None:
         keyfile=keyfile,
         state_dir=state_dir,
         job_ttl=args.job_ttl,
+        client_ca=_readable(args.client_ca),
+        handshake_timeout=args.handshake_timeout,
     )
     if settings.token == settings.runner_token:
         raise SystemExit(
@@ -536,12 +689,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["gen-cert"]:
         gen_cert(gen_cert_parser().parse_args(argv[1:]))
         return 0
+    if argv[:1] == ["gen-client-cert"]:
+        gen_client_cert(gen_client_cert_parser().parse_args(argv[1:]))
+        return 0
     if argv[:1] == ["mediator"]:
         margs = mediator_parser().parse_args(argv[1:])
         _configure_logging(margs.log_level)
         asyncio.run(mediate(margs))
         return 0
     args = serve_parser().parse_args(argv)
+    if args.check_sandbox:
+        print(report(limits_of(args), probe()))
+        return 0
     _configure_logging(args.log_level)
     asyncio.run(serve(args))
     return 0

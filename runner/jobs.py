@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -31,6 +33,7 @@ from didomagic import matching, serialize
 from didomagic.client import RunnerConnection
 from didomagic.errors import ConnectError, ConnectionLost, ProtocolError, VersionMismatch
 from didomagic.protocol import (
+    CLIENT_HEADER,
     PROTOCOL_VERSION,
     CancelJob,
     Channel,
@@ -258,6 +261,7 @@ class JobService:
     async def serve(self, ws: Any, peer: str) -> None:
         """Serve one client connection on the jobs endpoint until it closes."""
         session = Session(Role.RUNNER, Channel.JOBS)
+        owner = owner_of(ws)
         try:
             text = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
             hello = session.receive(text)
@@ -279,7 +283,7 @@ class JobService:
                     )
                 )
             )
-            await self._requests(ws, session)
+            await self._requests(ws, session, owner)
         except VersionMismatch as exc:
             await refuse(ws, ErrorCode.VERSION, str(exc))
         except _NotFound as exc:
@@ -292,7 +296,7 @@ class JobService:
         except (ConnectionClosed, TimeoutError):
             pass
 
-    async def _requests(self, ws: Any, session: Session) -> None:
+    async def _requests(self, ws: Any, session: Session, owner: str) -> None:
         upload: _Upload | None = None
         async for frame in ws:
             if isinstance(frame, bytes):
@@ -300,7 +304,7 @@ class JobService:
                 for chunk in session.receive_binary(frame):
                     upload.write(chunk.value, chunk.data)
                 if session.state is State.WAIT:
-                    await self._submitted(ws, session, upload)
+                    await self._submitted(ws, session, upload, owner)
                     upload = None
                 continue
             message = session.receive(frame)
@@ -309,34 +313,42 @@ class JobService:
                     raise ProtocolError("submit.retries must be 0 or more")
                 upload = _Upload(message, self.store.new_upload())
                 if session.state is State.WAIT:
-                    await self._submitted(ws, session, upload)
+                    await self._submitted(ws, session, upload, owner)
                     upload = None
             elif isinstance(message, ListJobs):
-                jobs = [self.store.get(i) for i in message.ids] if message.ids else self.store.all()
-                reply = tuple(j.public() for j in jobs if j is not None)
+                if message.ids:
+                    jobs = [self.store.get(i) for i in message.ids]
+                else:
+                    jobs = list(self.store.all(owner=owner))
+                reply = tuple(j.public() for j in jobs if j is not None and j.owner == owner)
                 await ws.send(session.send(JobList(reply)))
             elif isinstance(message, CancelJob):
-                job = self._known(message.job)
+                job = self._known(message.job, owner)
                 cancelled = await self.cancel(job.id) or job
                 await ws.send(session.send(JobList((cancelled.public(),))))
             elif isinstance(message, DeleteJob):
-                job = self._known(message.job)
+                job = self._known(message.job, owner)
                 await self.cancel(job.id)
                 self.store.delete(job.id)
                 logger.info("job %s deleted", job.id)
                 await ws.send(session.send(JobList(())))
             elif isinstance(message, Pull):
-                await self._pull(ws, session, self._known(message.job))
+                await self._pull(ws, session, self._known(message.job, owner))
 
-    def _known(self, job_id: str) -> JobRecord:
+    def _known(self, job_id: str, owner: str) -> JobRecord:
+        """The job, if it exists and is ``owner``'s (another's reads exactly as a missing one)."""
         job = self.store.get(job_id)
-        if job is None:
+        if job is None or job.owner != owner:
             raise _NotFound(job_id)
         return job
 
-    async def _submitted(self, ws: Any, session: Session, upload: _Upload) -> None:
+    async def _submitted(self, ws: Any, session: Session, upload: _Upload, owner: str) -> None:
         upload.close()
         request = upload.request
+        earlier = self.store.by_request(request.request_id)
+        if earlier is not None and earlier.owner != owner:
+            shutil.rmtree(upload.directory, ignore_errors=True)
+            raise ProtocolError("that request id is already in use; submit with a fresh one")
         job, new = self.store.submit(
             upload.directory,
             {
@@ -351,6 +363,7 @@ class JobService:
             os_name=request.os,
             retries=request.retries,
             timeout=request.timeout,
+            owner=owner,
         )
         if new:
             logger.info("job %s (%s) submitted", job.id, job.name or "unnamed")
@@ -381,6 +394,13 @@ class JobService:
         await ws.send(session.send(data))
         for frame in session.frames(parts):
             await ws.send(frame)
+
+
+def owner_of(ws: Any) -> str:
+    """The owner a jobs connection acts as: a hash of its client secret ('' without one)."""
+    request = getattr(ws, "request", None)
+    secret = request.headers.get(CLIENT_HEADER, "") if request is not None else ""
+    return hashlib.sha256(secret.encode()).hexdigest()[:32] if secret else ""
 
 
 def _described(values: Sequence[ValueHeader]) -> list[dict[str, Any]]:

@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     submitted_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    owner TEXT NOT NULL DEFAULT ''
 )
 """
 
@@ -66,7 +67,12 @@ _COLUMNS = (
     "submitted_at",
     "started_at",
     "finished_at",
+    "owner",
 )
+
+
+_PRIVATE = ("request_id", "owner")
+"""Columns clients are never shown."""
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,12 @@ class JobRecord:
     submitted_at: float
     started_at: float | None
     finished_at: float | None
+    owner: str = ""
+    """Who submitted it (a hash of the client's identity); only they may see or touch it."""
 
     def public(self) -> dict[str, Any]:
         """What clients see of the job (everything but the request id)."""
-        body = {name: getattr(self, name) for name in _COLUMNS if name != "request_id"}
+        body = {name: getattr(self, name) for name in _COLUMNS if name not in _PRIVATE}
         body["tags"] = list(self.tags)
         return body
 
@@ -117,6 +125,9 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        if "owner" not in columns:  # a store from before jobs had owners
+            self.db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         """Close the database."""
@@ -136,9 +147,11 @@ class JobStore:
         ).fetchone()
         return self._record(row) if row else None
 
-    def all(self, state: str | None = None) -> list[JobRecord]:
-        """Every job (or those in ``state``), oldest first."""
-        where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+    def all(self, state: str | None = None, owner: str | None = None) -> list[JobRecord]:
+        """Every job (or those in ``state``, or ``owner``'s), oldest first."""
+        conditions = [(c, v) for c, v in (("state", state), ("owner", owner)) if v is not None]
+        where = ("WHERE " + " AND ".join(f"{c} = ?" for c, _ in conditions)) if conditions else ""
+        args = tuple(v for _, v in conditions)
         rows = self.db.execute(
             f"SELECT {', '.join(_COLUMNS)} FROM jobs {where} ORDER BY submitted_at", args
         ).fetchall()
@@ -174,6 +187,7 @@ class JobStore:
         os_name: str,
         retries: int,
         timeout: float | None,
+        owner: str = "",
     ) -> tuple[JobRecord, bool]:
         """Store a submission whose values are in ``upload``; return the job and if it is new.
 
@@ -191,7 +205,7 @@ class JobStore:
         os.replace(upload, self.blob_dir(job_id))
         self.db.execute(
             "INSERT INTO jobs (id, request_id, name, tags, os, retries, timeout, state, "
-            "submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "submitted_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job_id,
                 request_id,
@@ -202,6 +216,7 @@ class JobStore:
                 timeout,
                 QUEUED,
                 time.time(),
+                owner,
             ),
         )
         record = self.get(job_id)

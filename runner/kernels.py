@@ -31,10 +31,12 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
-from traitlets import Dict
+from traitlets import Dict, List, Unicode
 
 from didomagic.protocol import OUTPUT_TYPES, Status
 from runner import agent
+from runner.limits import format_size
+from runner.sandbox import QUOTA_POLL, Box, Sandbox
 
 logger = logging.getLogger("didomagic.runner")
 
@@ -54,12 +56,15 @@ class _SpecManager(KernelSpecManager):
     """Always the runner's own Python with ipykernel, whatever kernelspecs are installed."""
 
     extra_env = Dict(help="environment variables added for every kernel")
+    prefix = List(Unicode(), help="the command the kernel's own command line is run under")
+    interrupt_mode = Unicode("signal", help="signal, or message where signals do not reach")
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         source_root = str(Path(agent.__file__).resolve().parent.parent)
         pythonpath = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
         return KernelSpec(
             argv=[
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "ipykernel_launcher",
@@ -70,7 +75,7 @@ class _SpecManager(KernelSpecManager):
             ],
             display_name="didomagic runner kernel",
             language="python",
-            interrupt_mode="signal",
+            interrupt_mode=self.interrupt_mode,
             env={
                 **self.extra_env,
                 "PYTHONPATH": pythonpath,
@@ -91,10 +96,16 @@ class Kernel:
     """One ipykernel process with its private and scratch directories."""
 
     def __init__(
-        self, root: Path, env: dict[str, str] | None = None, private_root: Path | None = None
+        self,
+        root: Path,
+        env: dict[str, str] | None = None,
+        private_root: Path | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.id = secrets.token_hex(6)
         self.env = dict(env or {})
+        self.sandbox = sandbox
+        self.box: Box | None = None
         self.home = root / self.id
         self.private = (private_root / self.id) if private_root else self.home / "private"
         self.scratch = self.home / "scratch"
@@ -111,9 +122,15 @@ class Kernel:
         self.exchange.mkdir(mode=0o700)
         self.scratch.mkdir(mode=0o700)
         ipc = os.name == "posix"
+        specs = _SpecManager(extra_env=self.env)
+        if self.sandbox is not None:
+            self.box = self.sandbox.box(self.id, self.scratch, self.private)
+            specs.prefix = self.box.prefix
+            specs.interrupt_mode = self.box.interrupt_mode
+            specs.extra_env = {**self.env, **self.box.env}
         self._km = AsyncKernelManager(
             kernel_name="didomagic",
-            kernel_spec_manager=_SpecManager(extra_env=self.env),
+            kernel_spec_manager=specs,
             transport="ipc" if ipc else "tcp",
             ip=str(self.private / "k") if ipc else "127.0.0.1",
             connection_file=str(self.private / "kernel.json"),
@@ -163,10 +180,30 @@ class Kernel:
         finally:
             self._listeners.pop(msg_id, None)
 
-    async def _died(self) -> None:
+    async def _died(self) -> str | None:
+        """Wait for the kernel process to end; return the limit that killed it, if one did."""
         assert self._km is not None
         while await self._km.is_alive():
             await asyncio.sleep(DEATH_POLL)
+        if self.box is None:
+            return None
+        process = getattr(self._km.provisioner, "process", None)
+        returncode = process.poll() if process is not None else None
+        return self.box.death_reason(returncode)
+
+    async def _over_quota(self) -> str:
+        """Return once the scratch directory holds more than the disk quota."""
+        assert self.box is not None and self.box.limits.disk_quota is not None
+        quota = self.box.limits.disk_quota
+        while True:
+            used = await asyncio.to_thread(self.box.scratch_bytes)
+            if used > quota:
+                return (
+                    f"kernel stopped: disk quota {format_size(quota)} exceeded (its scratch "
+                    f"directory held {format_size(used)}); the next cell starts in a fresh "
+                    "kernel with an empty scratch directory"
+                )
+            await asyncio.sleep(QUOTA_POLL)
 
     async def execute(
         self,
@@ -175,13 +212,22 @@ class Kernel:
         timeout: float | None = None,
         limit_name: str = "its timeout",
     ) -> CellOutcome:
-        """Run a cell, streaming its outputs; enforce ``timeout`` by interrupting it."""
+        """Run a cell, streaming its outputs; enforce ``timeout`` and the session's limits."""
         run = asyncio.ensure_future(self._run(code, on_output=on_output))
         death = asyncio.ensure_future(self._died())
+        watched = {run, death}
+        quota: asyncio.Future[str] | None = None
+        if self.box is not None and self.box.limits.disk_quota is not None:
+            quota = asyncio.ensure_future(self._over_quota())
+            watched.add(quota)
         try:
             done, _ = await asyncio.wait(
-                {run, death}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
+            if quota is not None and quota in done and run not in done:
+                logger.info("kernel %s: over its disk quota; stopping it", self.id)
+                await self.kill()
+                return CellOutcome(Status.KERNEL_DIED, {"message": quota.result()})
             timed_out = not done
             if timed_out:
                 logger.info(
@@ -192,25 +238,7 @@ class Kernel:
                     {run, death}, timeout=INTERRUPT_GRACE, return_when=asyncio.FIRST_COMPLETED
                 )
             if run in done:
-                content = run.result()["content"]
-                if timed_out:
-                    return CellOutcome(
-                        Status.TIMEOUT,
-                        {
-                            "message": f"the cell ran longer than {limit_name} of {timeout:g} s "
-                            "and was interrupted; the session's state is kept"
-                        },
-                    )
-                if content["status"] == "ok":
-                    return CellOutcome(Status.OK)
-                return CellOutcome(
-                    Status.ERROR,
-                    {
-                        "ename": content.get("ename", "Error"),
-                        "evalue": content.get("evalue", ""),
-                        "traceback": content.get("traceback", []),
-                    },
-                )
+                return self._outcome(run.result()["content"], timed_out, timeout, limit_name)
             if timed_out and death not in done:
                 return CellOutcome(
                     Status.KERNEL_DIED,
@@ -220,20 +248,53 @@ class Kernel:
                         "kernel was stopped; the session's state is lost"
                     },
                 )
+            reason = death.result() if death.done() else None
+            if reason is not None:
+                logger.info("kernel %s: %s", self.id, reason)
             return CellOutcome(
                 Status.KERNEL_DIED,
                 {
-                    "message": "the runner's kernel died while running the cell (for example "
-                    "os._exit, a crash in native code, or running out of memory); "
-                    "the next cell starts in a fresh kernel, so earlier remote state "
-                    "is lost"
+                    "message": (
+                        reason + "; "
+                        if reason
+                        else "the runner's kernel died while "
+                        "running the cell (for example os._exit, a crash in native code, or "
+                        "running out of memory); "
+                    )
+                    + "the next cell starts in a fresh kernel, so earlier remote state is lost"
                 },
             )
         finally:
-            for task in (run, death):
+            for task in watched:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+
+    def _outcome(
+        self, content: dict[str, Any], timed_out: bool, timeout: float | None, limit_name: str
+    ) -> CellOutcome:
+        if timed_out:
+            return CellOutcome(
+                Status.TIMEOUT,
+                {
+                    "message": f"the cell ran longer than {limit_name} of {timeout:g} s "
+                    "and was interrupted; the session's state is kept"
+                },
+            )
+        if content["status"] == "ok":
+            return CellOutcome(Status.OK)
+        ename, evalue = content.get("ename", "Error"), content.get("evalue", "")
+        traceback = list(content.get("traceback", []))
+        note = self.box.error_note(ename, evalue) if self.box is not None else None
+        if note is not None:
+            evalue = f"{evalue} ({note})"
+            traceback.append(f"didomagic: {note}")
+        return CellOutcome(Status.ERROR, {"ename": ename, "evalue": evalue, "traceback": traceback})
+
+    async def kill(self) -> None:
+        """Stop the kernel process at once (its directories stay until :meth:`shutdown`)."""
+        if self._km is not None and await self._km.is_alive():
+            await self._km.shutdown_kernel(now=True)
 
     async def interrupt(self) -> None:
         """Interrupt the running cell (SIGINT, like the notebook's stop button)."""
@@ -251,6 +312,8 @@ class Kernel:
         if self._km is not None:
             with contextlib.suppress(Exception):
                 await self._km.shutdown_kernel(now=True)
+        if self.box is not None:
+            self.box.remove()
         shutil.rmtree(self.home, ignore_errors=True)
         shutil.rmtree(self.private, ignore_errors=True)
         logger.debug("kernel %s shut down", self.id)
@@ -265,8 +328,11 @@ class KernelPool:
         size: int,
         env: dict[str, str] | None = None,
         private_root: Path | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.root = root
+        self.sandbox = sandbox
+        """The limits every kernel starts under (None: unconfined)."""
         self.private_root = private_root
         """Where kernels' IPC sockets and exchange files go (memory-backed when possible)."""
         self.size = size
@@ -283,7 +349,7 @@ class KernelPool:
             task.add_done_callback(self._starting.discard)
 
     async def _start_one(self) -> None:
-        kernel = Kernel(self.root, self.env, self.private_root)
+        kernel = Kernel(self.root, self.env, self.private_root, self.sandbox)
         try:
             await kernel.start()
         except asyncio.CancelledError:
@@ -303,7 +369,7 @@ class KernelPool:
         if self._warm:
             kernel = self._warm.pop(0)
         else:
-            kernel = Kernel(self.root, self.env, self.private_root)
+            kernel = Kernel(self.root, self.env, self.private_root, self.sandbox)
             try:
                 await kernel.start()
             except BaseException:

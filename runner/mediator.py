@@ -61,7 +61,7 @@ from didomagic.protocol import (
 from runner.jobs import JOBS_PATH, JobService
 from runner.jobstore import JobRecord, JobStore
 from runner.link import REGISTER_PATH, RELAY_PATH, TICKET_HEADER
-from runner.server import HELLO_TIMEOUT, check_token, listen
+from runner.server import HANDSHAKE_TIMEOUT, HELLO_TIMEOUT, check_token, listen
 from runner.wire import peer_of, refuse
 
 logger = logging.getLogger("didomagic.mediator")
@@ -89,6 +89,9 @@ class MediatorSettings:
     keyfile: Path = Path()
     state_dir: Path = Path()
     job_ttl: float | None = None
+    client_ca: Path | None = None
+    """Clients and runners must present a certificate this CA signed (mutual TLS)."""
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
 
 @dataclass
@@ -142,6 +145,8 @@ class Mediator:
             settings.certfile,
             settings.keyfile,
             "didomagic.mediator.websockets",
+            settings.client_ca,
+            settings.handshake_timeout,
         )
         self._watchdog = asyncio.create_task(self._watch_heartbeats())
         store = JobStore(self.settings.state_dir / "jobs")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -71,6 +72,8 @@ from runner import agent, resources
 from runner.certs import server_context
 from runner.jobs import JOBS_PATH, JobService
 from runner.kernels import CellOutcome, Kernel, KernelPool
+from runner.limits import Limits, format_size
+from runner.sandbox import Sandbox
 from runner.wire import peer_of, refuse
 
 logger = logging.getLogger("didomagic.runner")
@@ -78,8 +81,14 @@ logger = logging.getLogger("didomagic.runner")
 IDLE_CLOSE_REASON = "idle-timeout"
 """The close reason of a session ended by --idle-timeout (the client tells the user)."""
 
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a connection has to finish its TLS and websocket handshakes."""
+
 HELLO_TIMEOUT = 10.0
 """Seconds a client has to send its hello after the websocket opens."""
+
+GC_DELAY = 1.0
+"""Seconds after a kernel stops before the garbage collection it calls for (see below)."""
 
 MACHINE_REFRESH = 2.0
 """Seconds between measurements of memory and GPUs (taken off the event loop)."""
@@ -110,6 +119,13 @@ class RunnerSettings:
     max_connections: int = 64
     """Open websocket connections (any stage) beyond which new ones get a 503 at once."""
     warm_kernels: int = 1
+    max_message_size: int = 8 << 30
+    """The most bytes of values one cell may send (refused before anything is allocated)."""
+    client_ca: Path | None = None
+    """Clients must present a certificate this CA signed (mutual TLS)."""
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    limits: Limits = field(default_factory=Limits)
+    """What each session's kernel may use (reported to clients; enforced by the sandbox)."""
 
 
 async def listen(
@@ -120,13 +136,26 @@ async def listen(
     certfile: Path,
     keyfile: Path,
     logger_name: str,
+    client_ca: Path | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Server:
-    """A TLS websocket server as runners and mediators run it: compression off, sized limits."""
+    """A TLS websocket server as runners and mediators run it: compression off, sized limits.
+
+    A connection that has not finished its TLS and websocket handshakes within
+    ``handshake_timeout`` seconds is closed. With ``client_ca``, clients must
+    present a certificate it signed (or the server's own, so that a runner
+    can open sessions to itself for its detached jobs).
+    """
+    context = server_context(certfile, keyfile, client_ca)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=str(certfile))
     return await serve(
         handler,
         host,
         port,
-        ssl=server_context(certfile, keyfile),
+        ssl=context,
+        ssl_handshake_timeout=handshake_timeout,
+        open_timeout=handshake_timeout,
         process_request=authenticate,
         compression=None,  # no compression bombs, and values are mostly incompressible
         max_size=MAX_TEXT_SIZE,
@@ -148,7 +177,11 @@ class RunnerServer:
     """Serves sessions until :meth:`stop` is called."""
 
     def __init__(
-        self, settings: RunnerSettings, work_root: Path, private_root: Path | None = None
+        self,
+        settings: RunnerSettings,
+        work_root: Path,
+        private_root: Path | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.settings = settings
         self.pool = KernelPool(
@@ -156,6 +189,7 @@ class RunnerServer:
             settings.warm_kernels,
             env={"DIDOMAGIC_RUNNER_NAME": settings.name},
             private_root=private_root,
+            sandbox=sandbox,
         )
         self.sessions: set[asyncio.Task[Any]] = set()
         self.active = 0
@@ -169,6 +203,7 @@ class RunnerServer:
         """The runner's own detached jobs (set up by the command line once listening)."""
         self._machine: dict[str, Any] = {}
         self._measuring: asyncio.Task[None] | None = None
+        self._gc_pending: asyncio.TimerHandle | None = None
 
     def machine(self) -> dict[str, Any]:
         """The machine's description, as last measured (see :meth:`_measure`)."""
@@ -199,6 +234,8 @@ class RunnerServer:
             "tags": list(self.settings.tags),
             "didomagic": didomagic.__version__,
             "status": "up",
+            "limits": self.settings.limits.describe(),
+            "max_message_size": self.settings.max_message_size,
             **self.machine(),
             **self.load(),
         }
@@ -249,6 +286,24 @@ class RunnerServer:
                 ticket.set_result(None)
         self._load_changed()
 
+    def collect_garbage_soon(self) -> None:
+        """Run one full garbage collection a moment after kernels stop (coalesced).
+
+        A stopped kernel's manager and client (jupyter_client, traitlets, ZMQ)
+        are reference cycles; left to the collector's own schedule they pile
+        up for many sessions (the soak test saw 2 MB per session).
+        """
+        if self._gc_pending is None or self._gc_pending.cancelled():
+            self._gc_pending = asyncio.get_running_loop().call_later(GC_DELAY, self._collect)
+
+    def _collect(self) -> None:
+        self._gc_pending = None
+        started = time.perf_counter()
+        found = gc.collect()
+        logger.debug(
+            "collected %d objects in %.1f ms", found, (time.perf_counter() - started) * 1e3
+        )
+
     def position(self, ticket: asyncio.Future[None]) -> int:
         """1-based place of a queued session (0 once admitted)."""
         return self.waiting.index(ticket) + 1 if ticket in self.waiting else 0
@@ -267,6 +322,8 @@ class RunnerServer:
             settings.certfile,
             settings.keyfile,
             "didomagic.runner.websockets",
+            settings.client_ca,
+            settings.handshake_timeout,
         )
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
@@ -345,6 +402,8 @@ class SessionHandler:
         self.writer: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         """When the session last received a frame or was busy with a cell."""
+        self.client_versions: dict[str, str] = {}
+        """The Python and cloudpickle versions the client says it pickles with."""
         self.cache = ValueCache(
             (server.pool.private_root or server.pool.root) / f"cache-{self.id[:12]}"
         )
@@ -405,6 +464,7 @@ class SessionHandler:
             await self.ws.close()
             return False
         assert isinstance(first, Hello)
+        self.client_versions = {"python": first.python, "cloudpickle": first.cloudpickle}
         try:
             check_compatible(
                 protocol=first.protocol,
@@ -530,6 +590,8 @@ class SessionHandler:
             message = self.protocol.receive(frame)
             if isinstance(message, Execute):
                 assert self.kernel is not None
+                if not await self._within_size_limit(message):
+                    return
                 self.upload = _Upload(message, self.kernel.exchange, self.cache)
                 self.interrupted = False
                 if self.protocol.state is State.RUNNING:
@@ -537,9 +599,34 @@ class SessionHandler:
             elif isinstance(message, Interrupt):
                 await self._interrupt()
 
+    async def _within_size_limit(self, request: Execute) -> bool:
+        """Refuse (and end the session) a cell declaring more bytes than --max-message-size."""
+        limit = self.server.settings.max_message_size
+        size = sum(v.nbytes for v in request.values if not v.cached)
+        if size <= limit:
+            return True
+        logger.warning(
+            "session %s: refused a cell of %d bytes of values (--max-message-size %d)",
+            self.log_id,
+            size,
+            limit,
+        )
+        await refuse(
+            self.ws,
+            ErrorCode.BAD_REQUEST,
+            f"The cell declares {format_size(size)} of values; this runner accepts at most "
+            f"{format_size(limit)} per cell (--max-message-size). Nothing was allocated.",
+        )
+        return False
+
     def _start_cell(self) -> None:
         assert self.upload is not None
         upload, self.upload = self.upload, None
+        try:
+            upload.verify()
+        except ProtocolError:
+            upload.close(keep=False)
+            raise
         upload.close()
         self.cell_task = asyncio.create_task(self._run_cell(upload.request, upload.described()))
 
@@ -577,6 +664,7 @@ class SessionHandler:
                 "values": values,
                 "fetch": list(request.fetch),
                 "deletes": list(request.deletes),
+                "origin": self.client_versions,
             },
         )
         started = time.perf_counter()
@@ -684,13 +772,14 @@ class SessionHandler:
             with contextlib.suppress(BaseException):
                 await self.cell_task
         if self.upload is not None:
-            self.upload.close()
+            self.upload.close(keep=False)
         self.cache.clear()
         if self.has_slot:  # the client is gone: the next session may start while this
             self.has_slot = False  # kernel shuts down
             self.server.release()
         if self.kernel is not None:
             await self.kernel.shutdown()
+            self.server.collect_garbage_soon()
             logger.info("session %s closed", self.log_id)
 
 
@@ -710,6 +799,7 @@ class _Upload:
         self.keep: list[bool] = []
         self.offsets: list[int] = []
         self.files: list[IO[bytes] | None] = []
+        self.digesters: dict[int, serialize.Digester] = {}
         self.shared: IO[bytes] | None = None
         self.shared_size = 0
         for i, header in enumerate(request.values):
@@ -731,6 +821,7 @@ class _Upload:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 self.files.append(open(fd, "wb"))  # noqa: SIM115 - closed in close()
                 self.offsets.append(0)
+                self.digesters[i] = serialize.Digester(header.sizes)
             else:  # small or one-off values share one file: creating files is what costs
                 path = exchange / agent.INPUT_FILE
                 if self.shared is None:
@@ -746,15 +837,34 @@ class _Upload:
         f = self.files[value]
         assert f is not None
         f.write(data)
+        digester = self.digesters.get(value)
+        if digester is not None:
+            digester.update(data)
 
-    def close(self) -> None:
-        """Close the files; move completed cache files into place."""
+    def verify(self) -> None:
+        """Raise ProtocolError if a value's bytes do not match the digest it was declared with.
+
+        The cache trusts digests, so a value that lied about its own would
+        otherwise be handed out later in place of what a cell declares.
+        """
+        for i, digester in self.digesters.items():
+            header = self.request.values[i]
+            if digester.hexdigest() != header.digest:
+                raise ProtocolError(
+                    f"the bytes of value {header.name!r} do not match the digest it was "
+                    "declared with; nothing of it was kept"
+                )
+
+    def close(self, keep: bool = True) -> None:
+        """Close the files; move completed cache files into place (``keep``) or remove them."""
         for i, f in enumerate(self.files):
             if f is None:
                 continue
             f.close()
             header = self.request.values[i]
-            if header.digest and not header.cached:
+            if header.digest and not header.cached and not keep:
+                self.paths[i].unlink(missing_ok=True)
+            elif header.digest and not header.cached:
                 self.paths[i] = self.cache.store(header.name, header.digest, self.paths[i])
         if self.shared is not None:
             self.shared.close()

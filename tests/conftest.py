@@ -13,6 +13,12 @@ from pathlib import Path
 
 import pytest
 
+SECRETS: set[str] = set()
+"""Every token a runner or mediator of this test session printed."""
+
+LOGS: list[Path] = []
+"""Every runner's and mediator's log: none may contain any of :data:`SECRETS`."""
+
 TIMEOUT = 30.0 * float(os.environ.get("DIDOMAGIC_TEST_TIMEOUT_SCALE", "1"))
 """The one timeout scale of the suite, in seconds (raise it on slow machines)."""
 
@@ -58,10 +64,18 @@ def start_runner(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Ru
         )
     assert process.stdout is not None
     line = process.stdout.readline().decode().strip()  # printed once listening
+    LOGS.append(log_path)
     if not line:
         process.wait(timeout=TIMEOUT)
         raise RuntimeError(f"runner did not start:\n{log_path.read_text()}")
+    _remember_token(line)
     return RunnerProcess(process, line, state, log_path)
+
+
+def _remember_token(url: str) -> None:
+    from didomagic.urls import ConnectionURL
+
+    SECRETS.add(ConnectionURL.parse(url).token)
 
 
 @dataclass
@@ -102,9 +116,12 @@ def start_mediator(tmp: Path, *args: str) -> MediatorProcess:
     assert process.stdout is not None
     client_url = process.stdout.readline().decode().strip()
     runner_url = process.stdout.readline().decode().strip()
+    LOGS.append(log_path)
     if not runner_url:
         process.wait(timeout=TIMEOUT)
         raise RuntimeError(f"mediator did not start:\n{log_path.read_text()}")
+    _remember_token(client_url)
+    _remember_token(runner_url)
     return MediatorProcess(process, client_url, runner_url, state, log_path)
 
 
@@ -185,3 +202,22 @@ def ns(shell):  # type: ignore[no-untyped-def]
     for name in [n for n in shell.user_ns if n not in hidden]:
         del shell.user_ns[name]
     return shell.user_ns
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the whole suite: no token may appear in any runner's or mediator's log."""
+    logs = [log for log in dict.fromkeys(LOGS) if log.exists()]
+    leaks = [
+        f"{log} contains a token ({secret[:4]}...)"
+        for log in logs
+        for secret in SECRETS
+        if secret in log.read_text(errors="replace")
+    ]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and logs:
+        reporter.write_line(
+            f"token check: {len(logs)} runner and mediator logs, {len(SECRETS)} tokens: "
+            + ("LEAKED\n  " + "\n  ".join(leaks) if leaks else "none appears in any log")
+        )
+    if leaks:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
