@@ -256,6 +256,9 @@ def bwrap_argv(scratch: Path, private: Path, no_network: bool) -> list[str]:
     argv += ["--bind", str(private), str(private), "--bind", str(scratch), str(scratch)]
     argv += ["--chdir", str(scratch), "--setenv", "HOME", str(scratch)]
     argv += ["--setenv", "IPYTHONDIR", str(private / "ipython")]  # not in the scratch
+    # In its own PID namespace the kernel's parent is bwrap's pid 1, which ipykernel would
+    # take for a dead parent; --die-with-parent ends it with the runner instead.
+    argv += ["--unsetenv", "JPY_PARENT_PID"]
     argv += ["--setenv", "TMPDIR", "/tmp", "--"]
     return argv
 

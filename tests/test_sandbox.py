@@ -181,19 +181,27 @@ def test_a_fresh_session_starts_in_an_empty_scratch_directory(shell, ns, runner_
 @pytest.mark.skipif(HOST.bwrap is not None, reason=f"no bubblewrap: {HOST.bwrap}")
 def test_bwrap_shows_the_kernel_only_its_environment_and_scratch(shell, ns, runner_factory):
     runner = runner_factory("--sandbox", "bwrap")
+    other = OtherSession(runner.url)  # another session's scratch exists on the host now
     result, _ = remote(
         shell,
         runner.url,
         f"import os, sys\nstate_seen = os.path.exists({str(runner.state_dir)!r})\n"
-        "tmp = os.listdir('/tmp')\nwrite_env = os.access(sys.prefix, os.W_OK)",
+        "kernel_dir = os.path.dirname(os.getcwd())\n"
+        "neighbours = os.listdir(os.path.dirname(kernel_dir))\n"
+        "mine = os.path.basename(kernel_dir)\n"
+        "open('written.txt', 'w').write('scratch is writable')\n"
+        "write_env = os.access(sys.prefix, os.W_OK)\nwrite_etc = os.access('/etc', os.W_OK)",
     )
     assert result.success, result.error_in_exec
-    assert ns["state_seen"] is False and ns["tmp"] == [] and ns["write_env"] is False
+    assert ns["state_seen"] is False  # nothing of the runner's own files
+    assert ns["neighbours"] == [ns["mine"]]  # no other session's directory
+    assert ns["write_env"] is False and ns["write_etc"] is False
     with capture_output():  # interrupts reach a kernel inside bubblewrap
         result = shell.run_cell(
             f"%%remote --runner {runner.url} --timeout 1\nimport time\ntime.sleep(30)"
         )
     assert isinstance(result.error_in_exec, CellTimeout)
+    assert other.still_there()
 
 
 def _box(tmp_path, host: sandbox.Host, **limits) -> sandbox.Box:
@@ -246,8 +254,8 @@ def test_bwrap_binds_only_the_environment_read_only_and_the_session_dirs(tmp_pat
 
 
 def test_the_runner_refuses_to_start_with_a_limit_the_host_lacks(tmp_path):
-    if HOST.bwrap is None:
-        pytest.skip("bubblewrap works here, so --sandbox bwrap starts")
+    import os
+
     done = subprocess.run(
         [
             sys.executable,
@@ -264,6 +272,7 @@ def test_the_runner_refuses_to_start_with_a_limit_the_host_lacks(tmp_path):
         text=True,
         stdin=subprocess.DEVNULL,
         timeout=60,
+        env={**os.environ, "PATH": str(tmp_path / "no-tools-here")},  # so no bwrap
     )
     assert done.returncode != 0 and done.stdout == ""
     assert "cannot start: --sandbox bwrap:" in done.stderr
