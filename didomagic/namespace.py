@@ -52,6 +52,12 @@ def analyze_cell(cell: str, transform: Callable[[str], str] = transform_cell) ->
     (It still runs remotely, where the kernel reports its syntax error.)
     """
     try:
+        return _analyze_tree(ast.parse(cell))  # plain Python: IPython's transforms change nothing
+    except (SyntaxError, ValueError):
+        pass
+    except (RecursionError, MemoryError):
+        raise _too_deep() from None
+    try:
         source = transform(cell)
     except Exception:
         return CellNames()
@@ -74,6 +80,10 @@ def analyze_source(source: str) -> CellNames:
         return CellNames()
     except (RecursionError, MemoryError):
         raise _too_deep() from None
+    return _analyze_tree(tree)
+
+
+def _analyze_tree(tree: ast.Module) -> CellNames:
     visitor = _TopLevel()
     try:
         visitor.visit(tree)

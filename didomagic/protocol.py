@@ -40,8 +40,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum, StrEnum
 from typing import Any, ClassVar
 
@@ -428,14 +429,17 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 
 def encode(message: Message) -> str:
     """Serialize a message to the JSON text of one websocket frame."""
-    body = asdict(message)
+    body = {f.name: getattr(message, f.name) for f in fields(message)}
     body["type"] = message.kind
-    return json.dumps(body, separators=(",", ":"), default=_enum_value)
+    return json.dumps(body, separators=(",", ":"), default=_plain)
 
 
-def _enum_value(obj: object) -> object:
+def _plain(obj: object) -> object:
+    """JSON for what ``json`` does not know: enums and value headers (no deep copies)."""
     if isinstance(obj, Enum):
         return obj.value
+    if isinstance(obj, ValueHeader):
+        return {"name": obj.name, "sizes": obj.sizes, "digest": obj.digest, "cached": obj.cached}
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
@@ -538,22 +542,25 @@ def _as_timeout(kind: str, name: str, v: Any) -> float | None:
     return float(v)
 
 
+_HEADER_KEYS = frozenset({"name", "sizes", "digest", "cached"})
+
+
 def _as_values(kind: str, name: str, v: Any) -> tuple[ValueHeader, ...]:
     _check(kind, name, isinstance(v, list), "a list of values", v)
     headers = []
-    for item in v:
-        ok = (
-            isinstance(item, dict)
-            and {"name", "sizes"} <= set(item) <= {"name", "sizes", "digest", "cached"}
-            and isinstance(item["name"], str)
-            and isinstance(item.get("digest", ""), str)
-            and isinstance(item.get("cached", False), bool)
-            and isinstance(item["sizes"], list)
-            and len(item["sizes"]) >= 1
-            and all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in item["sizes"]
+    for item in v:  # exact type checks: a cell may declare thousands of values
+        ok = type(item) is dict and item.keys() <= _HEADER_KEYS
+        if ok:
+            value_name, sizes = item.get("name"), item.get("sizes")
+            digest, cached = item.get("digest", ""), item.get("cached", False)
+            ok = (
+                type(value_name) is str
+                and type(sizes) is list
+                and len(sizes) >= 1
+                and type(digest) is str
+                and type(cached) is bool
+                and all(type(s) is int and s >= 0 for s in sizes)
             )
-        )
         _check(
             kind,
             name,
@@ -561,14 +568,7 @@ def _as_values(kind: str, name: str, v: Any) -> tuple[ValueHeader, ...]:
             'a list of {"name": str, "sizes": [int >= 0, ...], "digest"?: str, "cached"?: bool}',
             item,
         )
-        headers.append(
-            ValueHeader(
-                item["name"],
-                tuple(item["sizes"]),
-                item.get("digest", ""),
-                item.get("cached", False),
-            )
-        )
+        headers.append(ValueHeader(value_name, tuple(sizes), digest, cached))
     return tuple(headers)
 
 
@@ -730,7 +730,7 @@ class Session:
         self.role = role
         self.channel = channel
         self.state = State.HELLO
-        self._pending: list[tuple[int, int, int]] = []  # (value, part, size) still to move
+        self._pending: deque[tuple[int, int, int]] = deque()  # (value, part, size) to move
         self._offset = 0  # bytes of the current part already moved
 
     # -- control messages
@@ -777,13 +777,13 @@ class Session:
         return upload_in or download_in
 
     def _expect(self, values: Sequence[ValueHeader]) -> None:
-        self._pending = [
+        self._pending = deque(
             (v, p, size)
             for v, header in enumerate(values)
             if not header.cached  # the receiver has these bytes already
             for p, size in enumerate(header.sizes)
             if size > 0
-        ]
+        )
         self._offset = 0
 
     def _bytes_left(self) -> int:
@@ -804,7 +804,7 @@ class Session:
         offset = self._offset
         self._offset += nbytes
         if self._offset == size:
-            self._pending.pop(0)
+            self._pending.popleft()
             self._offset = 0
         return value, part, offset
 

@@ -17,7 +17,6 @@ import os
 import pickle
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +35,15 @@ class Packed:
     name: str
     parts: tuple[memoryview, ...]
 
-    @cached_property
+    @property
     def header(self) -> ValueHeader:
         """The header that declares this value on the wire."""
-        return ValueHeader(self.name, tuple(p.nbytes for p in self.parts))
+        return ValueHeader(self.name, tuple([p.nbytes for p in self.parts]))
 
-    @cached_property
+    @property
     def nbytes(self) -> int:
         """Total size of the parts."""
-        return sum(p.nbytes for p in self.parts)
+        return sum([p.nbytes for p in self.parts])
 
     def digest(self) -> str:
         """XXH3-128 of the parts (sizes included), to tell whether a value changed."""
@@ -95,8 +94,14 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+_SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
+"""Types the standard pickler writes exactly as cloudpickle would, without its setup cost."""
+
+
 def pack(name: str, value: Any) -> Packed:
     """Pickle one value with out-of-band buffers; raise if it cannot be pickled."""
+    if type(value) in _SCALARS:  # about 20x faster for the many small values of a cell
+        return Packed(name, (memoryview(pickle.dumps(value, protocol=PICKLE_PROTOCOL)),))
     buffers: list[pickle.PickleBuffer] = []
     stream = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
     return Packed(name, (memoryview(stream), *(_flat(b) for b in buffers)))
@@ -205,7 +210,7 @@ def write_values(path: Path, values: Sequence[Sequence[memoryview]]) -> list[int
     """
     offsets, offset = [], 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb", buffering=0) as f:
+    with open(fd, "wb") as f:  # buffered: small parts coalesce, large ones go straight out
         for parts in values:
             offsets.append(offset)
             for part in parts:

@@ -14,6 +14,8 @@ stale value from an earlier cell never overwrites the notebook's.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -61,22 +63,23 @@ class Agent:
         ns = self.shell.user_ns
         pairs, failures = [], {}
         mapped: dict[str, memoryview] = {}
-        temporary: set[Path] = set()
+        temporary: set[str] = set()
         for value in request["values"]:
-            path = Path(value["path"])
+            path = value["path"]  # a string: a thousand Path objects would cost milliseconds
             try:
-                if value["path"] not in mapped:
-                    mapped[value["path"]] = serialize.map_file(path)
-                parts = serialize.slice_parts(
-                    mapped[value["path"]], value.get("offset", 0), value["sizes"]
+                view = mapped.get(path)
+                if view is None:
+                    view = mapped[path] = serialize.map_file(Path(path))
+                pairs.append(
+                    (value["name"], serialize.slice_parts(view, value["offset"], value["sizes"]))
                 )
-                pairs.append((value["name"], parts))
             except Exception as exc:
                 failures[value["name"]] = f"could not be read: {serialize.describe(exc)}"
-            if not value.get("keep"):  # cached values stay for later cells of the session
+            if not value["keep"]:  # cached values stay for later cells of the session
                 temporary.add(path)
         for path in temporary:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         failures.update(serialize.unpack_into(ns, pairs))
         where = _versions(request.get("origin", {}))
         self._failures = {name: f"{reason} ({where})" for name, reason in failures.items()}
@@ -128,3 +131,22 @@ def install(exchange: str) -> None:
     agent = Agent(shell, Path(exchange))
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
+    shell.transform_cell = _plain_python_first(shell.transform_cell)
+
+
+def _plain_python_first(transform: Any) -> Any:
+    """Skip IPython's input transforms for cells that already parse as plain Python.
+
+    Those transforms only rewrite syntax that is not Python (magics, ``!``,
+    ``?``, prompts, stray indentation), yet tokenize the whole cell: for a
+    10 KB cell that is 8 ms, twice what parsing it costs.
+    """
+
+    def transform_cell(raw_cell: str) -> str:
+        try:
+            compile(raw_cell, "<cell>", "exec", ast.PyCF_ONLY_AST)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return str(transform(raw_cell))
+        return raw_cell if raw_cell.endswith("\n") else raw_cell + "\n"
+
+    return transform_cell

@@ -802,6 +802,7 @@ class _Upload:
         self.digesters: dict[int, serialize.Digester] = {}
         self.shared: IO[bytes] | None = None
         self.shared_size = 0
+        shared_path = exchange / agent.INPUT_FILE  # one Path, not one per small value
         for i, header in enumerate(request.values):
             if header.cached:
                 path = cache.lookup(header.name, header.digest)
@@ -823,7 +824,7 @@ class _Upload:
                 self.offsets.append(0)
                 self.digesters[i] = serialize.Digester(header.sizes)
             else:  # small or one-off values share one file: creating files is what costs
-                path = exchange / agent.INPUT_FILE
+                path = shared_path
                 if self.shared is None:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                     self.shared = open(fd, "wb")  # noqa: SIM115 - closed in close()
@@ -872,11 +873,12 @@ class _Upload:
 
     def described(self) -> list[dict[str, Any]]:
         """The values as the agent reads them from ``cell.json``."""
+        text = {id(p): str(p) for p in self.paths}  # each distinct path made a string once
         return [
             {
                 "name": v.name,
                 "sizes": list(v.sizes),
-                "path": str(path),
+                "path": text[id(path)],
                 "offset": offset,
                 "keep": keep,
             }
