@@ -2,8 +2,9 @@
 
 Both show, for each runner: name, address, tags, status (with the reason when
 it is not up), latency, OS and architecture, Python, CPUs, memory free/total,
-GPUs, sessions active/max and queue length. The widget adds a "Use" button per
-runner that makes it the notebook's default.
+GPUs, sessions active/max, queue length and the limits each session runs
+under. The widget adds a "Use" button per runner that makes it the notebook's
+default.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ COLUMNS = (
     "gpus",
     "sessions",
     "queue",
+    "limits",
 )
 
 
@@ -71,6 +73,7 @@ def row(view: RunnerView) -> dict[str, str]:
         "gpus": _gpus(d),
         "sessions": f"{d.get('sessions', 0)}/{d.get('max_sessions', '?')}" if up else "-",
         "queue": f"{d.get('queue', 0)}/{d.get('max_queue', 0)}" if up else "-",
+        "limits": ", ".join(d.get("limits") or ()) or ("none" if up else "-"),
     }
 
 

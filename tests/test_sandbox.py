@@ -59,6 +59,11 @@ def test_check_sandbox_names_every_mechanism_and_how_limits_are_enforced():
 
 def test_memory_limit_ends_the_cell_and_names_the_limit(shell, ns, runner_factory):
     runner = runner_factory("--memory-limit", "300M")
+    with capture_output() as listing:
+        shell.run_line_magic("runners", f"add {runner.url} --name boxed")
+        shell.run_line_magic("runners", "--text")
+    assert "memory limit 300 MiB" in listing.stdout  # %runners shows what a session may use
+    shell.run_line_magic("runners", "remove boxed")
     other = OtherSession(runner.url)
     result, cap = remote(shell, runner.url, "big = b'x' * (700 << 20)")
     error = result.error_in_exec
