@@ -302,6 +302,12 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         "(read-only), their scratch directory and a private /tmp (default: none)",
     )
     g.add_argument(
+        "--no-cgroups",
+        action="store_true",
+        help="enforce --memory-limit and --max-processes with rlimits only, even where a "
+        "cgroup is writable (the runner then creates no cgroups)",
+    )
+    g.add_argument(
         "--check-sandbox",
         action="store_true",
         help="print which mechanisms this host offers and how the given limits would be "
@@ -513,7 +519,12 @@ async def serve(args: argparse.Namespace) -> None:
     """Run the runner until SIGTERM, SIGINT or (optionally) standard input closes."""
     limits = limits_of(args)
     try:
-        sandbox = Sandbox(limits, probe(network=limits.no_network, bwrap=limits.sandbox == "bwrap"))
+        host = probe(
+            network=limits.no_network,
+            bwrap=limits.sandbox == "bwrap",
+            use_cgroups=not args.no_cgroups,
+        )
+        sandbox = Sandbox(limits, host)
     except SandboxUnavailable as exc:
         raise SystemExit(f"didomagic-runner: cannot start: {exc}") from None
     state_dir, certfile, keyfile = _prepare(args, "runner")
@@ -699,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = serve_parser().parse_args(argv)
     if args.check_sandbox:
-        print(report(limits_of(args), probe()))
+        print(report(limits_of(args), probe(use_cgroups=not args.no_cgroups)))
         return 0
     _configure_logging(args.log_level)
     asyncio.run(serve(args))

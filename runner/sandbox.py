@@ -108,11 +108,14 @@ def probe_bwrap() -> str | None:
     return None if reason is None else f"bwrap does not work here: {reason}"
 
 
-def probe(network: bool = True, bwrap: bool = True) -> Host:
-    """Find out what this host offers (``network``/``bwrap``: run those probes, ~50 ms each)."""
+def probe(network: bool = True, bwrap: bool = True, use_cgroups: bool = True) -> Host:
+    """Find out what this host offers (``network``/``bwrap``: run those probes, ~50 ms each).
+
+    ``use_cgroups=False`` leaves cgroups out even where one is writable (``--no-cgroups``).
+    """
     return Host(
         rlimits=os.name == "posix",
-        cgroups=cgroups.find() if os.name == "posix" else None,
+        cgroups=cgroups.find() if os.name == "posix" and use_cgroups else None,
         bwrap=probe_bwrap() if bwrap else "not probed",
         network=probe_network() if network else "not probed",
         root=os.name == "posix" and os.geteuid() == 0,
