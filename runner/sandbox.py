@@ -251,11 +251,13 @@ def bwrap_argv(scratch: Path, private: Path, no_network: bool) -> list[str]:
     argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-all"]
     if not no_network:
         argv.append("--share-net")
+    # Mounts apply in order: the private /tmp first, so binds beneath it (an environment
+    # or a work directory under /tmp) land on top of it rather than being hidden.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for system in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"):
         argv += ["--ro-bind-try", system, system]
     for root in _python_roots():
         argv += ["--ro-bind", root, root]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     argv += ["--bind", str(private), str(private), "--bind", str(scratch), str(scratch)]
     argv += ["--chdir", str(scratch), "--setenv", "HOME", str(scratch)]
     argv += ["--setenv", "IPYTHONDIR", str(private / "ipython")]  # not in the scratch

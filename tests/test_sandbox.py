@@ -263,6 +263,8 @@ def test_bwrap_binds_only_the_environment_read_only_and_the_session_dirs(tmp_pat
     scratch, private = tmp_path / "scratch", tmp_path / "private"
     argv = sandbox.bwrap_argv(scratch, private, no_network=True)
     pairs = list(itertools.pairwise(argv))
+    first_bind = min(i for i, a in enumerate(argv) if a.startswith("--ro-bind"))
+    assert argv.index("--tmpfs") < first_bind  # else /tmp would hide an environment under it
     assert ("--bind", str(scratch)) in pairs and ("--bind", str(private)) in pairs
     assert ("--ro-bind", sys.prefix) in pairs and ("--tmpfs", "/tmp") in pairs
     assert "--share-net" not in argv and "--unshare-all" in argv

@@ -77,6 +77,10 @@ def test_twenty_sessions_of_fifty_cells_lose_and_cross_nothing(runner_factory):
     assert log.count(" opened from ") == SESSIONS
     assert log.count(" ok in ") == SESSIONS * (CELLS + 1)
     wait_until(lambda: runner.log.count(" closed\n") == SESSIONS, "every session to close")
-    end = rss(pid)
-    print(f"\nrunner RSS: {start / 1e6:.0f} MB before, {end / 1e6:.0f} MB after")
-    assert end < start + (48 << 20), f"runner memory grew from {start} to {end}"
+    # The runner collects a stopped kernel's leftovers a moment after it stops.
+    wait_until(
+        lambda: rss(pid) < start + (48 << 20),
+        f"runner memory to come back within 48 MiB of its start ({start / 1e6:.0f} MB)",
+        timeout=15,
+    )
+    print(f"\nrunner RSS: {start / 1e6:.0f} MB before, {rss(pid) / 1e6:.0f} MB after")
