@@ -5,6 +5,8 @@
     didomagic-runner [--host H] [--port P] [--tags a,b] ...   serve cells
     didomagic-runner mediator [--host H] [--port P] ...        match cells to runners
     didomagic-runner gen-cert --out DIR [--host NAME]          write a certificate
+    didomagic-runner gen-client-cert --ca-dir D --name N --out DIR   a client certificate
+    didomagic-runner --check-sandbox [limit flags]             what this host can enforce
 
 On start the runner logs where it listens and its certificate fingerprint, and
 prints its connection URL (address, token and fingerprint in one string) on
@@ -164,7 +166,8 @@ def serve_parser() -> argparse.ArgumentParser:
         prog="didomagic-runner",
         description="Run notebook cells sent by %%remote in real Jupyter kernels. "
         "Other commands: 'didomagic-runner mediator --help' (a mediator for several "
-        "runners) and 'didomagic-runner gen-cert --out DIR' (write a certificate).",
+        "runners), 'didomagic-runner gen-cert --out DIR' (write a certificate) and "
+        "'didomagic-runner gen-client-cert --help' (client certificates for --client-ca).",
     )
     _add_common(p, DEFAULT_PORT, "runner")
     p.add_argument("--name", default=None, help="runner name (default: the host name)")

@@ -131,3 +131,33 @@ def test_one_client_cannot_see_or_touch_another_clients_jobs(tmp_path, runner_fa
         os.environ["DIDOMAGIC_CONFIG"] = own_config
     assert [j["id"] for j in run(detached.list_async(url))] == [mine.id]
     assert mine.result() == 81  # untouched by the other client's attempts
+
+
+def test_a_mediator_with_client_ca_admits_certified_clients_and_runners(tmp_path):
+    from .conftest import start_mediator, start_runner, wait_until
+
+    ca, cert, key = issue(tmp_path / "ca", "alice", tmp_path / "alice")
+    _, runner_cert, runner_key = issue(tmp_path / "ca", "gpu-box", tmp_path / "box")
+    mediator = start_mediator(tmp_path / "m", "--client-ca", str(ca))
+    joined = ConnectionURL.parse(mediator.runner_url)
+    joined = ConnectionURL(
+        joined.host,
+        joined.port,
+        joined.token,
+        joined.fingerprint,
+        str(runner_cert),
+        str(runner_key),
+    )
+    runner = start_runner(tmp_path / "r", "--name", "box", "--mediator", str(joined))
+    try:
+        wait_until(lambda: "registered" in runner.log, "the certified runner to join")
+        client = ConnectionURL.parse(mediator.url)
+        with pytest.raises(AuthenticationFailed, match="requires a client certificate"):
+            cell(str(client))
+        certified = ConnectionURL(
+            client.host, client.port, client.token, client.fingerprint, str(cert), str(key)
+        )
+        assert cell(str(certified))["b"] == 42  # relayed to the runner and back
+    finally:
+        assert runner.stop() == 0, runner.log
+        assert mediator.stop() == 0, mediator.log
