@@ -296,3 +296,20 @@ def test_the_runner_refuses_to_start_with_a_limit_the_host_lacks(tmp_path):
     )
     assert done.returncode != 0 and done.stdout == ""
     assert "cannot start: --sandbox bwrap:" in done.stderr
+
+
+def test_cgroup_v2_groups_get_their_limits_and_report_what_hit_them(tmp_path):
+    """The v2 file layout, on a plain directory (this host may only have v1)."""
+    from runner import cgroups
+
+    hierarchy = cgroups.Hierarchy(2, tmp_path, tmp_path)
+    groups = cgroups.KernelGroups(hierarchy, "didomagic-1-k1", memory=1 << 30, processes=64)
+    group = tmp_path / "didomagic-1-k1"
+    assert (group / "memory.max").read_text() == str(1 << 30)
+    assert (group / "memory.swap.max").read_text() == "0"
+    assert (group / "pids.max").read_text() == "64"
+    assert groups.procs_files == [str(group / "cgroup.procs")]
+    assert not groups.memory_exceeded() and not groups.processes_exceeded()
+    (group / "memory.events").write_text("low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\n")
+    (group / "pids.events").write_text("max 3\n")
+    assert groups.memory_exceeded() and groups.processes_exceeded()
