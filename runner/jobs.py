@@ -59,7 +59,7 @@ from didomagic.protocol import (
 )
 from runner import jobstore
 from runner.jobstore import JobRecord, JobStore
-from runner.wire import refuse
+from runner.wire import refuse, wait_set
 
 logger = logging.getLogger("didomagic.detached")
 
@@ -97,6 +97,7 @@ class JobService:
         self.wake = asyncio.Event()
         self._running: dict[str, tuple[asyncio.Task[None], RunnerConnection]] = {}
         self._scheduler: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # -- life cycle
 
@@ -112,7 +113,9 @@ class JobService:
 
     async def stop(self) -> None:
         """Stop scheduling and stop running jobs (they are settled at the next start)."""
+        self._stopping = True
         if self._scheduler is not None:
+            self.wake.set()
             self._scheduler.cancel()
             await asyncio.gather(self._scheduler, return_exceptions=True)
         tasks = [task for task, _ in self._running.values()]
@@ -124,10 +127,11 @@ class JobService:
     # -- scheduling
 
     async def _schedule(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), SCHEDULE_EVERY)
+        while not self._stopping:
+            await wait_set(self.wake, SCHEDULE_EVERY)
             self.wake.clear()
+            if self._stopping:
+                return
             if self.ttl is not None:
                 for job_id in self.store.expire(self.ttl):
                     logger.info("job %s expired (--job-ttl %gs)", job_id, self.ttl)

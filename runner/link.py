@@ -28,6 +28,7 @@ from didomagic.errors import ConnectError, ProtocolError
 from didomagic.protocol import Dial, Error, Leave, Link, Load, Register, Registered, Role
 from didomagic.urls import ConnectionURL
 from runner.server import RunnerServer
+from runner.wire import wait_set
 
 logger = logging.getLogger("didomagic.runner.link")
 
@@ -122,9 +123,8 @@ class MediatorLink:
         changed = asyncio.Event()
         self.server.load_listeners.append(changed.set)
         try:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self.heartbeat)
+            while not self._stopping:
+                await wait_set(changed, self.heartbeat)
                 changed.clear()
                 await ws.send(link.send(Load(self.server.describe())))
         finally:

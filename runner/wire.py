@@ -1,7 +1,8 @@
-"""Small helpers every server endpoint shares: refusing a connection, naming its peer."""
+"""Small helpers the server side shares: refusing a connection, naming its peer, waiting."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -21,3 +22,19 @@ async def refuse(ws: Any, code: ErrorCode, message: str) -> None:
     with contextlib.suppress(ConnectionClosed):
         await ws.send(encode(Error(code, message)))
         await ws.close(1008, code.value)
+
+
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set or ``timeout`` seconds pass; True if it was set.
+
+    Loops that wake on an event or a period use this rather than
+    ``asyncio.wait_for``: on Python 3.11 ``wait_for`` drops a cancellation that
+    arrives as the event is set, and the loop then never stops (a runner once
+    hung on SIGTERM that way). ``asyncio.timeout`` keeps it.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

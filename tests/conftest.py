@@ -43,6 +43,13 @@ class RunnerProcess:
             self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # never leave it behind
+            self.process.wait()
+            raise AssertionError(
+                f"it did not stop within {TIMEOUT:g} s of SIGTERM; killed. Its log:\n"
+                + self.log_path.read_text()[-4000:]
+            ) from None
         finally:
             if self.process.stdout:
                 self.process.stdout.close()
