@@ -72,6 +72,7 @@ class _SpecManager(KernelSpecManager):
                 "{connection_file}",
                 # Runner kernels must not write into the runner user's IPython history.
                 "--HistoryManager.enabled=False",
+                "--IPythonKernel._execute_sleep=0",
             ],
             display_name="didomagic runner kernel",
             language="python",

@@ -348,3 +348,15 @@ def test_an_interrupt_while_values_arrive_cancels_the_cell_before_it_starts(modu
     first, never_ran = background_loop().run(cancelled_then_fine())
     assert first.status is Status.INTERRUPTED and not first.values
     assert never_ran is True  # the cancelled cell's code did not run; the session goes on
+
+
+def test_output_printed_last_always_arrives_before_the_result(shell, ns, module_runner):
+    """Kernels run without ipykernel's 0.5 ms post-cell sleep: the idle status orders it."""
+    for attempt in range(20):
+        result, cap = remote(
+            shell,
+            module_runner.url,
+            f"import sys\nfor i in range(200):\n    print(i)\n_ = sys.stderr.write('end {attempt}')",
+        )
+        assert result.success
+        assert cap.stdout.split()[-1] == "199" and f"end {attempt}" in cap.stderr
