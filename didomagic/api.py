@@ -723,6 +723,12 @@ def add_runner(
     if client_key is not None and client_cert is None:
         raise ConfigurationError("--client-key needs --client-cert (the certificate it goes with).")
     if client_cert is not None:
+        for given in (client_cert, client_key):
+            if given is not None and not Path(given).expanduser().is_file():
+                raise ConfigurationError(
+                    f"No such file: {given}. Give the client certificate and key files the "
+                    "runner's owner issued (didomagic-runner gen-client-cert writes them)."
+                )
         client_cert = str(Path(client_cert).expanduser().resolve())
         client_key = str(Path(client_key).expanduser().resolve()) if client_key else None
         parsed = replace(parsed, client_cert=client_cert, client_key=client_key)

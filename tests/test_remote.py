@@ -356,7 +356,8 @@ def test_output_printed_last_always_arrives_before_the_result(shell, ns, module_
         result, cap = remote(
             shell,
             module_runner.url,
-            f"import sys\nfor i in range(200):\n    print(i)\n_ = sys.stderr.write('end {attempt}')",
+            "import sys\nfor i in range(200):\n    print(i)\n"
+            f"_ = sys.stderr.write('end {attempt}')",
         )
         assert result.success
         assert cap.stdout.split()[-1] == "199" and f"end {attempt}" in cap.stderr
