@@ -161,3 +161,13 @@ def test_a_mediator_with_client_ca_admits_certified_clients_and_runners(tmp_path
     finally:
         assert runner.stop() == 0, runner.log
         assert mediator.stop() == 0, mediator.log
+
+
+def test_client_certificate_paths_are_checked_when_the_runner_is_added(tmp_path):
+    from didomagic.errors import ConfigurationError
+
+    url = "wss://127.0.0.1:9/#token=t"
+    with pytest.raises(ConfigurationError, match=r"No such file: .*missing\.pem"):
+        api.add_runner(url, "x", client_cert=str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigurationError, match="--client-key needs --client-cert"):
+        api.add_runner(url, "x", client_key=str(tmp_path / "k.pem"))
