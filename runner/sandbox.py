@@ -204,7 +204,11 @@ class Box:
 
     def error_note(self, ename: str, evalue: str) -> str | None:
         """A note naming the limit behind a cell's exception, or None."""
-        return limits_mod.annotate_error(self.limits, ename, evalue)
+        note = limits_mod.annotate_error(self.limits, ename, evalue)
+        if note and "--max-processes" in note and self.groups is not None:
+            # The cgroup knows whether its process limit refused a fork; trust it.
+            return note if self.groups.processes_exceeded() else None
+        return note
 
     def scratch_bytes(self) -> int:
         """Bytes the scratch directory takes on disk now."""
