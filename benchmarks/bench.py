@@ -284,7 +284,7 @@ def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[
 
     def new_session() -> None:
         default_pool().close()
-        time.sleep(1.5)  # let the runner warm a kernel again (a benchmark pause, not a sync)
+        _wait_for_a_warm_kernel(url)
         started = time.perf_counter()
         cell("x = 1")
         new.append(time.perf_counter() - started)
@@ -337,6 +337,21 @@ def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[
     out.append(concurrent_sessions(url, 8, max(5, reps // 2)))
     default_pool().close()
     return out
+
+
+def _wait_for_a_warm_kernel(url: str, timeout: float = 60.0) -> None:
+    """Ask the runner until it has a kernel started and waiting (it says so in its info)."""
+    from didomagic.client import query
+    from didomagic.loop import background_loop
+    from didomagic.urls import ConnectionURL
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info, _ = background_loop().run(query(ConnectionURL.parse(url)))
+        if info.runners and info.runners[0].get("warm_kernels", 0) >= 1:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the runner had no warm kernel within {timeout:g} s")
 
 
 def concurrent_sessions(url: str, sessions: int, cells: int) -> Measure:

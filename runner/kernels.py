@@ -342,6 +342,11 @@ class KernelPool:
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
 
+    @property
+    def ready(self) -> int:
+        """Kernels started and waiting for a session."""
+        return len(self._warm)
+
     def fill(self) -> None:
         """Start kernels in the background until ``size`` are warm or starting."""
         while not self._closed and len(self._warm) + len(self._starting) < self.size:

@@ -236,6 +236,7 @@ class RunnerServer:
             "status": "up",
             "limits": self.settings.limits.describe(),
             "max_message_size": self.settings.max_message_size,
+            "warm_kernels": self.pool.ready,
             **self.machine(),
             **self.load(),
         }
