@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -349,10 +348,6 @@ class JobService:
     async def _submitted(self, ws: Any, session: Session, upload: _Upload, owner: str) -> None:
         upload.close()
         request = upload.request
-        earlier = self.store.by_request(request.request_id)
-        if earlier is not None and earlier.owner != owner:
-            shutil.rmtree(upload.directory, ignore_errors=True)
-            raise ProtocolError("that request id is already in use; submit with a fresh one")
         job, new = self.store.submit(
             upload.directory,
             {
@@ -369,6 +364,8 @@ class JobService:
             timeout=request.timeout,
             owner=owner,
         )
+        if not new and job.owner != owner:  # the store kept the other client's job
+            raise ProtocolError("that request id is already in use; submit with a fresh one")
         if new:
             logger.info("job %s (%s) submitted", job.id, job.name or "unnamed")
             self.wake.set()

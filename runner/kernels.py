@@ -34,9 +34,8 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import Dict, List, Unicode
 
 from didomagic.protocol import OUTPUT_TYPES, Status
-from runner import agent
 from runner.limits import format_size
-from runner.sandbox import QUOTA_POLL, Box, Sandbox
+from runner.sandbox import QUOTA_POLL, Box, Sandbox, runner_pythonpath
 
 logger = logging.getLogger("didomagic.runner")
 
@@ -60,8 +59,6 @@ class _SpecManager(KernelSpecManager):
     interrupt_mode = Unicode("signal", help="signal, or message where signals do not reach")
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        source_root = str(Path(agent.__file__).resolve().parent.parent)
-        pythonpath = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
         return KernelSpec(
             argv=[
                 *self.prefix,
@@ -79,7 +76,7 @@ class _SpecManager(KernelSpecManager):
             interrupt_mode=self.interrupt_mode,
             env={
                 **self.extra_env,
-                "PYTHONPATH": pythonpath,
+                "PYTHONPATH": runner_pythonpath(),
                 "PYDEVD_DISABLE_FILE_VALIDATION": "1",
             },
         )

@@ -93,13 +93,19 @@ def explain_death(limits: Limits, returncode: int | None, memory_exceeded: bool)
     return None
 
 
-def annotate_error(limits: Limits, ename: str, evalue: str) -> str | None:
-    """A note naming the limit behind a cell's exception, or None when none is likely."""
+def annotate_error(
+    limits: Limits, ename: str, evalue: str, fork_refused: bool | None = None
+) -> str | None:
+    """A note naming the limit behind a cell's exception, or None when none is likely.
+
+    ``fork_refused``: whether the process limit refused a fork, where that is
+    known (a cgroup counts it); None when only the error itself can tell.
+    """
     if ename == "MemoryError" and limits.memory is not None:
         return f"the runner's memory limit is {format_size(limits.memory)} (--memory-limit)"
     if "File too large" in evalue and limits.file_size is not None:
         return f"the runner's max file size is {format_size(limits.file_size)} (--max-file-size)"
     blocked = ename == "BlockingIOError" or "Resource temporarily unavailable" in evalue
-    if blocked and limits.processes is not None:
+    if blocked and limits.processes is not None and fork_refused is not False:
         return f"the runner allows {limits.processes} processes per session (--max-processes)"
     return None

@@ -83,10 +83,17 @@ def _run_probe(argv: list[str]) -> str | None:
     )
 
 
+SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
+"""Where the ``runner`` package lives: kernels and probes import it from there."""
+
+
+def runner_pythonpath() -> str:
+    """``PYTHONPATH`` for a child Python that must import ``runner`` (kernels, probes)."""
+    return os.pathsep.join(p for p in (SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)
+
+
 def _python_env() -> dict[str, str]:
-    source_root = str(Path(__file__).resolve().parent.parent)
-    path = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path}
+    return {**os.environ, "PYTHONPATH": runner_pythonpath()}
 
 
 def probe_network() -> str | None:
@@ -173,14 +180,14 @@ class Box:
             assert host.cgroups is not None
             self.groups = cgroups.KernelGroups(host.cgroups, name, limits.memory, limits.processes)
             spec["cgroup_procs"] = self.groups.procs_files
-        self.prefix = _confine_argv(spec)
-        self.interrupt_mode = "signal"
-        if limits.sandbox == "bwrap":
-            self.prefix += bwrap_argv(scratch, private, limits.no_network)
-            self.interrupt_mode = "message"  # bwrap does not pass signals on to the kernel
-        elif limits.no_network:
+        bwrap = limits.sandbox == "bwrap"
+        if limits.no_network and not bwrap:  # bubblewrap makes its own network namespace
             spec["no_network"] = True
-            self.prefix = _confine_argv(spec)
+        self.prefix = _confine_argv(spec)
+        if bwrap:
+            self.prefix += bwrap_argv(scratch, private, limits.no_network)
+        # bwrap does not pass signals on to the kernel: interrupt it by message
+        self.interrupt_mode = "message" if bwrap else "signal"
         self.env = {"TMPDIR": str(scratch)}  # temporary files count against the disk quota
 
     def _rlimits(self, use_groups: bool) -> dict[str, tuple[int, int]]:
@@ -204,11 +211,8 @@ class Box:
 
     def error_note(self, ename: str, evalue: str) -> str | None:
         """A note naming the limit behind a cell's exception, or None."""
-        note = limits_mod.annotate_error(self.limits, ename, evalue)
-        if note and "--max-processes" in note and self.groups is not None:
-            # The cgroup knows whether its process limit refused a fork; trust it.
-            return note if self.groups.processes_exceeded() else None
-        return note
+        refused = self.groups.processes_exceeded() if self.groups is not None else None
+        return limits_mod.annotate_error(self.limits, ename, evalue, refused)
 
     def scratch_bytes(self) -> int:
         """Bytes the scratch directory takes on disk now."""
@@ -246,7 +250,7 @@ class Sandbox:
 def _python_roots() -> list[str]:
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     roots.update(site.getsitepackages())
-    roots.add(str(Path(__file__).resolve().parent.parent))  # the runner's own source
+    roots.add(SOURCE_ROOT)
     return sorted(r for r in roots if Path(r).exists())
 
 

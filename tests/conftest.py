@@ -143,6 +143,38 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = TIME
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def rss(pid: int) -> int:
+    """Resident memory of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for kid in map(int, kids):
+            found |= {kid} | _descendants(kid)
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""  # it has just exited
+
+
+def kernel_count(pid: int) -> int:
+    """How many ipykernel processes run under process ``pid``."""
+    return sum(1 for child in _descendants(pid) if b"ipykernel" in _cmdline(child))
+
+
 @pytest.fixture
 def runner_factory(tmp_path: Path) -> Iterator[Callable[..., RunnerProcess]]:
     """Start runners on demand; every one is stopped (and must exit 0) at teardown."""

@@ -38,34 +38,23 @@ from didomagic.protocol import (
 )
 from didomagic.urls import ConnectionURL
 
-from .conftest import TIMEOUT, RunnerProcess, start_mediator, start_runner, wait_until
+from .conftest import (
+    TIMEOUT,
+    RunnerProcess,
+    kernel_count,
+    rss,
+    start_mediator,
+    start_runner,
+    wait_until,
+)
 
 # --------------------------------------------------------------------------- what leaks
-
-
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            kids = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for kid in map(int, kids):
-            found |= {kid} | _children(kid)
-    return found
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""  # it has just exited
 
 
 def footprint(runner: RunnerProcess) -> tuple[int, int, int]:
     """(kernel processes, open descriptors, kernel directories) of a runner now."""
     pid = runner.process.pid
-    kernels = sum(1 for child in _children(pid) if b"ipykernel" in _cmdline(child))
+    kernels = kernel_count(pid)
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     dirs = 0
     for parent in (Path("/tmp"), Path("/dev/shm")):
@@ -149,14 +138,10 @@ def hello(**changes: object) -> dict[str, object]:
 async def _exchange(url: ConnectionURL, *frames: str | bytes) -> tuple[list[str], int | None]:
     """Send raw frames on an authenticated connection; return what came back and the close."""
     ws = await dial(url)
-    replies: list[str] = []
-    try:
+    with contextlib.suppress(ConnectionClosed):
         for frame in frames:
             await ws.send(frame)
-        async for reply in ws:
-            replies.append(reply if isinstance(reply, str) else "<binary>")
-    except Exception:
-        pass
+    replies = await _drain(ws)
     await ws.wait_closed()
     return replies, ws.close_code
 
@@ -286,19 +271,12 @@ def test_a_declared_size_over_the_limit_is_refused_before_allocating(case, targe
         await ws.send(session.send(Execute("c2", "pass", values=(header,))))
         return await _drain(ws)
 
-    rss_before = _rss(target)
+    rss_before = rss(target.process.pid)
     error = error_of(run(go()))
     assert "1 TiB of values" in str(error["message"]) and "--max-message-size" in str(
         error["message"]
     )
-    assert _rss(target) < rss_before + (50 << 20)
-
-
-def _rss(runner: RunnerProcess) -> int:
-    for line in Path(f"/proc/{runner.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    assert rss(target.process.pid) < rss_before + (50 << 20)
 
 
 def _cell_result(url: ConnectionURL, payload: bytes) -> dict[str, object]:
@@ -361,11 +339,11 @@ def test_a_slow_handshake_is_closed_at_the_timeout(case):
 
 
 def test_a_connection_flood_is_shed_and_memory_stays_bounded(case, target):
-    rss_before = _rss(target)
+    rss_before = rss(target.process.pid)
     flood = [socket.create_connection((case.host, case.port)) for _ in range(200)]
     try:
         assert legit_cell(case) == 42  # served while 200 silent connections are open
-        assert _rss(target) < rss_before + (100 << 20)
+        assert rss(target.process.pid) < rss_before + (100 << 20)
         for raw in flood:
             raw.settimeout(TIMEOUT)
             assert raw.recv(1) == b""  # each closed by the handshake timeout

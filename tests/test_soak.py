@@ -8,30 +8,15 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 import numpy as np
 
 from didomagic import api
 
-from .conftest import wait_until
+from .conftest import kernel_count, rss, wait_until
 
 SESSIONS = 20
 CELLS = 50
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def kernels_of(pid: int) -> int:
-    count = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        count += len((task / "children").read_text().split())
-    return count
 
 
 def session(url: str, index: int, failures: list[str]) -> None:
@@ -61,7 +46,7 @@ def session(url: str, index: int, failures: list[str]) -> None:
 def test_twenty_sessions_of_fifty_cells_lose_and_cross_nothing(runner_factory):
     runner = runner_factory("--max-sessions", str(SESSIONS), "--warm-kernels", str(SESSIONS))
     pid = runner.process.pid
-    wait_until(lambda: kernels_of(pid) >= SESSIONS, "the warm kernels", timeout=180)
+    wait_until(lambda: kernel_count(pid) >= SESSIONS, "the warm kernels", timeout=180)
     start = rss(pid)
     failures: list[str] = []
     threads = [
