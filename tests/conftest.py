@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -19,8 +20,22 @@ SECRETS: set[str] = set()
 LOGS: list[Path] = []
 """Every runner's and mediator's log: none may contain any of :data:`SECRETS`."""
 
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+"""Set by CI: a test that needs a missing system package fails instead of skipping."""
+
 TIMEOUT = 30.0 * float(os.environ.get("DIDOMAGIC_TEST_TIMEOUT_SCALE", "1"))
 """The one timeout scale of the suite, in seconds (raise it on slow machines)."""
+
+
+def skip_missing(reason: str) -> NoReturn:
+    """Skip a test whose system package is missing here; under ``CI=true`` fail instead.
+
+    ``.ci/run`` installs every system package the suite needs, so in CI a
+    missing one is a broken CI script, never a silently untested feature.
+    """
+    if IN_CI:
+        pytest.fail(f"CI=true and {reason}: .ci/run must install it", pytrace=False)
+    pytest.skip(reason)
 
 
 @dataclass
