@@ -30,7 +30,9 @@ from didomagic.api import (
     dispatch,
     raise_for_status,
 )
+from didomagic.callcode import CALL, CALL_CODE, MAP_CODE, RESULT_NAME, pack_call, unwrap
 from didomagic.client import ANY_RUNNER, Requirements
+from didomagic.detached import _holder_for, submit_request
 from didomagic.errors import (
     ConfigurationError,
     ConnectError,
@@ -41,62 +43,20 @@ from didomagic.errors import (
 )
 from didomagic.loop import background_loop
 from didomagic.progress import NoProgress, Progress, make_progress
-from didomagic.protocol import Execute, Output, Result
+from didomagic.protocol import Execute, Output, Result, Submit
 
 BUSY_WAIT = 30.0
 """Seconds a map's session waits for a busy runner while other sessions do the items."""
-
-_CALL = "__didomagic_call__"
-RESULT_NAME = "__didomagic_out__"
-"""The remote name a call's outcome is kept under until it travels back."""
-_FN = "__didomagic_fn__"
-
-
-def _call_code(with_function: bool) -> str:
-    """The cell that makes one call remotely and keeps its outcome in ``__didomagic_out__``.
-
-    With ``with_function`` the sent tuple carries the function too (and it stays
-    bound in the session, so later calls of a map send only their arguments).
-    """
-    function = f"{_FN}, " if with_function else ""
-    return f"""\
-globals().pop({RESULT_NAME!r}, None)
-{function}__didomagic_args__, __didomagic_kwargs__ = {_CALL}
-del {_CALL}
-try:
-    {RESULT_NAME} = (True, {_FN}(*__didomagic_args__, **__didomagic_kwargs__))
-except Exception as __didomagic_error__:
-    import traceback as __didomagic_tb__
-    {RESULT_NAME} = (False, __didomagic_error__, __didomagic_tb__.format_exc())
-    del __didomagic_tb__
-    raise  # the cell fails too, so a detached job ends "failed"
-finally:
-    del __didomagic_args__, __didomagic_kwargs__
-"""
-
-
-_CALL_CODE = _call_code(with_function=True)
-_MAP_CODE = _call_code(with_function=False)
 
 
 def _request(values: Sequence[serialize.Packed], timeout: float | None) -> Execute:
     return Execute(
         cell=secrets.token_hex(8),
-        code=_CALL_CODE,
+        code=CALL_CODE,
         values=tuple(p.header for p in values),
         fetch=(RESULT_NAME,),
         timeout=timeout,
     )
-
-
-def _pack_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[serialize.Packed]:
-    packed, failures = serialize.pack_names({_CALL: (fn, args, kwargs)}, [_CALL])
-    if failures:
-        raise ConfigurationError(
-            f"The function or its arguments cannot be sent: {failures[_CALL]}. Everything a "
-            "remote call needs must be picklable with cloudpickle."
-        )
-    return packed
 
 
 def _outcome(
@@ -118,15 +78,6 @@ def _outcome(
             runner,
         )
     return unwrap(values[RESULT_NAME], runner)
-
-
-def unwrap(out: tuple[Any, ...], runner: str) -> Any:
-    """A remote call's return value, or raise its exception with the remote traceback noted."""
-    if out[0]:
-        return out[1]
-    exc, remote_tb = out[1], out[2]
-    exc.add_note(f"Remote traceback (runner {runner}):\n{remote_tb.rstrip()}")
-    raise exc
 
 
 def _show(output: Output) -> None:
@@ -154,7 +105,7 @@ def run(
     exception is re-raised with the remote traceback attached as a note.
     """
     session = (pool or default_pool()).session(runner, tuple(tags), os)
-    packed = _pack_call(fn, args, kwargs)
+    packed = pack_call(fn, args, kwargs)
     result, buffers = session.execute(
         _request(packed, timeout), [p.parts for p in packed], _show, NoProgress()
     )
@@ -179,15 +130,13 @@ def submit(
     The function and arguments travel now; ``job.result()`` later returns the
     value (or raises the remote exception), from this or any other notebook.
     """
-    from didomagic.detached import _holder_for, submit_request
-    from didomagic.protocol import Submit
 
     pool = pool or default_pool()
     holder = _holder_for(pool, runner, tags, os)
-    packed = _pack_call(fn, args, kwargs)
+    packed = pack_call(fn, args, kwargs)
     request = Submit(
         request_id=secrets.token_urlsafe(16),
-        code=_CALL_CODE,
+        code=CALL_CODE,
         values=tuple(p.header for p in packed),
         fetch=(RESULT_NAME,),
         name=name or getattr(fn, "__name__", ""),
@@ -224,7 +173,7 @@ async def run_async(
     """The awaitable form of :func:`run` (for ``await`` in a notebook cell or asyncio code)."""
     pool = pool or default_pool()
     session = await asyncio.to_thread(pool.session, runner, tuple(tags), os)
-    packed = _pack_call(fn, args, kwargs)
+    packed = pack_call(fn, args, kwargs)
     sink = _LoopSink(asyncio.get_running_loop())
     future = session.loop.submit(
         session.execute_async(_request(packed, timeout), [p.parts for p in packed], sink)
@@ -388,9 +337,9 @@ async def _scatter(
                 state.next_index += 1
                 args = (state.items[index],)
                 if worker.has_fn:  # the function is already there: send the arguments only
-                    packed, code = _pack_named({_CALL: (args, {})}), _MAP_CODE
+                    packed, code = _pack_named({CALL: (args, {})}), MAP_CODE
                 else:  # the first call binds the function in the session for the next ones
-                    packed, code = _pack_named({_CALL: (fn, args, {})}), _CALL_CODE
+                    packed, code = _pack_named({CALL: (fn, args, {})}), CALL_CODE
                 request = Execute(
                     cell=secrets.token_hex(8),
                     code=code,

@@ -31,6 +31,7 @@ from didomagic.api import (
     raise_for_status,
     report_failures,
 )
+from didomagic.callcode import RESULT_NAME, unwrap
 from didomagic.client import RunnerConnection, dial, handshake, refusal
 from didomagic.config import client_secret
 from didomagic.errors import (
@@ -200,8 +201,6 @@ class Job:
         here), or, for a cell, the dict of names it bound. Raises if the cell failed."""
         pulled = self.fetch()
         runner = str(pulled.record.get("runner") or "")
-        from didomagic.calls import RESULT_NAME, unwrap
-
         if RESULT_NAME in pulled.values:
             return unwrap(pulled.values[RESULT_NAME], runner)
         raise_for_status(pulled.result, runner)

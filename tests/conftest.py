@@ -168,7 +168,11 @@ def rss(pid: int) -> int:
 
 def _descendants(pid: int) -> set[int]:
     found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found  # it has just exited
+    for task in tasks:
         try:
             kids = (task / "children").read_text().split()
         except OSError:

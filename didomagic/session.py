@@ -1,0 +1,312 @@
+"""A notebook's session with one runner, driven from a blocking thread.
+
+:class:`RemoteSession` owns the connection (opened on first use, on the
+background I/O loop) and the digests of the large values the runner session
+holds; :class:`LocalSession` is ``--local``: the same pack/unpack path, run in
+this process.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import builtins
+import concurrent.futures
+import queue
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from didomagic import serialize
+from didomagic.client import ANY_RUNNER, Requirements, RunnerConnection, open_connection
+from didomagic.errors import CellTooLarge, ConnectionLost
+from didomagic.loop import BackgroundLoop, background_loop
+from didomagic.progress import NoProgress, Progress
+from didomagic.protocol import Execute, Output, Result, Status
+from didomagic.transfer import Transfer
+from didomagic.urls import ConnectionURL
+
+IDLE_ENDED = "idle-timeout"
+"""The close reason a runner gives when it ends an idle session."""
+
+CACHE_MIN = 1 << 20
+"""Values at least this big carry a digest, so an unchanged one is not sent again."""
+
+TICK = 0.25
+"""Seconds between progress updates while a cell waits with no event."""
+
+Event = tuple[Any, ...]
+"""What the I/O thread hands the notebook thread: ("output", Output), ("queued", k), ..."""
+
+
+class EventSink(Protocol):
+    """Where the I/O loop puts a cell's events (a queue read by the caller's thread)."""
+
+    def put(self, event: Event, /) -> None:
+        """Hand one event over."""
+
+
+class RemoteSession:
+    """A session with one runner (direct or through a mediator), driven from a blocking thread.
+
+    The remote namespace lives as long as this session: one per runner for the
+    life of the notebook kernel. A lost connection is reopened on the next
+    cell, as a new remote session (through a mediator, possibly on another
+    matching runner).
+    """
+
+    def __init__(
+        self,
+        url: ConnectionURL,
+        requirements: Requirements = ANY_RUNNER,
+        loop: BackgroundLoop | None = None,
+    ) -> None:
+        self.url = url
+        self.requirements = requirements
+        self.loop = loop or background_loop()
+        self._connection: RunnerConnection | None = None
+        self._future: concurrent.futures.Future[Any] | None = None
+        self._held: dict[str, str] = {}
+        """Digest of each large value the remote session holds, by name (see CACHE_MIN)."""
+        self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
+        self.runner_name = url.address
+        """The runner's name, once it has introduced itself."""
+        self.description: dict[str, Any] = {}
+        """The runner's description from its welcome (empty before the first cell)."""
+
+    @property
+    def connected(self) -> bool:
+        """True while the session with the runner is open."""
+        return self._connection is not None and not self._connection.closed
+
+    async def connect_async(self, events: EventSink) -> RunnerConnection:
+        """Open the session now if it is not open (on the I/O loop)."""
+        if self._connection is None or self._connection.closed:
+            if self._connection is not None and self._connection.ws.close_reason == IDLE_ENDED:
+                events.put(
+                    (
+                        "notice",
+                        f"runner {self.runner_name} ended this notebook's idle session "
+                        "(--idle-timeout); this cell starts a new one, so earlier remote "
+                        "state is gone.",
+                    )
+                )
+            events.put(("connecting", self.url.address))
+            self._connection = await open_connection(
+                self.url, self.requirements, on_queued=lambda k: events.put(("queued", k))
+            )
+            self._held.clear()  # a new remote session holds no values yet
+            self.description = dict(self._connection.welcome.runner)
+            self.runner_name = self._connection.runner_name
+        events.put(("runner", self.description))
+        return self._connection
+
+    async def execute_async(
+        self,
+        request: Execute,
+        parts: Sequence[Sequence[memoryview]],
+        events: EventSink,
+    ) -> tuple[Result, list[list[bytearray]]]:
+        """Open the session if needed and run one cell (on the I/O loop); report to ``events``."""
+        async with self._busy:
+            connection = await self.connect_async(events)
+            held = self._held
+            _check_size(request, held, self.description)
+            request = replace(
+                request,
+                values=tuple(
+                    replace(v, cached=bool(v.digest) and held.get(v.name) == v.digest)
+                    for v in request.values
+                ),
+            )
+            outcome = await connection.execute(
+                request,
+                parts,
+                lambda output: events.put(("output", output)),
+                _throttled(events),
+            )
+            for v in request.values:  # the runner session now holds these bytes
+                if v.digest:
+                    held[v.name] = v.digest
+            return outcome
+
+    def execute(
+        self,
+        request: Execute,
+        parts: Sequence[Sequence[memoryview]],
+        on_output: Callable[[Output], None],
+        progress: Progress | None = None,
+    ) -> tuple[Result, list[list[bytearray]]]:
+        """Run one cell; outputs are handed to ``on_output`` on this thread as they arrive.
+
+        A first KeyboardInterrupt (the notebook's stop button, or Cancel)
+        interrupts the remote cell; a second one abandons the session. While
+        the session is still being opened (or waits in a queue), the first one
+        abandons it.
+        """
+        progress = progress or NoProgress()
+        events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        future = self.loop.submit(self.execute_async(request, parts, events))
+        self._future = future
+        future.add_done_callback(lambda _: events.put(None))
+        progress.on_cancel = self.cancel
+        interrupted = False
+        while True:
+            try:
+                try:
+                    event = events.get(timeout=TICK)
+                except queue.Empty:
+                    progress.tick()
+                    continue
+                if event is None:
+                    break
+                dispatch(event, on_output, progress)
+            except KeyboardInterrupt:
+                if interrupted or self._connection is None or self._connection.running is None:
+                    future.cancel()
+                    self.close()
+                    progress.finish(False, "cancelled")
+                    raise
+                interrupted = True
+                self.cancel()
+        try:
+            result = future.result()
+        except ConnectionLost as exc:
+            self._connection = None
+            progress.finish(False, str(exc).split(". ")[0])
+            raise
+        except BaseException as exc:
+            progress.finish(False, str(exc).split(". ")[0])
+            raise
+        finally:
+            self._future = None
+        progress.finish(result[0].status is Status.OK, _status_text(result[0]))
+        return result
+
+    def cancel(self) -> None:
+        """Interrupt the running cell; abandon a session still connecting (any thread)."""
+        connection = self._connection
+        if connection is not None and connection.running is not None:
+            self.loop.submit(connection.interrupt())
+        elif self._future is not None:
+            self._future.cancel()
+
+    def close(self) -> None:
+        """End the remote session."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.closed:
+            self.loop.submit(connection.close()).result(timeout=10)
+
+    async def close_async(self) -> None:
+        """End the remote session (on the I/O loop)."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.closed:
+            await connection.close()
+
+
+def _check_size(request: Execute, held: dict[str, str], runner: dict[str, Any]) -> None:
+    """Refuse, before anything is sent, a cell over the runner's --max-message-size."""
+    limit = runner.get("max_message_size")
+    size = sum(v.nbytes for v in request.values if not (v.digest and held.get(v.name) == v.digest))
+    if isinstance(limit, int) and size > limit:
+        raise CellTooLarge(
+            f"This cell sends {size / 1e6:,.1f} MB of values, but runner "
+            f"{runner.get('name', '?')} accepts at most {limit / 1e6:,.1f} MB per cell (its "
+            "--max-message-size). Nothing was sent and the session is intact: send less "
+            "(compute the data on the runner, or --push fewer names), or ask the runner's "
+            "owner to raise the limit."
+        )
+
+
+def _throttled(events: EventSink) -> Callable[[str, int, int], None]:
+    """Transfer progress as events, at most one per mebibyte moved (and the last one)."""
+    last = {"sending": -1, "receiving": -1}
+
+    def report(direction: str, done: int, total: int) -> None:
+        if done >= total or done - last[direction] >= 1 << 20 or last[direction] < 0:
+            last[direction] = done
+            events.put(("transfer", direction, done, total))
+
+    return report
+
+
+def dispatch(event: Event, on_output: Callable[[Output], None], progress: Progress) -> None:
+    """Hand one event to the output callback or the progress display (caller's thread)."""
+    kind = event[0]
+    if kind == "output":
+        progress.running()
+        on_output(event[1])
+    elif kind == "connecting":
+        progress.connecting(event[1])
+    elif kind == "notice":
+        print(f"didomagic: {event[1]}", file=sys.stderr)
+    elif kind == "queued":
+        progress.queued(event[1])
+    elif kind == "runner":
+        progress.chose(event[1])
+    elif kind == "transfer":
+        progress.transfer(event[1], event[2], event[3])
+        if event[1] == "sending" and event[2] >= event[3]:
+            progress.running()
+
+
+def _status_text(result: Result) -> str:
+    if result.status is Status.OK:
+        return ""
+    if result.status is Status.ERROR:
+        return f"{(result.error or {}).get('ename', 'error')} raised"
+    return result.status.value
+
+
+class LocalSession:
+    """``--local``: the same pack/unpack path, executed in this process.
+
+    The cell runs in a private namespace that persists across ``--local``
+    cells, as a remote session's would.
+    """
+
+    def __init__(self) -> None:
+        self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+
+    def execute(
+        self, source: str, cell: str, sent: list[serialize.Packed], transfer: Transfer
+    ) -> LocalOutcome:
+        """Run transformed ``source``; return its last value, its exception and what goes back."""
+        from IPython import get_ipython
+
+        ns = self.namespace
+        ns.setdefault("get_ipython", get_ipython)
+        failures = serialize.unpack_into(ns, [(p.name, p.parts) for p in sent])
+        before = serialize.snapshot(ns, transfer.fetch)
+        outcome = LocalOutcome()
+        try:
+            tree = ast.parse(source)
+            last = None
+            if (
+                tree.body
+                and isinstance(tree.body[-1], ast.Expr)
+                and not cell.rstrip().endswith(";")
+            ):
+                last = ast.Expression(tree.body.pop().value)
+            exec(compile(tree, "<remote --local>", "exec"), ns)
+            if last is not None:
+                outcome.value = eval(compile(last, "<remote --local>", "eval"), ns)
+        except Exception as exc:
+            outcome.error = exc
+        names = serialize.names_to_return(ns, before, outcome.error is None)
+        outcome.values, pack_failures = serialize.pack_names(ns, names)
+        outcome.failures = {**failures, **pack_failures}
+        outcome.deleted = [n for n in transfer.deletes if n not in ns]
+        return outcome
+
+
+@dataclass
+class LocalOutcome:
+    """What a ``--local`` cell produced."""
+
+    value: Any = None
+    error: Exception | None = None
+    values: list[serialize.Packed] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
