@@ -7,6 +7,7 @@
     didomagic-runner gen-cert --out DIR [--host NAME]          write a certificate
     didomagic-runner gen-client-cert --ca-dir D --name N --out DIR   a client certificate
     didomagic-runner --check-sandbox [limit flags]             what this host can enforce
+    didomagic-runner [mediator] --config FILE [--print-config]  flags from a TOML file
 
 On start the runner logs where it listens and its certificate fingerprint, and
 prints its connection URL (address, token and fingerprint in one string) on
@@ -38,6 +39,7 @@ from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
 from runner import certs
+from runner.configfile import add_config_flags, parse_with_config, render
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
 from runner.limits import Limits, parse_size
@@ -45,6 +47,7 @@ from runner.link import MediatorLink
 from runner.mediator import Mediator, MediatorSettings
 from runner.sandbox import Sandbox, SandboxUnavailable, probe, report
 from runner.server import RunnerServer, RunnerSettings
+from runner.status import log_buffer
 
 logger = logging.getLogger("didomagic.runner")
 
@@ -99,6 +102,7 @@ def _url(text: str) -> ConnectionURL:
 
 def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
     """Flags a runner and a mediator share: where to listen, TLS, state, URL file, logging."""
+    add_config_flags(p)
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -130,6 +134,13 @@ def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
         type=Path,
         default=None,
         help="write the clients' connection URL here (mode 0600) once listening",
+    )
+    p.add_argument(
+        "--admin-token",
+        default=None,
+        help="token that opens the read-only status page at https://HOST:PORT/status "
+        "(default: $DIDOMAGIC_ADMIN_TOKEN, else one generated once and kept in the state "
+        "directory as admin-token); no other token opens it",
     )
     p.add_argument(
         "--client-ca",
@@ -424,6 +435,17 @@ def _load_token(
     return token
 
 
+def _admin_token(args: argparse.Namespace, state_dir: Path, *others: str) -> str:
+    """The status page's token (``--admin-token``); it must differ from every other token."""
+    admin = _load_token(args.admin_token, state_dir, "DIDOMAGIC_ADMIN_TOKEN", "admin-token")
+    if admin in others:
+        raise SystemExit(
+            "didomagic-runner: the admin token must differ from the client and runner "
+            "tokens, so that none of those opens the status page."
+        )
+    return admin
+
+
 def _write_private(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -447,6 +469,7 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    log_buffer()  # the status page shows the last lines
     if level != "DEBUG":
         for noisy in (
             "didomagic.runner.websockets",
@@ -518,6 +541,15 @@ def _publish(url: ConnectionURL, label: str, url_file: Path | None) -> None:
     print(url, flush=True)
 
 
+def _log_status_page(url: ConnectionURL, args: argparse.Namespace, state_dir: Path) -> None:
+    where = (
+        "the one given"
+        if args.admin_token or os.environ.get("DIDOMAGIC_ADMIN_TOKEN")
+        else f"kept in {state_dir / 'admin-token'}"
+    )
+    logger.info("status page: https://%s/status (admin token: %s)", url.address, where)
+
+
 async def serve(args: argparse.Namespace) -> None:
     """Run the runner until SIGTERM, SIGINT or (optionally) standard input closes."""
     limits = limits_of(args)
@@ -531,11 +563,13 @@ async def serve(args: argparse.Namespace) -> None:
     except SandboxUnavailable as exc:
         raise SystemExit(f"didomagic-runner: cannot start: {exc}") from None
     state_dir, certfile, keyfile = _prepare(args, "runner")
+    token = _load_token(args.token, state_dir)
     settings = RunnerSettings(
         host=args.host,
         port=args.port,
         tags=args.tags,
-        token=_load_token(args.token, state_dir),
+        token=token,
+        admin_token=_admin_token(args, state_dir, token),
         certfile=certfile,
         keyfile=keyfile,
         max_sessions=args.max_sessions,
@@ -570,6 +604,7 @@ async def serve(args: argparse.Namespace) -> None:
             settings.max_queue,
         )
         _publish(url, "connection URL", args.url_file)
+        _log_status_page(url, args, state_dir)
         own_url = (  # its own certificate is trusted as a client's: see listen()
             dataclasses.replace(url, client_cert=str(certfile), client_key=str(keyfile))
             if settings.client_ca
@@ -607,14 +642,17 @@ async def serve(args: argparse.Namespace) -> None:
 async def mediate(args: argparse.Namespace) -> None:
     """Run the mediator until SIGTERM or SIGINT."""
     state_dir, certfile, keyfile = _prepare(args, "mediator")
+    token = _load_token(args.token, state_dir)
+    runner_token = _load_token(
+        args.runner_token, state_dir, "DIDOMAGIC_RUNNER_TOKEN", "runner-token"
+    )
     settings = MediatorSettings(
         host=args.host,
         port=args.port,
         name=args.name,
-        token=_load_token(args.token, state_dir),
-        runner_token=_load_token(
-            args.runner_token, state_dir, "DIDOMAGIC_RUNNER_TOKEN", "runner-token"
-        ),
+        token=token,
+        runner_token=runner_token,
+        admin_token=_admin_token(args, state_dir, token, runner_token),
         certfile=certfile,
         keyfile=keyfile,
         state_dir=state_dir,
@@ -636,6 +674,7 @@ async def mediate(args: argparse.Namespace) -> None:
             client_url.host, client_url.port, settings.runner_token, client_url.fingerprint
         )
         _publish(client_url, "client URL (for %runners add)", args.url_file)
+        _log_status_page(client_url, args, state_dir)
         _publish(runner_url, "runner URL (for didomagic-runner --mediator)", args.runner_url_file)
         await stop.wait()
         logger.info("stopping")
@@ -707,11 +746,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         gen_client_cert(gen_client_cert_parser().parse_args(argv[1:]))
         return 0
     if argv[:1] == ["mediator"]:
-        margs = mediator_parser().parse_args(argv[1:])
+        parser = mediator_parser()
+        margs = parse_with_config(parser, argv[1:])
+        if margs.print_config:
+            print(render(parser, margs), end="")
+            return 0
         _configure_logging(margs.log_level)
         asyncio.run(mediate(margs))
         return 0
-    args = serve_parser().parse_args(argv)
+    parser = serve_parser()
+    args = parse_with_config(parser, argv)
+    if args.print_config:
+        print(render(parser, args), end="")
+        return 0
     if args.check_sandbox:
         print(report(limits_of(args), probe(use_cgroups=not args.no_cgroups)))
         return 0
