@@ -181,7 +181,7 @@ def _runner_row(r: dict[str, Any]) -> list[Any]:
         f"{r.get('sessions', 0)}/{r.get('max_sessions', 0)}",
         f"{r.get('queue', 0)}/{r.get('max_queue', 0)}",
         r.get("cpus", ""),
-        f"{_gb(r.get("memory_free"))} / {_gb(r.get('memory_total'))}",
+        f"{_gb(r.get('memory_free'))} / {_gb(r.get('memory_total'))}",
         len(gpus) if isinstance(gpus, list) else "",
         r.get("reason", ""),
     ]
