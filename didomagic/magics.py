@@ -22,6 +22,8 @@ RUNNERS_USAGE = """\
 %runners add URL [--name NAME]    remember a runner's or mediator's connection URL
     [--client-cert F --client-key F]  present this certificate (runners with --client-ca)
     [--safe-results]                  accept only plain data back from this runner
+%runners add NAME --token T       add a runner %runners discover found, pinned to its fingerprint
+%runners discover [--timeout S]   runners and mediators that advertise on the local network
 %runners remove NAME              forget one
 %runners use NAME                 run cells without --runner/--tags there (this notebook)
 %runners use --clear              back to $DIDOMAGIC_RUNNER or the embedded runner
@@ -35,7 +37,7 @@ class _RunnersParser(argparse.ArgumentParser):
 
 def _runners_parser() -> argparse.ArgumentParser:
     parser = _RunnersParser(prog="%runners", add_help=False)
-    actions = ["list", "add", "remove", "use"]
+    actions = ["list", "add", "remove", "use", "discover"]
     parser.add_argument("action", nargs="?", default="list", choices=actions)
     parser.add_argument("target", nargs="?", default=None)
     parser.add_argument("--name", default=None)
@@ -44,6 +46,8 @@ def _runners_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-key", default=None)
     parser.add_argument("--safe-results", action="store_true")
     parser.add_argument("--text", action="store_true")
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--timeout", type=float, default=None)
     return parser
 
 
@@ -161,11 +165,24 @@ class RemoteMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"%runners: {exc}\n{RUNNERS_USAGE}") from None
         args = _runners_parser().parse_args(words)
+        if args.action == "discover":
+            from didomagic import lan
+
+            found = lan.discover_and_remember(args.timeout or lan.DISCOVER_TIMEOUT)
+            print(lan.text_table(found, [e.url for e in api.default_pool().entries()]))
+            return None
         if args.action == "add":
             if not args.target:
                 raise UsageError(f"%runners add needs a connection URL.\n{RUNNERS_USAGE}")
+            target = args.target
+            if "://" not in target and args.token is not None:  # a discovered one, by name
+                from didomagic import lan
+
+                found = lan.find(target, args.timeout or lan.DISCOVER_TIMEOUT)
+                target = str(lan.connection_url(found, args.token))
+                args.name = args.name or found.name
             entry = api.add_runner(
-                args.target,
+                target,
                 args.name,
                 client_cert=args.client_cert,
                 client_key=args.client_key,

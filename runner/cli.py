@@ -39,6 +39,7 @@ from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
 from runner import certs
+from runner.advertise import Advertiser
 from runner.configfile import add_config_flags, parse_with_config, render
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
@@ -134,6 +135,12 @@ def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
         type=Path,
         default=None,
         help="write the clients' connection URL here (mode 0600) once listening",
+    )
+    p.add_argument(
+        "--advertise",
+        action="store_true",
+        help="announce this server on the local network with DNS-SD/mDNS (name, tags, port "
+        "and certificate fingerprint, never the token), for %%runners discover (default: off)",
     )
     p.add_argument(
         "--admin-token",
@@ -541,6 +548,22 @@ def _publish(url: ConnectionURL, label: str, url_file: Path | None) -> None:
     print(url, flush=True)
 
 
+async def _advertise(
+    role: str,
+    name: str,
+    args: argparse.Namespace,
+    url: ConnectionURL,
+    tags: Sequence[str] = (),
+) -> Advertiser:
+    """Start announcing this server on the local network (``--advertise``)."""
+    try:
+        advertiser = Advertiser(role, name, args.host, url.port, url.fingerprint or "", tags)
+    except ValueError as exc:
+        raise SystemExit(f"didomagic-runner: {exc}") from None
+    await advertiser.start()
+    return advertiser
+
+
 def _log_status_page(url: ConnectionURL, args: argparse.Namespace, state_dir: Path) -> None:
     where = (
         "the one given"
@@ -593,6 +616,7 @@ async def serve(args: argparse.Namespace) -> None:
     server = RunnerServer(settings, work_root, private_root, sandbox)
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None
+    advertiser: Advertiser | None = None
     link_task: asyncio.Task[None] | None = None
     try:
         port = await server.start()
@@ -605,6 +629,8 @@ async def serve(args: argparse.Namespace) -> None:
         )
         _publish(url, "connection URL", args.url_file)
         _log_status_page(url, args, state_dir)
+        if args.advertise:
+            advertiser = await _advertise("runner", settings.name, args, url, settings.tags)
         own_url = (  # its own certificate is trusted as a client's: see listen()
             dataclasses.replace(url, client_cert=str(certfile), client_key=str(keyfile))
             if settings.client_ca
@@ -626,6 +652,8 @@ async def serve(args: argparse.Namespace) -> None:
         await stop.wait()
         logger.info("stopping: closing sessions and shutting kernels down")
     finally:
+        if advertiser is not None:
+            await advertiser.stop()
         if link is not None and link_task is not None:
             await link.stop()
             link_task.cancel()
@@ -667,6 +695,7 @@ async def mediate(args: argparse.Namespace) -> None:
         )
     mediator = Mediator(settings)
     stop = _stop_event()
+    advertiser: Advertiser | None = None
     try:
         port = await mediator.start()
         client_url = _announce(f"mediator {settings.name}", args, port, settings.token, certfile)
@@ -676,9 +705,13 @@ async def mediate(args: argparse.Namespace) -> None:
         _publish(client_url, "client URL (for %runners add)", args.url_file)
         _log_status_page(client_url, args, state_dir)
         _publish(runner_url, "runner URL (for didomagic-runner --mediator)", args.runner_url_file)
+        if args.advertise:
+            advertiser = await _advertise("mediator", settings.name, args, client_url)
         await stop.wait()
         logger.info("stopping")
     finally:
+        if advertiser is not None:
+            await advertiser.stop()
         await mediator.stop()
         for path in (args.url_file, args.runner_url_file):
             if path:
