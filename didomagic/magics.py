@@ -1,4 +1,9 @@
-"""The ``%%remote`` cell magic and the ``%runners`` line magic: argument parsing over the API."""
+"""The ``%%remote`` cell magic, ``%remote on|off``, ``%%local``, ``%runners`` and ``%jobs``.
+
+Argument parsing over the API. The magics' defaults are traitlets on
+:class:`RemoteMagics`, settable in ``ipython_config.py`` or with
+``%config RemoteMagics.default_tags = ['gpu']``.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,13 @@ import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Enum, Float, List, Unicode
 
 from didomagic import api
+from didomagic.autoremote import RemoteMode, run_here
+from didomagic.progress import make_progress
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -51,9 +59,63 @@ def _runners_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REMOTE_USAGE = """\
+%%remote [options]      run this cell on a runner (%%remote? lists the options)
+%remote on [options]    run every following cell remotely, with these %%remote options
+%remote off             back to running cells here
+%%local                 run this one cell here while %remote on is in force"""
+
+
 @magics_class
 class RemoteMagics(Magics):
-    """Magics that run notebook cells on didomagic runners."""
+    """Magics that run notebook cells on didomagic runners.
+
+    Defaults for every ``%%remote`` cell are the traits below (``%config
+    RemoteMagics`` lists them); a cell's own options win.
+    """
+
+    default_runner = Unicode(
+        "",
+        help="Runner (a connection URL or a configured name) for cells that name none "
+        "(no --runner, --tags or --os). '%runners use' overrides it for the notebook. "
+        "Empty: $DIDOMAGIC_RUNNER, else an embedded runner on this machine.",
+    ).tag(config=True)
+    default_tags = List(
+        Unicode(),
+        default_value=[],
+        help="Tags a runner must have, for cells that give no --runner, --tags or --os "
+        "(e.g. ['gpu']).",
+    ).tag(config=True)
+    default_os = Unicode(
+        "", help="OS a runner must run (linux, darwin, windows), for cells that give none."
+    ).tag(config=True)
+    timeout = Float(
+        None,
+        allow_none=True,
+        help="Seconds after which a remote cell is interrupted, for cells without --timeout "
+        "(None: no limit).",
+    ).tag(config=True)
+    progress = Enum(
+        ["auto", "widget", "text", "none"],
+        default_value="auto",
+        help="How a remote cell shows its progress: a widget row, a text line, nothing, or "
+        "auto (the widget where ipywidgets can show one, else text).",
+    ).tag(config=True)
+    sync = Bool(
+        True,
+        help="Send the values a cell reads and fetch the ones it binds automatically "
+        "(False: as --no-sync, only --push/--pull names travel).",
+    ).tag(config=True)
+    safe_results = Bool(
+        False,
+        help="Runners added with '%runners add' accept only plain data back (as "
+        "--safe-results), unless the command says otherwise.",
+    ).tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.mode = RemoteMode(shell)
+        """The notebook-wide mode (``%remote on``)."""
 
     @magic_arguments()
     @argument(
@@ -99,14 +161,56 @@ class RemoteMagics(Magics):
         default=0,
         help="with --detach: run the job again on another runner this often if its runner is lost",
     )
-    @cell_magic
-    def remote(self, line: str, cell: str) -> Any:
+    @line_cell_magic
+    def remote(self, line: str, cell: str | None = None) -> Any:
         """Run this cell on a runner; the values it reads go there, the ones it binds come back.
 
         Output streams into the cell as it is produced; a remote exception fails
-        the cell with the remote traceback.
+        the cell with the remote traceback. As a line magic: ``%remote on
+        [options]`` runs every following cell remotely, ``%remote off`` stops that.
         """
-        args = parse_argstring(self.remote, line)
+        if cell is None:
+            return self._remote_line(line)
+        with self.mode.suspended():
+            return self._remote_cell(line, cell)
+
+    def _remote_line(self, line: str) -> None:
+        command, _, rest = line.strip().partition(" ")
+        if command == "on":
+            self._parse(rest)  # a mistake is reported now, not at every cell
+            self.mode.start(rest)
+            print(
+                "didomagic: remote mode on: every cell runs remotely"
+                + (f" with {rest.strip()}" if rest.strip() else "")
+                + " until %remote off (%%local runs one cell here)."
+            )
+            return
+        if command == "off" and not rest.strip():
+            was = self.mode.on
+            self.mode.stop()
+            print(
+                "didomagic: remote mode off: cells run here."
+                if was
+                else "didomagic: remote mode was not on."
+            )
+            return
+        raise UsageError(f"%remote: unknown form {line.strip()!r}.\n{REMOTE_USAGE}")
+
+    def _parse(self, line: str) -> Any:
+        try:
+            return parse_argstring(self.remote, line)
+        except UsageError as exc:
+            raise UsageError(f"%%remote: {exc}\n{REMOTE_USAGE}") from None
+
+    @cell_magic
+    def local(self, line: str, cell: str) -> Any:
+        """Run this cell here, in the notebook, while ``%remote on`` is in force."""
+        if line.strip():
+            raise UsageError("%%local takes no options")
+        return run_here(self.shell, cell)
+
+    def _remote_cell(self, line: str, cell: str) -> Any:
+        args = self._parse(line)
         if args.timeout is not None and not args.timeout > 0:
             raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         if args.runner and (args.tags or args.os):
@@ -117,14 +221,19 @@ class RemoteMagics(Magics):
             raise UsageError(f"--retries must be 0 or more, got {args.retries}")
         if args.detach and args.local:
             raise UsageError("--detach and --local do not go together")
+        runner, tags, os = args.runner, args.tags, args.os
+        if not (runner or tags or os):  # the cell names nothing: the configured defaults
+            tags, os = tuple(self.default_tags), self.default_os
+            if not (tags or os) and self.default_runner and api.default_pool().default is None:
+                runner = self.default_runner
         spec = api.CellSpec(
             code=cell,
             push=args.push,
             pull=args.pull,
-            sync=not args.no_sync,
-            timeout=args.timeout,
-            tags=args.tags,
-            os=args.os,
+            sync=self.sync and not args.no_sync,
+            timeout=args.timeout if args.timeout is not None else self.timeout,
+            tags=tags,
+            os=os,
         )
         if args.detach:
             from didomagic import detached as jobs
@@ -133,7 +242,7 @@ class RemoteMagics(Magics):
                 spec,
                 self.shell.user_ns,
                 name=args.name,
-                runner=args.runner,
+                runner=runner,
                 retries=args.retries,
                 transform=self.shell.transform_cell,
                 hidden=self.shell.user_ns_hidden,
@@ -148,10 +257,13 @@ class RemoteMagics(Magics):
         return api.run_cell(
             spec,
             self.shell.user_ns,
-            runner=args.runner,
+            runner=runner,
             local=args.local,
             transform=self.shell.transform_cell,
             hidden=self.shell.user_ns_hidden,
+            progress=None
+            if args.local
+            else make_progress(None if self.progress == "auto" else self.progress),
         )
 
     @line_magic
@@ -186,7 +298,7 @@ class RemoteMagics(Magics):
                 args.name,
                 client_cert=args.client_cert,
                 client_key=args.client_key,
-                safe_results=args.safe_results,
+                safe_results=args.safe_results or self.safe_results,
             )
             print(f"didomagic: added {entry.name} ({entry.url.address})")
             return None
