@@ -35,6 +35,7 @@ from pathlib import Path
 
 import platformdirs
 
+from didomagic import eventloops
 from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
@@ -530,7 +531,12 @@ def _announce(
         token=token,
         fingerprint=fingerprint,
     )
-    logger.info("%s listening on %s", what, url.address)
+    logger.info(
+        "%s listening on %s (event loop: %s)",
+        what,
+        url.address,
+        eventloops.loop_name(asyncio.get_running_loop()),
+    )
     logger.info("certificate SHA-256 fingerprint: %s", fingerprint)
     return url
 
@@ -785,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render(parser, margs), end="")
             return 0
         _configure_logging(margs.log_level)
-        asyncio.run(mediate(margs))
+        eventloops.run(mediate(margs))
         return 0
     parser = serve_parser()
     args = parse_with_config(parser, argv)
@@ -796,5 +802,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report(limits_of(args), probe(use_cgroups=not args.no_cgroups)))
         return 0
     _configure_logging(args.log_level)
-    asyncio.run(serve(args))
+    eventloops.run(serve(args))
     return 0

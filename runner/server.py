@@ -513,6 +513,7 @@ class SessionHandler:
                 )
             )
         )
+        self.last_activity = time.monotonic()  # idle from now: a queue or a kernel start is not
         logger.info("session %s opened from %s (kernel %s)", self.log_id, self.peer, self.kernel.id)
         return True
 
