@@ -4,6 +4,7 @@
 
     didomagic-runner [--host H] [--port P] [--tags a,b] ...   serve cells
     didomagic-runner mediator [--host H] [--port P] ...        match cells to runners
+    didomagic-runner mediator add-runner NAME [--state-dir D]  a runner's own credential
     didomagic-runner gen-cert --out DIR [--host NAME]          write a certificate
     didomagic-runner gen-client-cert --ca-dir D --name N --out DIR   a client certificate
     didomagic-runner --check-sandbox [limit flags]             what this host can enforce
@@ -37,7 +38,7 @@ import platformdirs
 from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
-from runner import certs
+from runner import certs, enrol
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
 from runner.limits import Limits, parse_size
@@ -353,6 +354,13 @@ def mediator_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the runners' URL here (mode 0600) once listening",
     )
+    p.add_argument(
+        "--no-shared-runner-token",
+        action="store_true",
+        help="accept only runners with a credential of their own ('didomagic-runner mediator "
+        "add-runner NAME'); by default the shared runner token also works, for names "
+        "without a credential, and such runners are listed as unverified",
+    )
     return p
 
 
@@ -621,6 +629,7 @@ async def mediate(args: argparse.Namespace) -> None:
         job_ttl=args.job_ttl,
         client_ca=_readable(args.client_ca),
         handshake_timeout=args.handshake_timeout,
+        shared_runner_token=not args.no_shared_runner_token,
     )
     if settings.token == settings.runner_token:
         raise SystemExit(
@@ -706,6 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["gen-client-cert"]:
         gen_client_cert(gen_client_cert_parser().parse_args(argv[1:]))
         return 0
+    if argv[:1] == ["mediator"] and argv[1:2] in (["add-runner"], ["remove-runner"]):
+        return enrol.main(argv[1], argv[2:])
     if argv[:1] == ["mediator"]:
         margs = mediator_parser().parse_args(argv[1:])
         _configure_logging(margs.log_level)

@@ -9,18 +9,33 @@ sessions or of the runner's own state.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import pickle
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
 import pytest
 from IPython.utils.capture import capture_output
+from websockets.exceptions import ConnectionClosed
 
 from didomagic import api
-from didomagic.protocol import Execute
+from didomagic.client import dial, query
+from didomagic.loop import background_loop
+from didomagic.protocol import Error, Execute, Link, Load, Register, Registered, Role
+from didomagic.urls import ConnectionURL
 
-from .conftest import rss
+from .conftest import (
+    SECRETS,
+    TIMEOUT,
+    MediatorProcess,
+    rss,
+    start_mediator,
+    wait_until,
+)
 from .fake_runner import FakeRunner, Reply, pickled
 
 # ------------------------------------------------------------------ item 3: what comes back
@@ -168,3 +183,189 @@ def test_safe_results_still_takes_large_plain_data(tmp_path):
         _run(fake, "inband = oob = blob = 1", ns, safe=True)
     assert np.array_equal(ns["inband"], array) and np.array_equal(ns["oob"], array)
     assert ns["blob"] == b"z" * 9
+
+
+# ------------------------------------------------------------------ item 2: who a runner is
+
+HEARTBEAT = "0.3"
+
+
+def add_runner(mediator: MediatorProcess, name: str) -> str:
+    """Issue ``name`` its own credential at ``mediator``; return the runner URL printed."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "runner", "mediator", "add-runner", name),
+            *("--state-dir", str(mediator.state_dir), "--port", str(mediator.port)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    url = done.stdout.strip()
+    SECRETS.add(ConnectionURL.parse(url).token)  # it must never reach a log either
+    return url
+
+
+def pool_of(mediator: MediatorProcess) -> dict[str, dict[str, Any]]:
+    """The mediator's listing, by runner name."""
+    info, _ = background_loop().run(query(ConnectionURL.parse(mediator.url)))
+    return {d["name"]: d for d in info.runners}
+
+
+def description(name: str, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A runner description that looks inviting (many free slots), with ``changes``."""
+    return {"name": name, "tags": ["gpu"], "sessions": 0, "max_sessions": 64, **(changes or {})}
+
+
+class FakeLink:
+    """A runner's link to a mediator, spoken by hand: register, then whatever the test sends."""
+
+    def __init__(self, url: str) -> None:
+        self.url = ConnectionURL.parse(url)
+        self.ws: Any = None
+        self.link = Link(Role.RUNNER)
+
+    def register(self, runner: dict[str, Any], id: str = "fake-runner-id") -> Any:
+        """Send a registration; return the mediator's answer (Registered or Error)."""
+
+        async def go() -> Any:
+            self.ws = await dial(self.url, "register")
+            await self.ws.send(self.link.send(Register(id, runner, float(HEARTBEAT))))
+            return self.link.receive(await self.ws.recv())
+
+        return background_loop().run(go())
+
+    def report(self, load: dict[str, Any]) -> Any:
+        """Send a load report; return what the mediator answers before it closes the link."""
+
+        async def go() -> Any:
+            await self.ws.send(self.link.send(Load(load)))
+            try:
+                return self.link.receive(await asyncio.wait_for(self.ws.recv(), TIMEOUT))
+            except ConnectionClosed:
+                return None
+
+        return background_loop().run(go())
+
+    def frames_left(self) -> list[str]:
+        """Every frame the mediator sent after its answer, until it closed the link."""
+
+        async def go() -> list[str]:
+            frames = []
+            with contextlib.suppress(ConnectionClosed):
+                async for frame in self.ws:
+                    frames.append(frame)
+            return frames
+
+        return background_loop().run(go())
+
+
+def _cell_where(url: str) -> str:
+    pool = api.SessionPool()
+    try:
+        ns: dict[str, Any] = {}
+        api.run_cell(
+            api.CellSpec("import os\nwhere = os.environ['DIDOMAGIC_RUNNER_NAME']"),
+            ns,
+            runner=url,
+            pool=pool,
+        )
+        return str(ns["where"])
+    finally:
+        pool.close()
+
+
+def test_an_impostor_holding_another_runners_credential_is_refused_and_gets_no_cell(
+    tmp_path, runner_factory
+):
+    mediator = start_mediator(tmp_path / "mediator")
+    try:
+        alpha_url, beta_url = add_runner(mediator, "alpha"), add_runner(mediator, "beta")
+        runner_factory("--mediator", alpha_url, "--heartbeat", HEARTBEAT, name="alpha")
+        wait_until(lambda: pool_of(mediator).get("alpha", {}).get("status") == "up", "alpha")
+        impostors = []
+        for url, complaint in (
+            (beta_url, "this runner credential is for runner 'beta'"),
+            (mediator.runner_url, "'alpha' has a credential of its own"),
+        ):
+            impostor = FakeLink(url)
+            answer = impostor.register(description("alpha"), id=f"impostor{len(impostors)}")
+            assert isinstance(answer, Error) and complaint in answer.message, answer
+            impostors.append(impostor)
+        assert mediator.log.count("refused a registration") == 2, mediator.log
+        for _ in range(3):  # the impostors' many free slots lure nothing
+            assert _cell_where(mediator.url) == "alpha"
+        for impostor in impostors:
+            assert impostor.frames_left() == []  # no dial, no cell, no value
+        listing = pool_of(mediator)
+        assert list(listing) == ["alpha"]
+        assert listing["alpha"]["identity"] == "verified: credential of alpha"
+    finally:
+        assert mediator.stop() == 0, mediator.log
+
+
+BAD_REPORTS = {
+    "sessions-many": {"sessions": "many"},
+    "negative": {"sessions": -1},
+    "huge-count": {"max_sessions": 10**30},
+    "huge-name": {"name": "n" * 100_000},
+    "huge-tag-list": {"tags": ["t"] * 100_000},
+    "tags-not-a-list": {"tags": "gpu"},
+    "memory-text": {"memory_total": "lots"},
+    "gpus-not-objects": {"gpus": ["A100"]},
+    "rename": {"name": "someone-else"},
+    "huge-extra-field": {"extra": "x" * 100_000},
+}
+
+
+def test_bad_descriptions_are_refused_and_other_runners_work_at_once(tmp_path, runner_factory):
+    mediator = start_mediator(tmp_path / "mediator")
+    try:
+        runner_factory("--mediator", mediator.runner_url, "--heartbeat", HEARTBEAT, name="good")
+        wait_until(lambda: pool_of(mediator).get("good", {}).get("status") == "up", "good")
+        for case, change in BAD_REPORTS.items():
+            bad = FakeLink(mediator.runner_url)
+            answer = bad.register(description(f"bad-{case}"), id=f"bad-{case}")
+            assert isinstance(answer, Registered), (case, answer)
+            refusal = bad.report(description(f"bad-{case}", change))
+            assert isinstance(refusal, Error) and "load report" in refusal.message, (case, refusal)
+            listing = pool_of(mediator)  # at once: no wait for anything to expire
+            assert listing["good"]["status"] == "up", (case, listing)
+            assert listing[f"bad-{case}"]["status"] == "down", (case, listing)
+            assert _cell_where(mediator.url) == "good", case
+        for case, change in BAD_REPORTS.items():  # the same fields in a registration
+            if case == "rename":
+                continue
+            answer = FakeLink(mediator.runner_url).register(description("again", change))
+            assert isinstance(answer, Error) and "invalid registration" in answer.message, case
+        assert _cell_where(mediator.url) == "good"
+    finally:
+        assert mediator.stop() == 0, mediator.log
+
+
+def test_the_runner_listing_shows_the_identity_each_runner_proved(
+    shell, tmp_path, runner_factory, private_config
+):
+    mediator = start_mediator(tmp_path / "mediator")
+    try:
+        alpha_url = add_runner(mediator, "alpha")
+        runner_factory("--mediator", alpha_url, "--heartbeat", HEARTBEAT, name="alpha")
+        runner_factory("--mediator", mediator.runner_url, "--heartbeat", HEARTBEAT, name="legacy")
+        direct = runner_factory(name="direct")
+        wait_until(lambda: len(pool_of(mediator)) == 2, "both runners at the mediator")
+        private_config.unlink(missing_ok=True)
+        with capture_output():
+            shell.run_line_magic("runners", f"add {mediator.url} --name pool")
+            shell.run_line_magic("runners", f"add {direct.url} --name direct")
+        with capture_output() as cap:
+            shell.run_line_magic("runners", "--text")
+        rows = {line.split()[0]: line for line in cap.stdout.splitlines()[1:] if line.strip()}
+        fingerprint = ConnectionURL.parse(direct.url).fingerprint
+        assert "IDENTITY" in cap.stdout.splitlines()[0]
+        assert "verified: credential of alpha" in rows["alpha"], cap.stdout
+        assert "unverified (shared runner token)" in rows["legacy"], cap.stdout
+        assert f"pinned certificate {fingerprint[:16]}" in rows["direct"], cap.stdout
+    finally:
+        private_config.unlink(missing_ok=True)
+        assert mediator.stop() == 0, mediator.log
