@@ -564,6 +564,9 @@ async def serve(args: argparse.Namespace) -> None:
     _remove_stale_work_dirs(MEMORY_BACKED)
     work_root = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
     private_root = _memory_backed_dir()
+    sandbox.hide = tuple(p for p in (state_dir, work_root, private_root) if p is not None)
+    if limits.sandbox != "bwrap":
+        logger.info("sessions are not isolated from each other without --sandbox bwrap")
     server = RunnerServer(settings, work_root, private_root, sandbox)
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None

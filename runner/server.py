@@ -405,9 +405,8 @@ class SessionHandler:
         """When the session last received a frame or was busy with a cell."""
         self.client_versions: dict[str, str] = {}
         """The Python and cloudpickle versions the client says it pickles with."""
-        self.cache = ValueCache(
-            (server.pool.private_root or server.pool.root) / f"cache-{self.id[:12]}"
-        )
+        self.cache: ValueCache | None = None
+        """The large values the session holds, in its kernel's cache directory."""
 
     @property
     def log_id(self) -> str:
@@ -484,6 +483,7 @@ class SessionHandler:
         if not await self._take_slot():
             return False
         self.kernel = await self.server.pool.take()
+        self.cache = ValueCache(self.kernel.cache)
         await self.ws.send(
             self.protocol.send(
                 Welcome(
@@ -590,7 +590,7 @@ class SessionHandler:
                 continue
             message = self.protocol.receive(frame)
             if isinstance(message, Execute):
-                assert self.kernel is not None
+                assert self.kernel is not None and self.cache is not None
                 if not await self._within_size_limit(message):
                     return
                 self.upload = Upload(message, self.kernel.exchange, self.cache)
@@ -761,6 +761,8 @@ class SessionHandler:
         if old is not None:
             await old.shutdown()
         self.kernel = await self.server.pool.take()
+        if self.cache is not None:
+            self.cache.move_to(self.kernel.cache)
         logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
 
     async def _close(self) -> None:
@@ -774,7 +776,8 @@ class SessionHandler:
                 await self.cell_task
         if self.upload is not None:
             self.upload.close(keep=False)
-        self.cache.clear()
+        if self.cache is not None:
+            self.cache.clear()
         if self.has_slot:  # the client is gone: the next session may start while this
             self.has_slot = False  # kernel shuts down
             self.server.release()

@@ -13,8 +13,11 @@ import asyncio
 import contextlib
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,12 +30,15 @@ from didomagic.client import dial, query
 from didomagic.loop import background_loop
 from didomagic.protocol import Error, Execute, Link, Load, Register, Registered, Role
 from didomagic.urls import ConnectionURL
+from runner import sandbox
 
 from .conftest import (
     SECRETS,
     TIMEOUT,
     MediatorProcess,
+    kernel_count,
     rss,
+    skip_missing,
     start_mediator,
     wait_until,
 )
@@ -136,6 +142,41 @@ def test_without_safe_results_rich_output_is_republished_as_it_came(shell, ns, t
     with fake, capture_output() as cap:
         _run(fake, "pass", ns)
     assert _published(cap)[0]["application/javascript"] == "alert(1)"
+
+
+@pytest.mark.parametrize(
+    "evil",
+    [
+        "<script>alert(1)</script>",
+        "<SCRIPT SRC=//evil/x.js></SCRIPT>",
+        '<img src=x onerror="alert(1)">',
+        '<a href=" jav&#x09;ascript:alert(1)">x</a>',
+        "<svg><script>alert(1)</script></svg>",
+        '<iframe srcdoc="<script>alert(1)</script>"></iframe>',
+        "<style>body{display:none}</style>",
+        '<div style="position:fixed;top:0">cover</div><form action=x><input></form>',
+        "<!--<script>--><b onmouseover=alert(1)>b</b>",
+        "<object data=x></object><embed src=x><math><mi>x</mi></math>",
+    ],
+)
+def test_html_cleaning_leaves_no_active_part(evil):
+    from didomagic.inert import clean_html
+
+    cleaned, removed = clean_html(evil)
+    assert removed
+    lowered = cleaned.lower()
+    for active in (
+        "<script",
+        "onerror",
+        "onmouseover",
+        "javascript",
+        "<iframe",
+        "<style",
+        "style=",
+    ):
+        assert active not in lowered, cleaned
+    for active in ("<form", "<object", "<embed", "<svg", "<math", "<input"):
+        assert active not in lowered, cleaned
 
 
 class _Call:
@@ -369,3 +410,103 @@ def test_the_runner_listing_shows_the_identity_each_runner_proved(
     finally:
         private_config.unlink(missing_ok=True)
         assert mediator.stop() == 0, mediator.log
+
+
+# ------------------------------------------------------------------ item 6: what a kernel sees
+
+
+class Notebook:
+    """One notebook's session on a runner: runs cells, returns the names they bind."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pool = api.SessionPool()
+
+    def cell(self, code: str, **values: Any) -> dict[str, Any]:
+        ns: dict[str, Any] = dict(values)
+        api.run_cell(api.CellSpec(code), ns, runner=self.url, pool=self.pool)
+        return ns
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+WHO_AM_I = (
+    "import os\nfrom ipykernel.kernelapp import IPKernelApp\n"
+    "kernel_file = IPKernelApp.instance().connection_file\n"
+    "private = os.path.dirname(kernel_file)\n"
+)
+
+BIG = b"v" * (2 << 20)  # large enough to be kept in the session's value cache
+
+
+def _work_dirs(pid: int) -> list[Path]:
+    return [
+        *Path("/dev/shm").glob(f"didomagic-runner-{pid}-*"),
+        *Path(tempfile.gettempdir()).glob(f"didomagic-runner-{pid}-*"),
+    ]
+
+
+def test_without_bwrap_no_kernel_connection_file_stays_on_disk_and_the_limits_are_said(
+    runner_factory,
+):
+    runner = runner_factory("--warm-kernels", "2")
+    other = Notebook(runner.url)
+    try:
+        me = other.cell(WHO_AM_I)
+        wait_until(lambda: "kernel" in runner.log and kernel_count(runner.process.pid) >= 3, "warm")
+        found = [p for root in _work_dirs(runner.process.pid) for p in root.rglob("kernel.json")]
+        assert found == [], found  # no key to sign messages to any kernel lies on disk
+        assert not os.path.exists(me["kernel_file"])
+    finally:
+        other.close()
+    report = subprocess.run(
+        [sys.executable, "-m", "runner", "--check-sandbox"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "isolation between sessions: NONE without --sandbox bwrap" in report, report
+    assert "Use --sandbox bwrap" in report
+
+
+def test_a_bwrap_boxed_cell_sees_no_other_session_no_other_kernel_and_no_runner_state(
+    runner_factory,
+):
+    if sandbox.probe_bwrap() is not None:
+        skip_missing(f"no bubblewrap: {sandbox.probe_bwrap()}")
+    # A state directory inside the environment the box shows read-only: it must still be hidden.
+    state = Path(tempfile.mkdtemp(dir=sys.prefix, prefix="didomagic-test-state-"))
+    try:
+        runner = runner_factory(
+            "--sandbox", "bwrap", "--state-dir", str(state), "--warm-kernels", "2"
+        )
+        victim, attacker = Notebook(runner.url), Notebook(runner.url)
+        try:
+            # The victim's session holds a large value in its cache (it reaches a boxed kernel).
+            held = victim.cell(WHO_AM_I + "n = len(big)", big=BIG)
+            assert held["n"] == len(BIG)
+            caches = [p for root in _work_dirs(runner.process.pid) for p in root.rglob("*.bin")]
+            assert len(caches) == 1, caches
+            assert (state / "token").exists()
+            secrets_of_others = {
+                "cache": str(caches[0]),
+                "cache_dir": str(caches[0].parent),
+                "kernel_dir": held["private"],
+                "kernel_file": held["kernel_file"],
+                "state": str(state / "token"),
+            }
+            seen = attacker.cell(
+                WHO_AM_I + "paths = " + repr(secrets_of_others) + "\n"
+                "seen = {k: os.path.exists(p) for k, p in paths.items()}\n"
+                "neighbours = sorted(os.listdir(os.path.dirname(private)))\n"
+                "mine = os.path.basename(private)\n"
+            )
+            assert not any(seen["seen"].values()), seen["seen"]
+            assert seen["neighbours"] == [seen["mine"], seen["mine"] + "-cache"], seen
+            assert victim.cell("again = len(big)", big=BIG)["again"] == len(BIG)  # from cache
+        finally:
+            victim.close()
+            attacker.close()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
