@@ -109,6 +109,9 @@ _ACTIVE_MARKDOWN = frozenset(
 _ACTIVE_SVG = frozenset({"script", "foreignobject", "iframe", "object", "embed", "use", "a"})
 
 
+_VOID = frozenset({"br", "hr", "img", "col"})
+"""Tags that have no end tag (``<br/>`` must not become ``<br></br>``)."""
+
 _CHECKED = {"text/markdown": _ACTIVE_MARKDOWN, "image/svg+xml": _ACTIVE_SVG}
 """MIME types kept only when they hold none of these tags (nor handlers, nor javascript:)."""
 
@@ -146,7 +149,7 @@ class _Cleaner(HTMLParser):
             if tag == self._skipping[-1]:
                 self._skipping.pop()
             return
-        if tag in TAGS:
+        if tag in TAGS and tag not in _VOID:
             self.out.append(f"</{tag}>")
 
     def handle_data(self, data: str) -> None:

@@ -342,6 +342,12 @@ def test_an_impostor_holding_another_runners_credential_is_refused_and_gets_no_c
         listing = pool_of(mediator)
         assert list(listing) == ["alpha"]
         assert listing["alpha"]["identity"] == "verified: credential of alpha"
+        # A real runner started with beta's credential under alpha's name is told why.
+        misnamed = runner_factory("--mediator", beta_url, "--heartbeat", HEARTBEAT, name="alpha")
+        wait_until(lambda: "refused this runner" in misnamed.log, "the refusal in its log")
+        assert "this runner credential is for runner 'beta'" in misnamed.log
+        assert list(pool_of(mediator)) == ["alpha"]
+        assert _cell_where(mediator.url) == "alpha"
     finally:
         assert mediator.stop() == 0, mediator.log
 
