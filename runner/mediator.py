@@ -255,11 +255,8 @@ class Mediator:
         message = link.receive(text)
         if not isinstance(message, Register):
             raise ProtocolError(f"expected a register message, got {message.kind}")
-        assert ws.request is not None
-        identity = self._identify(ws.request)
-        assert identity is not None  # checked in _authenticate
         try:
-            description = await self._admit(message, identity)
+            description, identity = await self._admit(message, ws)
         except _Refused as exc:
             logger.warning("refused a registration from %s: %s", peer_of(ws), exc)
             await refuse(ws, ErrorCode.BAD_REQUEST, f"Mediator {self.settings.name}: {exc}")
@@ -299,12 +296,20 @@ class Mediator:
             if entry.link is ws:
                 self._mark_down(entry, entry.reason or reason)
 
-    async def _admit(self, message: Register, identity: Identity) -> dict[str, Any]:
-        """The checked description of an accepted registration; raise :class:`_Refused`.
+    async def _admit(
+        self, message: Register, ws: ServerConnection
+    ) -> tuple[dict[str, Any], Identity]:
+        """The checked description and identity of an accepted registration, or :class:`_Refused`.
 
-        An older link of the same runner (same id, or the same name under the
-        same credential: it restarted) is closed.
+        A runner's own credential owns its name: any other entry of that name
+        (an older link of the same runner, or one registered with the shared
+        token before the credential was issued) is closed and forgotten. The
+        shared token may take neither a name with a credential nor the name
+        of a runner registered with one.
         """
+        identity = self._identify(ws.request) if ws.request else None
+        if identity is None:
+            raise _Refused("the runner credential was revoked while connecting")
         try:
             check_runner_id(message.id)
             check_heartbeat(message.heartbeat)
@@ -323,24 +328,22 @@ class Mediator:
                 f"runner name {name!r} has a credential of its own at this mediator; the "
                 "shared runner token cannot register it (use that runner's own URL)"
             )
-        for other in list(self.runners.values()):
-            if other.description.get("name") != name or other.id == message.id:
-                continue
-            if other.identity != identity:
-                raise _Refused(
-                    f"runner name {name!r} is registered under another credential; "
-                    "choose another --name"
-                )
-            if identity.verified:  # the same credential again: the runner restarted
-                if other.link is not None:
-                    await other.link.close()
-                self.runners.pop(other.id, None)
+        named = [e for e in self.runners.values() if e.description.get("name") == name]
+        if not identity.verified and any(e.identity.verified for e in named):
+            raise _Refused(
+                f"runner name {name!r} is registered under a credential of its own; "
+                "choose another --name"
+            )
         old = self.runners.get(message.id)
         if old is not None and old.identity != identity:
             raise _Refused("this runner id is registered under another credential")
-        if old is not None and old.link is not None:
-            await old.link.close()  # an older link of the same runner
-        return description
+        evicted = [*named, old] if identity.verified else [old]
+        for other in {id(e): e for e in evicted if e is not None}.values():
+            if other.link is not None:
+                await other.link.close()
+            if other.id != message.id:
+                self.runners.pop(other.id, None)
+        return description, identity
 
     def _check_load(self, entry: RunnerEntry, load: dict[str, Any]) -> dict[str, Any]:
         """The checked description a load report carries; raise :class:`_Refused`."""

@@ -757,12 +757,11 @@ class SessionHandler:
         return values, offsets, dict(body["failures"]), list(body["deleted"])
 
     async def _replace_kernel(self) -> None:
-        old, self.kernel = self.kernel, None
+        old, self.kernel = self.kernel, await self.server.pool.take()
+        if self.cache is not None:  # before the old kernel's directories go
+            self.cache.move_to(self.kernel.cache)
         if old is not None:
             await old.shutdown()
-        self.kernel = await self.server.pool.take()
-        if self.cache is not None:
-            self.cache.move_to(self.kernel.cache)
         logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
 
     async def _close(self) -> None:

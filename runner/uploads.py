@@ -141,9 +141,12 @@ class ValueCache:
         directory.mkdir(mode=0o700, exist_ok=True)
         for name, (digest, path) in list(self.entries.items()):
             moved = directory / path.name
-            if path.exists():
+            if path.exists():  # two names holding the same bytes share one file
                 os.replace(path, moved)
-            self.entries[name] = (digest, moved)
+            if moved.exists():
+                self.entries[name] = (digest, moved)
+            else:
+                del self.entries[name]
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory = directory
 

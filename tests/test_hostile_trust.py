@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from didomagic import api
 from didomagic.client import dial, query
+from didomagic.errors import KernelDied
 from didomagic.loop import background_loop
 from didomagic.protocol import Error, Execute, Link, Load, Register, Registered, Role
 from didomagic.urls import ConnectionURL
@@ -322,9 +323,13 @@ def test_an_impostor_holding_another_runners_credential_is_refused_and_gets_no_c
 ):
     mediator = start_mediator(tmp_path / "mediator")
     try:
+        # Before alpha had a credential, someone took its name with the shared token.
+        squatter = FakeLink(mediator.runner_url)
+        assert isinstance(squatter.register(description("alpha"), id="squatter"), Registered)
         alpha_url, beta_url = add_runner(mediator, "alpha"), add_runner(mediator, "beta")
         runner_factory("--mediator", alpha_url, "--heartbeat", HEARTBEAT, name="alpha")
         wait_until(lambda: pool_of(mediator).get("alpha", {}).get("status") == "up", "alpha")
+        assert squatter.frames_left() == []  # its link was closed, with no cell sent
         impostors = []
         for url, complaint in (
             (beta_url, "this runner credential is for runner 'beta'"),
@@ -339,9 +344,9 @@ def test_an_impostor_holding_another_runners_credential_is_refused_and_gets_no_c
             assert _cell_where(mediator.url) == "alpha"
         for impostor in impostors:
             assert impostor.frames_left() == []  # no dial, no cell, no value
-        listing = pool_of(mediator)
-        assert list(listing) == ["alpha"]
-        assert listing["alpha"]["identity"] == "verified: credential of alpha"
+        info, _ = background_loop().run(query(ConnectionURL.parse(mediator.url)))
+        assert [d["name"] for d in info.runners] == ["alpha"]  # the squatter is forgotten
+        assert info.runners[0]["identity"] == "verified: credential of alpha"
         # A real runner started with beta's credential under alpha's name is told why.
         misnamed = runner_factory("--mediator", beta_url, "--heartbeat", HEARTBEAT, name="alpha")
         wait_until(lambda: "refused this runner" in misnamed.log, "the refusal in its log")
@@ -516,3 +521,16 @@ def test_a_bwrap_boxed_cell_sees_no_other_session_no_other_kernel_and_no_runner_
             attacker.close()
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_sessions_cached_values_outlive_its_kernel(runner_factory):
+    runner = runner_factory()
+    notebook = Notebook(runner.url)
+    try:
+        assert notebook.cell("n = len(big)", big=BIG)["n"] == len(BIG)
+        with pytest.raises(KernelDied):
+            notebook.cell("import os\nos._exit(1)")
+        # The client still counts on the runner holding `big`: it sends only its digest.
+        assert notebook.cell("again = len(big)", big=BIG)["again"] == len(BIG)
+    finally:
+        notebook.close()
