@@ -649,6 +649,11 @@ async def mediate(args: argparse.Namespace) -> None:
         )
         _publish(client_url, "client URL (for %runners add)", args.url_file)
         _publish(runner_url, "runner URL (for didomagic-runner --mediator)", args.runner_url_file)
+        if args.no_shared_runner_token:
+            logger.info(
+                "--no-shared-runner-token: the runner URL above is refused; give each runner "
+                "its own with 'didomagic-runner mediator add-runner NAME'"
+            )
         await stop.wait()
         logger.info("stopping")
     finally:

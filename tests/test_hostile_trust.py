@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from didomagic import api
 from didomagic.client import dial, query
-from didomagic.errors import KernelDied
+from didomagic.errors import AuthenticationFailed, KernelDied
 from didomagic.loop import background_loop
 from didomagic.protocol import Error, Execute, Link, Load, Register, Registered, Role
 from didomagic.urls import ConnectionURL
@@ -353,6 +353,18 @@ def test_an_impostor_holding_another_runners_credential_is_refused_and_gets_no_c
         assert "this runner credential is for runner 'beta'" in misnamed.log
         assert list(pool_of(mediator)) == ["alpha"]
         assert _cell_where(mediator.url) == "alpha"
+    finally:
+        assert mediator.stop() == 0, mediator.log
+
+
+def test_without_the_shared_token_only_runners_with_their_own_credential_join(tmp_path):
+    mediator = start_mediator(tmp_path / "mediator", "--no-shared-runner-token")
+    try:
+        with pytest.raises(AuthenticationFailed):
+            FakeLink(mediator.runner_url).register(description("anyone"))
+        own = FakeLink(add_runner(mediator, "own"))
+        assert isinstance(own.register(description("own")), Registered)
+        assert pool_of(mediator)["own"]["identity"] == "verified: credential of own"
     finally:
         assert mediator.stop() == 0, mediator.log
 
