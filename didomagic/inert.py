@@ -195,11 +195,17 @@ class _Detector(HTMLParser):
     handle_startendtag = handle_starttag
 
 
+_ACTIVE_TEXT = re.compile(r"<\s*script|[\s/\"'`]on[a-z]+\s*=", re.IGNORECASE)
+"""Scripts and event handlers however a browser would parse the markup: checked on the text."""
+
+
 def _active(text: str, tags: frozenset[str]) -> bool:
     detector = _Detector(tags)
     detector.feed(text)
     detector.close()
-    return detector.active or "javascript:" in re.sub(r"\s", "", text).lower()
+    plain = html.unescape(text)  # entities, and the blanks a browser drops inside a URL scheme
+    squeezed = re.sub(r"[\x00-\x20]", "", plain).lower()
+    return detector.active or bool(_ACTIVE_TEXT.search(plain)) or "javascript:" in squeezed
 
 
 def inert_bundle(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

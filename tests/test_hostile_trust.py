@@ -180,6 +180,27 @@ def test_html_cleaning_leaves_no_active_part(evil):
         assert active not in lowered, cleaned
 
 
+@pytest.mark.parametrize(
+    ("mime", "evil"),
+    [
+        ("text/markdown", "[x](javascript:alert(1))"),
+        ("text/markdown", "[x](j&#97;vascript:alert(1))"),
+        ("text/markdown", "[x](java\tscript:alert(1))"),
+        ("text/markdown", "<img/src=x/onerror=alert(1)>"),
+        ("text/markdown", "<script>alert(1)</script>"),
+        ("image/svg+xml", "<svg><script>alert(1)</script></svg>"),
+        ("image/svg+xml", "<svg onload='alert(1)'></svg>"),
+        ("image/svg+xml", '<svg><a href="javascript:alert(1)"><text>x</text></a></svg>'),
+        ("image/svg+xml", "<svg><foreignObject><iframe/></foreignObject></svg>"),
+    ],
+)
+def test_active_markdown_and_svg_are_dropped(mime, evil):
+    from didomagic.inert import inert_bundle
+
+    kept, dropped = inert_bundle({mime: evil, "text/plain": "plain"})
+    assert kept == {"text/plain": "plain"} and dropped == [mime]
+
+
 class _Call:
     """Pickles as ``fn(*args)``: what a hostile runner sends to make the client build something."""
 
