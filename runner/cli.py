@@ -4,6 +4,7 @@
 
     didomagic-runner [--host H] [--port P] [--tags a,b] ...   serve cells
     didomagic-runner mediator [--host H] [--port P] ...        match cells to runners
+    didomagic-runner mediator add-runner NAME [--state-dir D]  a runner's own credential
     didomagic-runner gen-cert --out DIR [--host NAME]          write a certificate
     didomagic-runner gen-client-cert --ca-dir D --name N --out DIR   a client certificate
     didomagic-runner --check-sandbox [limit flags]             what this host can enforce
@@ -39,7 +40,7 @@ from didomagic import eventloops
 from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
-from runner import certs
+from runner import certs, enrol
 from runner.advertise import Advertiser
 from runner.configfile import add_config_flags, parse_with_config, render
 from runner.jobs import JobService
@@ -372,6 +373,13 @@ def mediator_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the runners' URL here (mode 0600) once listening",
     )
+    p.add_argument(
+        "--no-shared-runner-token",
+        action="store_true",
+        help="accept only runners with a credential of their own ('didomagic-runner mediator "
+        "add-runner NAME'); by default the shared runner token also works, for names "
+        "without a credential, and such runners are listed as unverified",
+    )
     return p
 
 
@@ -619,6 +627,9 @@ async def serve(args: argparse.Namespace) -> None:
     _remove_stale_work_dirs(MEMORY_BACKED)
     work_root = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
     private_root = _memory_backed_dir()
+    sandbox.hide = tuple(p for p in (state_dir, work_root, private_root) if p is not None)
+    if limits.sandbox != "bwrap":
+        logger.info("sessions are not isolated from each other without --sandbox bwrap")
     server = RunnerServer(settings, work_root, private_root, sandbox)
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None
@@ -693,6 +704,7 @@ async def mediate(args: argparse.Namespace) -> None:
         job_ttl=args.job_ttl,
         client_ca=_readable(args.client_ca),
         handshake_timeout=args.handshake_timeout,
+        shared_runner_token=not args.no_shared_runner_token,
     )
     if settings.token == settings.runner_token:
         raise SystemExit(
@@ -713,6 +725,11 @@ async def mediate(args: argparse.Namespace) -> None:
         _publish(runner_url, "runner URL (for didomagic-runner --mediator)", args.runner_url_file)
         if args.advertise:
             advertiser = await _advertise("mediator", settings.name, args, client_url)
+        if args.no_shared_runner_token:
+            logger.info(
+                "--no-shared-runner-token: the runner URL above is refused; give each runner "
+                "its own with 'didomagic-runner mediator add-runner NAME'"
+            )
         await stop.wait()
         logger.info("stopping")
     finally:
@@ -784,6 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["gen-client-cert"]:
         gen_client_cert(gen_client_cert_parser().parse_args(argv[1:]))
         return 0
+    if argv[:1] == ["mediator"] and argv[1:2] in (["add-runner"], ["remove-runner"]):
+        return enrol.main(argv[1], argv[2:])
     if argv[:1] == ["mediator"]:
         parser = mediator_parser()
         margs = parse_with_config(parser, argv[1:])

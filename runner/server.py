@@ -423,9 +423,8 @@ class SessionHandler:
         """When the session last received a frame or was busy with a cell."""
         self.client_versions: dict[str, str] = {}
         """The Python and cloudpickle versions the client says it pickles with."""
-        self.cache = ValueCache(
-            (server.pool.private_root or server.pool.root) / f"cache-{self.id[:12]}"
-        )
+        self.cache: ValueCache | None = None
+        """The large values the session holds, in its kernel's cache directory."""
 
     @property
     def log_id(self) -> str:
@@ -502,6 +501,7 @@ class SessionHandler:
         if not await self._take_slot():
             return False
         self.kernel = await self.server.pool.take()
+        self.cache = ValueCache(self.kernel.cache)
         await self.ws.send(
             self.protocol.send(
                 Welcome(
@@ -609,7 +609,7 @@ class SessionHandler:
                 continue
             message = self.protocol.receive(frame)
             if isinstance(message, Execute):
-                assert self.kernel is not None
+                assert self.kernel is not None and self.cache is not None
                 if not await self._within_size_limit(message):
                     return
                 self.upload = Upload(message, self.kernel.exchange, self.cache)
@@ -776,10 +776,11 @@ class SessionHandler:
         return values, offsets, dict(body["failures"]), list(body["deleted"])
 
     async def _replace_kernel(self) -> None:
-        old, self.kernel = self.kernel, None
+        old, self.kernel = self.kernel, await self.server.pool.take()
+        if self.cache is not None:  # before the old kernel's directories go
+            self.cache.move_to(self.kernel.cache)
         if old is not None:
             await old.shutdown()
-        self.kernel = await self.server.pool.take()
         logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
 
     async def _close(self) -> None:
@@ -793,7 +794,8 @@ class SessionHandler:
                 await self.cell_task
         if self.upload is not None:
             self.upload.close(keep=False)
-        self.cache.clear()
+        if self.cache is not None:
+            self.cache.clear()
         if self.has_slot:  # the client is gone: the next session may start while this
             self.has_slot = False  # kernel shuts down
             self.server.release()
