@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -11,10 +12,31 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from didomagic import api
+from didomagic.errors import ConfigurationError
 
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def cell_pins(pip: list[str] | None, requirements: str | None) -> tuple[str, ...]:
+    """``--pip`` and ``--requirements`` as one tuple of requirement strings."""
+    from didomagic import packages
+
+    try:
+        pins = [packages.check_requirement(p) for p in pip or ()]
+        if requirements:
+            pins += packages.read_requirements(
+                requirements,
+                lambda option: print(
+                    f"didomagic: {requirements}: {option} skipped (runners install from "
+                    "their own index)",
+                    file=sys.stderr,
+                ),
+            )
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
+    return tuple(pins)
 
 
 RUNNERS_USAGE = """\
@@ -88,6 +110,28 @@ class RemoteMagics(Magics):
         action="store_true",
         help="submit the cell as a job and return at once; %%jobs pull ID gets its results",
     )
+    @argument(
+        "--pip",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a package the runner's kernel must have, e.g. pandas==2.2.3 (repeatable); the "
+        "runner installs it into a cached environment if it lacks it",
+    )
+    @argument("--requirements", default=None, metavar="FILE", help="packages from this file")
+    @argument(
+        "--packages",
+        choices=["match", "none"],
+        default=None,
+        help="match: give the runner this notebook's versions of the packages the cell "
+        "imports and its values need (default: $DIDOMAGIC_PACKAGES, else none)",
+    )
+    @argument(
+        "--new-session",
+        action="store_true",
+        help="end this notebook's session on the runner first: the cell starts in a fresh "
+        "kernel (remote state is lost)",
+    )
     @argument("--name", default="", help="a name for the --detach job")
     @argument(
         "--retries",
@@ -121,7 +165,11 @@ class RemoteMagics(Magics):
             timeout=args.timeout,
             tags=args.tags,
             os=args.os,
+            pip=cell_pins(args.pip, args.requirements),
+            packages=args.packages or "",
         )
+        if args.new_session and not args.local:
+            api.default_pool().session(args.runner, args.tags, args.os).close()
         if args.detach:
             from didomagic import detached as jobs
 

@@ -38,6 +38,7 @@ from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
 from runner import certs
+from runner.envs import EnvCache, InstallSettings
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
 from runner.limits import Limits, parse_size
@@ -234,6 +235,7 @@ def serve_parser() -> argparse.ArgumentParser:
         help="kernels started ahead of sessions (default 1)",
     )
     _add_limits(p)
+    _add_packages(p)
     p.add_argument(
         "--exit-on-stdin-eof",
         action="store_true",
@@ -315,6 +317,80 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print which mechanisms this host offers and how the given limits would be "
         "enforced, then exit",
+    )
+
+
+def _cache_size(text: str) -> tuple[int | None, int | None]:
+    """``--env-cache-size``: a number of environments (``20``) or bytes (``5G``)."""
+    if text.isdigit():
+        return _positive(text), None
+    return None, _size(text)
+
+
+def _add_packages(p: argparse.ArgumentParser) -> None:
+    """Installing the packages cells ask for (see docs/packages.md)."""
+    g = p.add_argument_group(
+        "packages",
+        "Cells may ask for packages (%%remote --pip, --requirements, --packages match). The "
+        "runner installs them (wheels only) into cached environments layered over its own, "
+        "never inside a kernel.",
+    )
+    allow = g.add_mutually_exclusive_group()
+    allow.add_argument(
+        "--allow-install",
+        dest="allow_install",
+        action="store_true",
+        default=True,
+        help="install the packages cells ask for (the default)",
+    )
+    allow.add_argument(
+        "--no-install",
+        dest="allow_install",
+        action="store_false",
+        help="refuse: a cell asking for a package this runner lacks fails, saying so",
+    )
+    g.add_argument(
+        "--env-cache-size",
+        type=_cache_size,
+        default=(20, None),
+        metavar="N|SIZE",
+        help="keep at most N environments (20), or SIZE bytes of them (e.g. 5G); the least "
+        "recently used go first, never one in use (default 20)",
+    )
+    g.add_argument(
+        "--find-links",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="also look for wheels in this folder (repeatable)",
+    )
+    g.add_argument(
+        "--no-index",
+        action="store_true",
+        help="use no package index, only --find-links folders (offline hosts)",
+    )
+    g.add_argument(
+        "--installer",
+        choices=["auto", "uv", "pip"],
+        default="auto",
+        help="auto: uv (the 'uv' package) where installed, else pip (default auto)",
+    )
+
+
+def install_settings_of(args: argparse.Namespace) -> InstallSettings:
+    """The :class:`InstallSettings` the command line asks for."""
+    for folder in args.find_links:
+        if not folder.is_dir():
+            raise SystemExit(f"didomagic-runner: --find-links {folder}: no such folder.")
+    max_envs, max_bytes = args.env_cache_size
+    return InstallSettings(
+        allow=args.allow_install,
+        installer=args.installer,
+        find_links=tuple(str(f.resolve()) for f in args.find_links),
+        no_index=args.no_index,
+        max_envs=max_envs,
+        max_bytes=max_bytes,
     )
 
 
@@ -531,6 +607,9 @@ async def serve(args: argparse.Namespace) -> None:
     except SandboxUnavailable as exc:
         raise SystemExit(f"didomagic-runner: cannot start: {exc}") from None
     state_dir, certfile, keyfile = _prepare(args, "runner")
+    envs = EnvCache(state_dir / "envs", state_dir / "uv-cache", install_settings_of(args))
+    envs.prepare()
+    sandbox.read_only = envs.read_only_paths()
     settings = RunnerSettings(
         host=args.host,
         port=args.port,
@@ -556,7 +635,7 @@ async def serve(args: argparse.Namespace) -> None:
     _remove_stale_work_dirs(MEMORY_BACKED)
     work_root = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
     private_root = _memory_backed_dir()
-    server = RunnerServer(settings, work_root, private_root, sandbox)
+    server = RunnerServer(settings, work_root, private_root, sandbox, envs)
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None
     link_task: asyncio.Task[None] | None = None

@@ -178,6 +178,11 @@ class Kernel:
         finally:
             self._listeners.pop(msg_id, None)
 
+    async def run_silently(self, code: str) -> dict[str, Any]:
+        """Run ``code`` outside any cell (no history, no hooks); return the reply's content."""
+        reply = await self._run(code, silent=True)
+        return dict(reply["content"])
+
     async def _died(self) -> str | None:
         """Wait for the kernel process to end; return the limit that killed it, if one did."""
         assert self._km is not None

@@ -168,7 +168,15 @@ def _user_tasks() -> int:
 class Box:
     """How one kernel is confined: the command prefix it starts with, and what broke it."""
 
-    def __init__(self, limits: Limits, host: Host, name: str, scratch: Path, private: Path):
+    def __init__(
+        self,
+        limits: Limits,
+        host: Host,
+        name: str,
+        scratch: Path,
+        private: Path,
+        read_only: tuple[Path, ...] = (),
+    ):
         self.limits = limits
         self.scratch = scratch
         self.groups: cgroups.KernelGroups | None = None
@@ -185,7 +193,7 @@ class Box:
             spec["no_network"] = True
         self.prefix = _confine_argv(spec)
         if bwrap:
-            self.prefix += bwrap_argv(scratch, private, limits.no_network)
+            self.prefix += bwrap_argv(scratch, private, limits.no_network, read_only)
         # bwrap does not pass signals on to the kernel: interrupt it by message
         self.interrupt_mode = "message" if bwrap else "signal"
         self.env = {"TMPDIR": str(scratch)}  # temporary files count against the disk quota
@@ -238,13 +246,15 @@ class Sandbox:
         check(limits, host)
         self.limits = limits
         self.host = host
+        self.read_only: tuple[Path, ...] = ()
+        """More directories every box shows read-only (the package environments)."""
         if host.cgroups is not None:
             cgroups.remove_stale(host.cgroups)
 
     def box(self, kernel_id: str, scratch: Path, private: Path) -> Box:
         """The box for a new kernel (its cgroups are created now)."""
         name = f"{cgroups.PREFIX}{os.getpid()}-{kernel_id}"
-        return Box(self.limits, self.host, name, scratch, private)
+        return Box(self.limits, self.host, name, scratch, private, self.read_only)
 
 
 def _python_roots() -> list[str]:
@@ -254,7 +264,9 @@ def _python_roots() -> list[str]:
     return sorted(r for r in roots if Path(r).exists())
 
 
-def bwrap_argv(scratch: Path, private: Path, no_network: bool) -> list[str]:
+def bwrap_argv(
+    scratch: Path, private: Path, no_network: bool, read_only: tuple[Path, ...] = ()
+) -> list[str]:
     """The bubblewrap command line that shows a kernel only what it needs."""
     argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-all"]
     if not no_network:
@@ -264,7 +276,7 @@ def bwrap_argv(scratch: Path, private: Path, no_network: bool) -> list[str]:
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for system in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"):
         argv += ["--ro-bind-try", system, system]
-    for root in _python_roots():
+    for root in [*_python_roots(), *map(str, read_only)]:
         argv += ["--ro-bind", root, root]
     argv += ["--bind", str(private), str(private), "--bind", str(scratch), str(scratch)]
     argv += ["--chdir", str(scratch), "--setenv", "HOME", str(scratch)]

@@ -52,6 +52,7 @@ from didomagic.protocol import (
     Execute,
     Hello,
     Info,
+    Installing,
     Interrupt,
     Output,
     Query,
@@ -69,10 +70,12 @@ from didomagic.protocol import (
 )
 from runner import agent, resources
 from runner.certs import server_context
+from runner.envs import EnvCache
 from runner.jobs import JOBS_PATH, JobService
 from runner.kernels import CellOutcome, Kernel, KernelPool
 from runner.limits import Limits, format_size
 from runner.sandbox import Sandbox
+from runner.session_packages import SessionPackages
 from runner.uploads import Upload, ValueCache
 from runner.wire import peer_of, refuse
 
@@ -182,8 +185,11 @@ class RunnerServer:
         work_root: Path,
         private_root: Path | None = None,
         sandbox: Sandbox | None = None,
+        envs: EnvCache | None = None,
     ) -> None:
         self.settings = settings
+        self.envs = envs
+        """The package environments cells ask for (None: no installs, see runner.envs)."""
         self.pool = KernelPool(
             work_root,
             settings.warm_kernels,
@@ -237,6 +243,7 @@ class RunnerServer:
             "limits": self.settings.limits.describe(),
             "max_message_size": self.settings.max_message_size,
             "warm_kernels": self.pool.ready,
+            "packages": self.envs.describe() if self.envs else {"install": False},
             **self.machine(),
             **self.load(),
         }
@@ -408,6 +415,7 @@ class SessionHandler:
         self.cache = ValueCache(
             (server.pool.private_root or server.pool.root) / f"cache-{self.id[:12]}"
         )
+        self.packages = SessionPackages(server.envs)
 
     @property
     def log_id(self) -> str:
@@ -658,6 +666,13 @@ class SessionHandler:
         assert self.kernel is not None
         kernel = self.kernel
         exchange = kernel.exchange
+        failure = await self.packages.prepare(
+            kernel,
+            request.packages,
+            lambda count, line: self.outbox.put_nowait(
+                self.protocol.send(Installing(request.cell, count, line[-500:]))
+            ),
+        )
         (exchange / agent.RESULT_FILE).unlink(missing_ok=True)
         agent.write_json(
             exchange / agent.CELL_FILE,
@@ -694,10 +709,10 @@ class SessionHandler:
                 )
             self.outbox.put_nowait(text)
 
-        if self.interrupted:  # interrupted while its values were still arriving
+        if self.interrupted or failure:  # interrupted while its values were still arriving
             outcome = CellOutcome(
                 Status.ERROR,
-                {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"},
+                failure or {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"},
             )
             (exchange / agent.CELL_FILE).unlink(missing_ok=True)
         else:
@@ -775,6 +790,7 @@ class SessionHandler:
         if self.upload is not None:
             self.upload.close(keep=False)
         self.cache.clear()
+        self.packages.close()
         if self.has_slot:  # the client is gone: the next session may start while this
             self.has_slot = False  # kernel shuts down
             self.server.release()
