@@ -130,7 +130,9 @@ class UvInstaller(Installer):
         self, requirements: Sequence[str], options: list[str], on_line: Line
     ) -> list[str]:
         """A dry run against the runner's interpreter: what it would add or replace."""
-        argv = [*self._argv(options), "--dry-run", "--", *requirements]
+        # A dry run changes nothing, so an externally managed base (a distribution's own
+        # Python) may be asked too.
+        argv = [*self._argv(options), "--dry-run", "--break-system-packages", "--", *requirements]
         status, lines = await _run(argv, on_line, self._env())
         if status != 0:
             raise _failure(lines)
@@ -175,6 +177,7 @@ class PipInstaller(Installer):
             argv = [
                 *self._argv(options),
                 "--dry-run",
+                "--break-system-packages",  # a dry run changes nothing
                 "--quiet",
                 "--report",
                 str(report),

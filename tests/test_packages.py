@@ -19,9 +19,19 @@ from IPython.utils.capture import capture_output
 
 from didomagic import api, packages, serialize
 from didomagic.client import query
-from didomagic.errors import ConfigurationError, PackageError, RemoteError
+from didomagic.errors import ConfigurationError, PackageError, ProtocolError, RemoteError
 from didomagic.loop import background_loop
-from didomagic.protocol import Execute, Status
+from didomagic.protocol import (
+    Execute,
+    Installing,
+    Role,
+    Session,
+    State,
+    Status,
+    Submit,
+    decode,
+    encode,
+)
 from didomagic.runners_view import text_table
 from didomagic.urls import ConnectionURL
 from runner import sandbox
@@ -170,6 +180,22 @@ def test_pickles_name_the_modules_they_import(notebook_has):
     assert packages.pins_for(packages.distributions_of({"dmtframe", "os", "IPython"})) == [
         "dmtframe==1.0"
     ]  # the stdlib and didomagic's own stack are never pinned
+
+
+def test_installing_messages_and_package_fields_round_trip():
+    runner, client = Session(Role.RUNNER), Session(Role.CLIENT)
+    for side in (runner, client):
+        side.state = State.IDLE
+    execute_text = client.send(Execute("c1", "x = 1", packages=("dmtbase==1.0",)))
+    assert runner.receive(execute_text) == Execute("c1", "x = 1", packages=("dmtbase==1.0",))
+    message = Installing("c1", 2, " + dmtbase==1.0")
+    assert client.receive(runner.send(message)) == message
+    with pytest.raises(ProtocolError, match="count must be an integer"):
+        decode('{"type": "installing", "cell": "c1", "count": "2"}')
+    with pytest.raises(ProtocolError, match="does not send installing"):
+        client.send(message)
+    submit = Submit("r1", "x = 1", packages=("dmtapp",))
+    assert decode(encode(submit)) == submit
 
 
 # --------------------------------------------------------------------------- one runner
@@ -344,6 +370,23 @@ def test_a_dataframe_like_value_from_an_installed_package_travels(
     import dmtframe
 
     assert ns["df2"] == dmtframe.Frame({"a": [1, 2], "b": [3, 4]})
+
+
+def test_a_detached_job_and_a_call_ask_for_packages(shell, ns, pk_runner):
+    import didomagic
+    from didomagic import detached
+
+    spec = api.CellSpec(code="import dmtapp\nv = dmtapp.VERSION", pip=("dmtapp",), packages="none")
+    job = detached.submit_cell(spec, ns, runner=pk_runner.url)
+    assert job.wait(TIMEOUT)["state"] == "done", job.status()
+    assert job.fetch().values["v"] == "app on 2.0"
+
+    def base_version() -> str:
+        import dmtbase
+
+        return str(dmtbase.__version__)
+
+    assert didomagic.run(base_version, runner=pk_runner.url, pip=["dmtbase==1.0"]) == "1.0"
 
 
 def test_requirements_file_option(shell, ns, pk_runner, tmp_path):
