@@ -609,7 +609,7 @@ async def serve(args: argparse.Namespace) -> None:
     state_dir, certfile, keyfile = _prepare(args, "runner")
     envs = EnvCache(state_dir / "envs", state_dir / "uv-cache", install_settings_of(args))
     envs.prepare()
-    sandbox.read_only = envs.read_only_paths()
+    sandbox.environments = envs.root
     settings = RunnerSettings(
         host=args.host,
         port=args.port,

@@ -183,8 +183,8 @@ class EnvCache:
     """The runner's environments: looked up, built once per key, evicted least recently used."""
 
     def __init__(self, root: Path, cache_dir: Path, settings: InstallSettings) -> None:
-        self.root = root
-        self.cache_dir = cache_dir
+        self.root = root.absolute()
+        self.cache_dir = cache_dir.absolute()
         self.settings = settings
         self.installer: Installer | None = None
         self.note = ""
@@ -239,10 +239,6 @@ class EnvCache:
             "environments": sum(1 for e in self.envs.values() if e.site is not None),
             "builds": self.builds,
         }
-
-    def read_only_paths(self) -> tuple[Path, ...]:
-        """What a sandboxed kernel must see (read-only) to import from the environments."""
-        return (self.root,)
 
     async def base(self) -> dict[str, str]:
         """The base's distributions (measured once, off the event loop)."""

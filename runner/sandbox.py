@@ -7,8 +7,9 @@ Mechanisms, strongest first, each used where the host offers it:
   (``RLIMIT_DATA``) and processes (``RLIMIT_NPROC``, per user) where no cgroup;
 - **network namespace**: ``--no-network``;
 - **bubblewrap** (``--sandbox bwrap``): the kernel sees the Python environment
-  read-only, its scratch directory and private directory writable, a private
-  ``/tmp``, and nothing of the runner's home or other sessions;
+  and the runner's package environments (at :data:`ENVIRONMENTS`) read-only, its
+  scratch directory and private directory writable, a private ``/tmp``, and
+  nothing of the runner's home or other sessions;
 - **disk quota**: the runner measures the scratch directory while a cell runs.
 
 ``didomagic-runner --check-sandbox`` prints :func:`report`.
@@ -175,10 +176,12 @@ class Box:
         name: str,
         scratch: Path,
         private: Path,
-        read_only: tuple[Path, ...] = (),
+        environments: Path | None = None,
     ):
         self.limits = limits
         self.scratch = scratch
+        self.environments = environments if limits.sandbox == "bwrap" else None
+        """The runner's package environments, shown read-only at :data:`ENVIRONMENTS`."""
         self.groups: cgroups.KernelGroups | None = None
         use_groups = host.cgroups is not None and (
             limits.memory is not None or limits.processes is not None
@@ -193,7 +196,7 @@ class Box:
             spec["no_network"] = True
         self.prefix = _confine_argv(spec)
         if bwrap:
-            self.prefix += bwrap_argv(scratch, private, limits.no_network, read_only)
+            self.prefix += bwrap_argv(scratch, private, limits.no_network, self.environments)
         # bwrap does not pass signals on to the kernel: interrupt it by message
         self.interrupt_mode = "message" if bwrap else "signal"
         self.env = {"TMPDIR": str(scratch)}  # temporary files count against the disk quota
@@ -211,6 +214,12 @@ class Box:
             allowed = _user_tasks() + lim.processes
             chosen["RLIMIT_NPROC"] = (allowed, allowed)
         return chosen
+
+    def path_inside(self, path: Path) -> str:
+        """Where the kernel sees ``path`` (package environments appear elsewhere in a box)."""
+        if self.environments is not None and path.is_relative_to(self.environments):
+            return str(ENVIRONMENTS / path.relative_to(self.environments))
+        return str(path)
 
     def death_reason(self, returncode: int | None) -> str | None:
         """The limit that killed the kernel, as a message, or None."""
@@ -246,15 +255,15 @@ class Sandbox:
         check(limits, host)
         self.limits = limits
         self.host = host
-        self.read_only: tuple[Path, ...] = ()
-        """More directories every box shows read-only (the package environments)."""
+        self.environments: Path | None = None
+        """The package environments' root (``runner.envs``), shown read-only in every box."""
         if host.cgroups is not None:
             cgroups.remove_stale(host.cgroups)
 
     def box(self, kernel_id: str, scratch: Path, private: Path) -> Box:
         """The box for a new kernel (its cgroups are created now)."""
         name = f"{cgroups.PREFIX}{os.getpid()}-{kernel_id}"
-        return Box(self.limits, self.host, name, scratch, private, self.read_only)
+        return Box(self.limits, self.host, name, scratch, private, self.environments)
 
 
 def _python_roots() -> list[str]:
@@ -264,8 +273,13 @@ def _python_roots() -> list[str]:
     return sorted(r for r in roots if Path(r).exists())
 
 
+ENVIRONMENTS = Path("/didomagic-environments")
+"""Where a boxed kernel sees the runner's package environments (not their host path, which
+lies in the runner's state directory)."""
+
+
 def bwrap_argv(
-    scratch: Path, private: Path, no_network: bool, read_only: tuple[Path, ...] = ()
+    scratch: Path, private: Path, no_network: bool, environments: Path | None = None
 ) -> list[str]:
     """The bubblewrap command line that shows a kernel only what it needs."""
     argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-all"]
@@ -276,8 +290,10 @@ def bwrap_argv(
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for system in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"):
         argv += ["--ro-bind-try", system, system]
-    for root in [*_python_roots(), *map(str, read_only)]:
+    for root in _python_roots():
         argv += ["--ro-bind", root, root]
+    if environments is not None:
+        argv += ["--ro-bind", str(environments), str(ENVIRONMENTS)]
     argv += ["--bind", str(private), str(private), "--bind", str(scratch), str(scratch)]
     argv += ["--chdir", str(scratch), "--setenv", "HOME", str(scratch)]
     argv += ["--setenv", "IPYTHONDIR", str(private / "ipython")]  # not in the scratch

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from runner.envs import Env, EnvCache, PackageRequestError, Report, names_of, normalise
@@ -21,6 +22,8 @@ logger = logging.getLogger("didomagic.runner")
 
 class _Kernel(Protocol):
     id: str
+
+    def path_inside(self, path: Path) -> str: ...
 
     async def run_silently(self, code: str) -> dict[str, Any]: ...
 
@@ -64,9 +67,10 @@ class SessionPackages:
         if env.site is not None:
             previous = None
             if self.env is not None and self.env.site is not None and self._kernel_id == kernel.id:
-                previous = str(self.env.site)
+                previous = kernel.path_inside(self.env.site)
+            site = kernel.path_inside(env.site)
             reply = await kernel.run_silently(
-                f"__import__('runner.agent').agent.use_packages({str(env.site)!r}, {previous!r})"
+                f"__import__('runner.agent').agent.use_packages({site!r}, {previous!r})"
             )
             if reply.get("status") != "ok":
                 if env is not self.env:
