@@ -206,6 +206,17 @@ def own_stack() -> frozenset[str]:
     return frozenset(names)
 
 
+@cache
+def _installed(name: str, path: tuple[str, ...]) -> tuple[str, bool, tuple[str, ...]] | None:
+    """(version, editable, dependency names) of an installed distribution, or None."""
+    del path  # the cache key, as for _distributions
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return dist.version, _editable(dist), tuple(req.name for req in _declared(dist))
+
+
 def pins_for(distributions: Iterable[str]) -> list[str]:
     """``name==version`` of each distribution as installed here (editable ones: their deps)."""
     pins: dict[str, str] = {}
@@ -217,14 +228,14 @@ def pins_for(distributions: Iterable[str]) -> list[str]:
         if name in seen or name in skip:
             continue
         seen.add(name)
-        try:
-            dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
+        found = _installed(name, tuple(sys.path))
+        if found is None:
             continue
-        if _editable(dist):  # the project itself: its code travels, its dependencies install
-            todo += [req.name for req in _declared(dist)]
+        version, editable, dependencies = found
+        if editable:  # the project itself: its code travels, its dependencies install
+            todo += dependencies
             continue
-        pins[name] = f"{name}=={dist.version}"
+        pins[name] = f"{name}=={version}"
     return sorted(pins.values())
 
 

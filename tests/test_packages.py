@@ -19,7 +19,13 @@ from IPython.utils.capture import capture_output
 
 from didomagic import api, packages, serialize
 from didomagic.client import query
-from didomagic.errors import ConfigurationError, PackageError, ProtocolError, RemoteError
+from didomagic.errors import (
+    ConfigurationError,
+    KernelDied,
+    PackageError,
+    ProtocolError,
+    RemoteError,
+)
 from didomagic.loop import background_loop
 from didomagic.protocol import (
     Execute,
@@ -149,6 +155,23 @@ def test_requirements_are_normalised_and_urls_refused():
     with pytest.raises(PackageRequestError, match="not a valid requirement"):
         normalise(["not a requirement!"])
     assert satisfied_by(["a==1", "b>=2", "c"], {"a": "1", "b": "1.5"}) == ["b>=2", "c"]
+
+
+def test_the_cache_size_is_a_count_or_a_size_and_progress_names_the_installs():
+    from didomagic.progress import Progress
+    from runner.cli import serve_parser
+
+    assert serve_parser().parse_args(["--env-cache-size", "3"]).env_cache_size == (3, None)
+    assert serve_parser().parse_args(["--env-cache-size", "5G"]).env_cache_size == (None, 5 << 30)
+    assert serve_parser().parse_args([]).allow_install is True
+    assert serve_parser().parse_args(["--no-install"]).allow_install is False
+    progress = Progress()
+    progress.installing(0, "Resolved 3 packages")
+    assert progress.install_text().startswith("resolving packages, ")
+    progress.installing(3, "+ dmtbase==1.0")
+    assert progress.install_text().startswith("installing 3 packages, 0.")
+    assert progress.install_text().endswith(": + dmtbase==1.0")
+    assert "installing 3 packages" in progress.summary()
 
 
 def test_requirements_file_keeps_requirements_and_skips_index_options(tmp_path):
@@ -311,6 +334,16 @@ def test_adding_a_package_mid_session_keeps_state_and_a_version_change_is_refuse
         "--new-session --pip dmtbase==2.0",
     )
     assert result.success and ns["v"] == "2.0"
+
+
+def test_a_replaced_kernel_gets_the_sessions_environment_again(shell, ns, pk_runner):
+    result, _ = remote(shell, pk_runner.url, "import dmtbase", "--new-session --pip dmtbase==1.0")
+    assert result.success
+    result, _ = remote(shell, pk_runner.url, "import os\nos._exit(1)")
+    assert isinstance(result.error_in_exec, KernelDied)
+    result, cap = remote(shell, pk_runner.url, "import dmtbase\nv = dmtbase.__version__")
+    assert result.success, cap.stdout + cap.stderr
+    assert ns["v"] == "1.0"
 
 
 def test_packages_match_mirrors_the_notebooks_version(shell, ns, pk_runner, notebook_has):
