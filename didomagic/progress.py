@@ -43,6 +43,11 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def packages_text(count: int) -> str:
+    """``1 package``, ``3 packages``."""
+    return f"{count} package" + ("" if count == 1 else "s")
+
+
 def runner_label(description: dict[str, Any]) -> str:
     """``name [tag,tag]`` for a runner description."""
     tags = ",".join(description.get("tags") or ())
@@ -67,6 +72,7 @@ class Progress:
         self.install_count = 0
         self.install_line = ""
         self.install_started = 0.0
+        self.install_seconds = 0.0
         self.on_cancel: Callable[[], None] = lambda: None
 
     @property
@@ -101,26 +107,35 @@ class Progress:
         else:
             self._refresh()
 
-    def installing(self, count: int, line: str) -> None:
+    def installing(self, count: int, line: str, done: bool = False) -> None:
         """The runner installs ``count`` packages for the cell (0: still resolving).
 
-        ``line`` is the installer's latest output line.
+        ``line`` is the installer's latest output line; ``done``: they are in
+        place and the cell runs now.
         """
-        if self.state != "installing":
+        if self.state != "installing" and not done:
             self.install_started = time.monotonic()
         self.install_count = max(self.install_count, count)
+        if done:
+            self.install_seconds = time.monotonic() - self.install_started
+            self._installed()
+            self._set("running", "")
+            return
         self.install_line = line or self.install_line
         self._set("installing", "")
 
     def install_text(self) -> str:
         """``installing 3 packages, 1.2 s: <the installer's last line>``."""
         what = (
-            f"installing {self.install_count} packages"
+            f"installing {packages_text(self.install_count)}"
             if self.install_count
             else "resolving packages"
         )
         seconds = time.monotonic() - self.install_started
         return f"{what}, {seconds:.1f} s" + (f": {self.install_line}" if self.install_line else "")
+
+    def _installed(self) -> None:
+        """The packages are in place (see :attr:`install_seconds`)."""
 
     def counted(self, done: int, total: int, failed: int = 0) -> None:
         """``done`` of ``total`` items finished, ``failed`` of them failed (for map)."""
@@ -192,13 +207,9 @@ class TextProgress(Progress):
         if self.state == "installing":
             if self.install_count and not self._announced_install:
                 self._announced_install = True
-                self._print(f"installing {self.install_count} packages on {self.runner} ...")
+                what = packages_text(self.install_count)
+                self._print(f"installing {what} on {self.runner} ...")
             return
-        if self._announced_install and not self._reported_install and self.state != "failed":
-            self._reported_install = True
-            seconds = time.monotonic() - self.install_started
-            line = f": {self.install_line}" if self.install_line else ""
-            self._print(f"installed {self.install_count} packages in {seconds:.1f} s{line}")
         if self.state == "queued":
             self._print(f"queued ({self.detail}) at {self.detail_target()}")
         elif self.state in ("sending", "receiving"):
@@ -220,7 +231,11 @@ class TextProgress(Progress):
 
     _quarter = 0
     _announced_install = False
-    _reported_install = False
+
+    def _installed(self) -> None:
+        if self._announced_install:
+            what = packages_text(self.install_count)
+            self._print(f"installed {what} in {self.install_seconds:.1f} s")
 
     def detail_target(self) -> str:
         """Where the session is queued (the runner once known, else the address)."""

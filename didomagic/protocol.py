@@ -195,13 +195,15 @@ class Installing(Message):
     """Runner → client, before the cell runs: packages are being installed for it.
 
     ``count`` is how many distributions go in (0 while resolving); ``line``
-    is the installer's latest output line.
+    is the installer's latest output line; ``done`` marks the last message,
+    sent once the packages are in place (the cell runs next).
     """
 
     kind: ClassVar[str] = "installing"
     cell: str
     count: int
     line: str = ""
+    done: bool = False
 
 
 @dataclass(frozen=True)
@@ -512,6 +514,11 @@ def _as_int(kind: str, name: str, v: Any) -> int:
     return int(v)
 
 
+def _as_bool(kind: str, name: str, v: Any) -> bool:
+    _check(kind, name, isinstance(v, bool), "true or false", v)
+    return bool(v)
+
+
 def _as_str(kind: str, name: str, v: Any) -> str:
     _check(kind, name, isinstance(v, str), "a string", v)
     return str(v)
@@ -607,6 +614,7 @@ def _enum_of(enum: type[Enum]) -> Callable[[str, str, Any], Any]:
 
 _FIELD_TYPES: dict[str, Callable[[str, str, Any], Any]] = {
     "int": _as_int,
+    "bool": _as_bool,
     "str": _as_str,
     "tuple[str, ...]": _as_str_tuple,
     "dict[str, Any]": _as_object,

@@ -669,8 +669,8 @@ class SessionHandler:
         failure = await self.packages.prepare(
             kernel,
             request.packages,
-            lambda count, line: self.outbox.put_nowait(
-                self.protocol.send(Installing(request.cell, count, line[-500:]))
+            lambda count, line, done: self.outbox.put_nowait(
+                self.protocol.send(Installing(request.cell, count, line[-500:], done))
             ),
         )
         (exchange / agent.RESULT_FILE).unlink(missing_ok=True)

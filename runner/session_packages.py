@@ -11,11 +11,12 @@ new cost a comparison.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from runner.envs import Env, EnvCache, PackageRequestError, Report, names_of, normalise
+from runner.envs import Env, EnvCache, PackageRequestError, names_of, normalise
 
 logger = logging.getLogger("didomagic.runner")
 
@@ -26,6 +27,10 @@ class _Kernel(Protocol):
     def path_inside(self, path: Path) -> str: ...
 
     async def run_silently(self, code: str) -> dict[str, Any]: ...
+
+
+Progress = Callable[[int, str, bool], None]
+"""Install progress for the client: (distributions, the installer's last line, done)."""
 
 
 class SessionPackages:
@@ -40,7 +45,7 @@ class SessionPackages:
         self._held: list[Env] = []
 
     async def prepare(
-        self, kernel: _Kernel, requested: Sequence[str], report: Report
+        self, kernel: _Kernel, requested: Sequence[str], report: Progress
     ) -> dict[str, Any] | None:
         """Make ``kernel`` see the requested packages before a cell.
 
@@ -59,11 +64,21 @@ class SessionPackages:
         if wanted != self.requirements or env is None:
             if self.cache is None:
                 return _error("InstallsDisabled", "this runner does not install packages")
+            started = time.perf_counter()
+            shown: list[int] = []  # the count of the last report, if any (none: cached)
+
+            def relay(count: int, line: str) -> None:
+                shown[:] = [count]
+                report(count, line, False)
+
             try:
-                env = await self.cache.acquire(wanted, report)
+                env = await self.cache.acquire(wanted, relay)
             except PackageRequestError as exc:
                 return _error(exc.ename, str(exc))
             self._held.append(env)
+            if shown:
+                seconds = time.perf_counter() - started
+                report(len(env.installed), f"installed in {seconds:.1f} s", True)
         if env.site is not None:
             previous = None
             if self.env is not None and self.env.site is not None and self._kernel_id == kernel.id:

@@ -172,6 +172,8 @@ def test_the_cache_size_is_a_count_or_a_size_and_progress_names_the_installs():
     assert progress.install_text().startswith("installing 3 packages, 0.")
     assert progress.install_text().endswith(": + dmtbase==1.0")
     assert "installing 3 packages" in progress.summary()
+    progress.installing(3, "installed in 0.1 s", done=True)
+    assert progress.state == "running" and progress.install_seconds > 0
 
 
 def test_requirements_file_keeps_requirements_and_skips_index_options(tmp_path):
@@ -211,7 +213,7 @@ def test_installing_messages_and_package_fields_round_trip():
         side.state = State.IDLE
     execute_text = client.send(Execute("c1", "x = 1", packages=("dmtbase==1.0",)))
     assert runner.receive(execute_text) == Execute("c1", "x = 1", packages=("dmtbase==1.0",))
-    message = Installing("c1", 2, " + dmtbase==1.0")
+    message = Installing("c1", 2, " + dmtbase==1.0", done=True)
     assert client.receive(runner.send(message)) == message
     with pytest.raises(ProtocolError, match="count must be an integer"):
         decode('{"type": "installing", "cell": "c1", "count": "2"}')
