@@ -170,6 +170,20 @@ def satisfied_by(requirements: Sequence[str], installed: dict[str, str]) -> list
     return missing
 
 
+def _builder_alive(name: str) -> bool:
+    """Whether the runner building ``.<key>-<pid>`` (sharing this state directory) still runs."""
+    pid = name.rsplit("-", 1)[-1]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: not ours to judge
+    return int(pid) != os.getpid()
+
+
 def _tree_bytes(path: Path) -> int:
     total = 0
     for parent, _, files in os.walk(path):
@@ -190,7 +204,7 @@ class EnvCache:
         self.note = ""
         """Why the installer is not the preferred one (uv), if it is not."""
         if settings.allow:
-            self.installer, self.note = pick_installer(settings.installer, cache_dir)
+            self.installer, self.note = pick_installer(settings.installer, self.cache_dir)
             if self.note:
                 logger.warning("packages: %s", self.note)
         self.envs: dict[str, Env] = {}
@@ -208,7 +222,8 @@ class EnvCache:
         self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for entry in self.root.iterdir():
             if entry.name.startswith("."):
-                shutil.rmtree(entry, ignore_errors=True)  # an interrupted build
+                if not _builder_alive(entry.name):
+                    shutil.rmtree(entry, ignore_errors=True)  # an interrupted build
                 continue
             env = self._load(entry)
             if env is not None:

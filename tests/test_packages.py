@@ -176,6 +176,18 @@ def test_the_cache_size_is_a_count_or_a_size_and_progress_names_the_installs():
     assert progress.state == "running" and progress.install_seconds > 0
 
 
+def test_without_uv_the_runner_falls_back_to_pip_with_a_note(monkeypatch, tmp_path):
+    from runner import installer
+
+    found = installer.pick_installer("auto", tmp_path)
+    assert isinstance(found[0], installer.UvInstaller) and found[1] == ""
+    monkeypatch.setattr(installer, "find_uv", lambda: None)
+    chosen, note = installer.pick_installer("auto", tmp_path)
+    assert isinstance(chosen, installer.PipInstaller) and "pip install uv" in note
+    with pytest.raises(SystemExit, match="--installer uv"):
+        installer.pick_installer("uv", tmp_path)
+
+
 def test_requirements_file_keeps_requirements_and_skips_index_options(tmp_path):
     (tmp_path / "more.txt").write_text("dmtextra\n")
     (tmp_path / "req.txt").write_text(
