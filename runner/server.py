@@ -709,7 +709,8 @@ class SessionHandler:
                 )
             self.outbox.put_nowait(text)
 
-        if self.interrupted or failure:  # interrupted while its values were still arriving
+        # Interrupted while its values were still arriving, or its packages could not be had.
+        if self.interrupted or failure:
             outcome = CellOutcome(
                 Status.ERROR,
                 failure or {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"},
