@@ -62,6 +62,7 @@ def _runner(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def package_measures(reps: int) -> list[Any]:
     """The package measures (see the module docstring)."""
+    from IPython import get_ipython
     from IPython.testing.globalipapp import start_ipython
 
     from benchmarks.bench import Measure, _wait_for_a_warm_kernel
@@ -70,7 +71,7 @@ def package_measures(reps: int) -> list[Any]:
     folder = Path(tempfile.mkdtemp(prefix="didomagic-bench-wheels-"))
     _wheels(folder)
     process, url = _runner(folder)
-    shell = start_ipython()
+    shell = start_ipython() or get_ipython()  # the suite's shell, if it has started one
     shell.run_line_magic("load_ext", "didomagic")
     os.environ["DIDOMAGIC_PROGRESS"] = "none"
 
