@@ -1,4 +1,9 @@
-"""The ``%%remote`` cell magic and the ``%runners`` line magic: argument parsing over the API."""
+"""The ``%%remote`` cell magic, ``%remote on|off``, ``%%local``, ``%runners`` and ``%jobs``.
+
+Argument parsing over the API. The magics' defaults are traitlets on
+:class:`RemoteMagics`, settable in ``ipython_config.py`` or with
+``%config RemoteMagics.default_tags = ['gpu']``.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ import sys
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Enum, Float, List, Unicode
 
 from didomagic import api
+from didomagic.autoremote import RemoteMode, run_here
 from didomagic.errors import ConfigurationError
+from didomagic.progress import make_progress
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -44,6 +52,8 @@ RUNNERS_USAGE = """\
 %runners add URL [--name NAME]    remember a runner's or mediator's connection URL
     [--client-cert F --client-key F]  present this certificate (runners with --client-ca)
     [--safe-results]                  accept only plain data back from this runner
+%runners add NAME --token T       add a runner %runners discover found, pinned to its fingerprint
+%runners discover [--timeout S]   runners and mediators that advertise on the local network
 %runners remove NAME              forget one
 %runners use NAME                 run cells without --runner/--tags there (this notebook)
 %runners use --clear              back to $DIDOMAGIC_RUNNER or the embedded runner
@@ -57,7 +67,7 @@ class _RunnersParser(argparse.ArgumentParser):
 
 def _runners_parser() -> argparse.ArgumentParser:
     parser = _RunnersParser(prog="%runners", add_help=False)
-    actions = ["list", "add", "remove", "use"]
+    actions = ["list", "add", "remove", "use", "discover"]
     parser.add_argument("action", nargs="?", default="list", choices=actions)
     parser.add_argument("target", nargs="?", default=None)
     parser.add_argument("--name", default=None)
@@ -66,12 +76,76 @@ def _runners_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-key", default=None)
     parser.add_argument("--safe-results", action="store_true")
     parser.add_argument("--text", action="store_true")
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--timeout", type=float, default=None)
     return parser
+
+
+REMOTE_USAGE = """\
+%%remote [options]      run this cell on a runner (%%remote? lists the options)
+%remote on [options]    run every following cell remotely, with these %%remote options
+%remote off             back to running cells here
+%%local                 run this one cell here while %remote on is in force"""
 
 
 @magics_class
 class RemoteMagics(Magics):
-    """Magics that run notebook cells on didomagic runners."""
+    """Magics that run notebook cells on didomagic runners.
+
+    Defaults for every ``%%remote`` cell are the traits below (``%config
+    RemoteMagics`` lists them); a cell's own options win.
+    """
+
+    default_runner = Unicode(
+        "",
+        help="Runner (a connection URL or a configured name) for cells that name none "
+        "(no --runner, --tags or --os). '%runners use' overrides it for the notebook. "
+        "Empty: $DIDOMAGIC_RUNNER, else an embedded runner on this machine.",
+    ).tag(config=True)
+    default_tags = List(
+        Unicode(),
+        default_value=[],
+        help="Tags a runner must have, for cells that give no --runner, --tags or --os "
+        "(e.g. ['gpu']).",
+    ).tag(config=True)
+    default_os = Unicode(
+        "", help="OS a runner must run (linux, darwin, windows), for cells that give none."
+    ).tag(config=True)
+    timeout = Float(
+        None,
+        allow_none=True,
+        help="Seconds after which a remote cell is interrupted, for cells without --timeout "
+        "(None: no limit).",
+    ).tag(config=True)
+    progress = Enum(
+        ["auto", "widget", "text", "none"],
+        default_value="auto",
+        help="How a remote cell shows its progress: a widget row, a text line, nothing, or "
+        "auto (the widget where ipywidgets can show one, else text).",
+    ).tag(config=True)
+    sync = Bool(
+        True,
+        help="Send the values a cell reads and fetch the ones it binds automatically "
+        "(False: as --no-sync, only --push/--pull names travel).",
+    ).tag(config=True)
+    packages = Enum(
+        ["match", "none"],
+        default_value=None,
+        allow_none=True,
+        help="'match': every cell as --packages match (the notebook's versions of the "
+        "packages it uses go to the runner); 'none': never. None: $DIDOMAGIC_PACKAGES, "
+        "else none.",
+    ).tag(config=True)
+    safe_results = Bool(
+        False,
+        help="Runners added with '%runners add' accept only plain data back (as "
+        "--safe-results), unless the command says otherwise.",
+    ).tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.mode = RemoteMode(shell)
+        """The notebook-wide mode (``%remote on``)."""
 
     @magic_arguments()
     @argument(
@@ -124,7 +198,8 @@ class RemoteMagics(Magics):
         choices=["match", "none"],
         default=None,
         help="match: give the runner this notebook's versions of the packages the cell "
-        "imports and its values need (default: $DIDOMAGIC_PACKAGES, else none)",
+        "imports and its values need (default: RemoteMagics.packages, else "
+        "$DIDOMAGIC_PACKAGES, else none)",
     )
     @argument(
         "--new-session",
@@ -139,14 +214,56 @@ class RemoteMagics(Magics):
         default=0,
         help="with --detach: run the job again on another runner this often if its runner is lost",
     )
-    @cell_magic
-    def remote(self, line: str, cell: str) -> Any:
+    @line_cell_magic
+    def remote(self, line: str, cell: str | None = None) -> Any:
         """Run this cell on a runner; the values it reads go there, the ones it binds come back.
 
         Output streams into the cell as it is produced; a remote exception fails
-        the cell with the remote traceback.
+        the cell with the remote traceback. As a line magic: ``%remote on
+        [options]`` runs every following cell remotely, ``%remote off`` stops that.
         """
-        args = parse_argstring(self.remote, line)
+        if cell is None:
+            return self._remote_line(line)
+        with self.mode.suspended():
+            return self._remote_cell(line, cell)
+
+    def _remote_line(self, line: str) -> None:
+        command, _, rest = line.strip().partition(" ")
+        if command == "on":
+            self._parse(rest)  # a mistake is reported now, not at every cell
+            self.mode.start(rest)
+            print(
+                "didomagic: remote mode on: every cell runs remotely"
+                + (f" with {rest.strip()}" if rest.strip() else "")
+                + " until %remote off (%%local runs one cell here)."
+            )
+            return
+        if command == "off" and not rest.strip():
+            was = self.mode.on
+            self.mode.stop()
+            print(
+                "didomagic: remote mode off: cells run here."
+                if was
+                else "didomagic: remote mode was not on."
+            )
+            return
+        raise UsageError(f"%remote: unknown form {line.strip()!r}.\n{REMOTE_USAGE}")
+
+    def _parse(self, line: str) -> Any:
+        try:
+            return parse_argstring(self.remote, line)
+        except UsageError as exc:
+            raise UsageError(f"%%remote: {exc}\n{REMOTE_USAGE}") from None
+
+    @cell_magic
+    def local(self, line: str, cell: str) -> Any:
+        """Run this cell here, in the notebook, while ``%remote on`` is in force."""
+        if line.strip():
+            raise UsageError("%%local takes no options")
+        return run_here(self.shell, cell)
+
+    def _remote_cell(self, line: str, cell: str) -> Any:
+        args = self._parse(line)
         if args.timeout is not None and not args.timeout > 0:
             raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         if args.runner and (args.tags or args.os):
@@ -157,19 +274,24 @@ class RemoteMagics(Magics):
             raise UsageError(f"--retries must be 0 or more, got {args.retries}")
         if args.detach and args.local:
             raise UsageError("--detach and --local do not go together")
+        runner, tags, os = args.runner, args.tags, args.os
+        if not (runner or tags or os):  # the cell names nothing: the configured defaults
+            tags, os = tuple(self.default_tags), self.default_os
+            if not (tags or os) and self.default_runner and api.default_pool().default is None:
+                runner = self.default_runner
         spec = api.CellSpec(
             code=cell,
             push=args.push,
             pull=args.pull,
-            sync=not args.no_sync,
-            timeout=args.timeout,
-            tags=args.tags,
-            os=args.os,
+            sync=self.sync and not args.no_sync,
+            timeout=args.timeout if args.timeout is not None else self.timeout,
+            tags=tags,
+            os=os,
             pip=cell_pins(args.pip, args.requirements),
-            packages=args.packages or "",
+            packages=args.packages or self.packages or "",
         )
         if args.new_session and not args.local:
-            api.default_pool().session(args.runner, args.tags, args.os).close()
+            api.default_pool().session(runner, tags, os).close()
         if args.detach:
             from didomagic import detached as jobs
 
@@ -177,7 +299,7 @@ class RemoteMagics(Magics):
                 spec,
                 self.shell.user_ns,
                 name=args.name,
-                runner=args.runner,
+                runner=runner,
                 retries=args.retries,
                 transform=self.shell.transform_cell,
                 hidden=self.shell.user_ns_hidden,
@@ -192,10 +314,13 @@ class RemoteMagics(Magics):
         return api.run_cell(
             spec,
             self.shell.user_ns,
-            runner=args.runner,
+            runner=runner,
             local=args.local,
             transform=self.shell.transform_cell,
             hidden=self.shell.user_ns_hidden,
+            progress=None
+            if args.local
+            else make_progress(None if self.progress == "auto" else self.progress),
         )
 
     @line_magic
@@ -209,15 +334,28 @@ class RemoteMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"%runners: {exc}\n{RUNNERS_USAGE}") from None
         args = _runners_parser().parse_args(words)
+        if args.action == "discover":
+            from didomagic import lan
+
+            found = lan.discover_and_remember(args.timeout or lan.DISCOVER_TIMEOUT)
+            print(lan.text_table(found, [e.url for e in api.default_pool().entries()]))
+            return None
         if args.action == "add":
             if not args.target:
                 raise UsageError(f"%runners add needs a connection URL.\n{RUNNERS_USAGE}")
+            target = args.target
+            if "://" not in target and args.token is not None:  # a discovered one, by name
+                from didomagic import lan
+
+                found = lan.find(target, args.timeout or lan.DISCOVER_TIMEOUT)
+                target = str(lan.connection_url(found, args.token))
+                args.name = args.name or found.name
             entry = api.add_runner(
-                args.target,
+                target,
                 args.name,
                 client_cert=args.client_cert,
                 client_key=args.client_key,
-                safe_results=args.safe_results,
+                safe_results=args.safe_results or self.safe_results,
             )
             print(f"didomagic: added {entry.name} ({entry.url.address})")
             return None

@@ -403,6 +403,14 @@ class Load(Message):
 
 
 @dataclass(frozen=True)
+class LogLines(Message):
+    """Runner → mediator: log lines the runner wrote since its last ones (the status page)."""
+
+    kind: ClassVar[str] = "log"
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Dial(Message):
     """Mediator → runner: open a relay connection for a client session, naming ``ticket``."""
 
@@ -435,6 +443,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Registered,
         Load,
         Dial,
+        LogLines,
         Leave,
         Submit,
         ListJobs,
@@ -913,6 +922,7 @@ class Session:
 _LINK_SENDER = {
     Register: Role.RUNNER,
     Load: Role.RUNNER,
+    LogLines: Role.RUNNER,
     Leave: Role.RUNNER,
     Registered: Role.MEDIATOR,
     Dial: Role.MEDIATOR,

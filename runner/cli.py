@@ -7,6 +7,7 @@
     didomagic-runner gen-cert --out DIR [--host NAME]          write a certificate
     didomagic-runner gen-client-cert --ca-dir D --name N --out DIR   a client certificate
     didomagic-runner --check-sandbox [limit flags]             what this host can enforce
+    didomagic-runner [mediator] --config FILE [--print-config]  flags from a TOML file
 
 On start the runner logs where it listens and its certificate fingerprint, and
 prints its connection URL (address, token and fingerprint in one string) on
@@ -38,6 +39,8 @@ from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
 from runner import certs
+from runner.advertise import Advertiser
+from runner.configfile import add_config_flags, parse_with_config, render
 from runner.envs import EnvCache, InstallSettings
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
@@ -46,6 +49,7 @@ from runner.link import MediatorLink
 from runner.mediator import Mediator, MediatorSettings
 from runner.sandbox import Sandbox, SandboxUnavailable, probe, report
 from runner.server import RunnerServer, RunnerSettings
+from runner.status import log_buffer
 
 logger = logging.getLogger("didomagic.runner")
 
@@ -100,6 +104,7 @@ def _url(text: str) -> ConnectionURL:
 
 def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
     """Flags a runner and a mediator share: where to listen, TLS, state, URL file, logging."""
+    add_config_flags(p)
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -131,6 +136,19 @@ def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
         type=Path,
         default=None,
         help="write the clients' connection URL here (mode 0600) once listening",
+    )
+    p.add_argument(
+        "--advertise",
+        action="store_true",
+        help="announce this server on the local network with DNS-SD/mDNS (name, tags, port "
+        "and certificate fingerprint, never the token), for %%runners discover (default: off)",
+    )
+    p.add_argument(
+        "--admin-token",
+        default=None,
+        help="token that opens the read-only status page at https://HOST:PORT/status "
+        "(default: $DIDOMAGIC_ADMIN_TOKEN, else one generated once and kept in the state "
+        "directory as admin-token); no other token opens it",
     )
     p.add_argument(
         "--client-ca",
@@ -320,11 +338,23 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _cache_size(text: str) -> tuple[int | None, int | None]:
+@dataclasses.dataclass(frozen=True)
+class CacheSize:
     """``--env-cache-size``: a number of environments (``20``) or bytes (``5G``)."""
+
+    text: str
+    count: int | None
+    nbytes: int | None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _cache_size(text: str) -> CacheSize:
+    text = text.strip()
     if text.isdigit():
-        return _positive(text), None
-    return None, _size(text)
+        return CacheSize(text, _positive(text), None)
+    return CacheSize(text, None, _size(text))
 
 
 def _add_packages(p: argparse.ArgumentParser) -> None:
@@ -338,21 +368,18 @@ def _add_packages(p: argparse.ArgumentParser) -> None:
     allow = g.add_mutually_exclusive_group()
     allow.add_argument(
         "--allow-install",
-        dest="allow_install",
         action="store_true",
-        default=True,
-        help="install the packages cells ask for (the default)",
+        help="install the packages cells ask for (the default, unless --no-install)",
     )
     allow.add_argument(
         "--no-install",
-        dest="allow_install",
-        action="store_false",
+        action="store_true",
         help="refuse: a cell asking for a package this runner lacks fails, saying so",
     )
     g.add_argument(
         "--env-cache-size",
         type=_cache_size,
-        default=(20, None),
+        default=CacheSize("20", 20, None),
         metavar="N|SIZE",
         help="keep at most N environments (20), or SIZE bytes of them (e.g. 5G); the least "
         "recently used go first, never one in use (default 20)",
@@ -383,14 +410,13 @@ def install_settings_of(args: argparse.Namespace) -> InstallSettings:
     for folder in args.find_links:
         if not folder.is_dir():
             raise SystemExit(f"didomagic-runner: --find-links {folder}: no such folder.")
-    max_envs, max_bytes = args.env_cache_size
     return InstallSettings(
-        allow=args.allow_install,
+        allow=not args.no_install,
         installer=args.installer,
         find_links=tuple(str(f.resolve()) for f in args.find_links),
         no_index=args.no_index,
-        max_envs=max_envs,
-        max_bytes=max_bytes,
+        max_envs=args.env_cache_size.count,
+        max_bytes=args.env_cache_size.nbytes,
     )
 
 
@@ -500,6 +526,17 @@ def _load_token(
     return token
 
 
+def _admin_token(args: argparse.Namespace, state_dir: Path, *others: str) -> str:
+    """The status page's token (``--admin-token``); it must differ from every other token."""
+    admin = _load_token(args.admin_token, state_dir, "DIDOMAGIC_ADMIN_TOKEN", "admin-token")
+    if admin in others:
+        raise SystemExit(
+            "didomagic-runner: the admin token must differ from the client and runner "
+            "tokens, so that none of those opens the status page."
+        )
+    return admin
+
+
 def _write_private(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -523,6 +560,7 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    log_buffer()  # the status page shows the last lines
     if level != "DEBUG":
         for noisy in (
             "didomagic.runner.websockets",
@@ -594,6 +632,31 @@ def _publish(url: ConnectionURL, label: str, url_file: Path | None) -> None:
     print(url, flush=True)
 
 
+async def _advertise(
+    role: str,
+    name: str,
+    args: argparse.Namespace,
+    url: ConnectionURL,
+    tags: Sequence[str] = (),
+) -> Advertiser:
+    """Start announcing this server on the local network (``--advertise``)."""
+    try:
+        advertiser = Advertiser(role, name, args.host, url.port, url.fingerprint or "", tags)
+    except ValueError as exc:
+        raise SystemExit(f"didomagic-runner: {exc}") from None
+    await advertiser.start()
+    return advertiser
+
+
+def _log_status_page(url: ConnectionURL, args: argparse.Namespace, state_dir: Path) -> None:
+    where = (
+        "the one given"
+        if args.admin_token or os.environ.get("DIDOMAGIC_ADMIN_TOKEN")
+        else f"kept in {state_dir / 'admin-token'}"
+    )
+    logger.info("status page: https://%s/status (admin token: %s)", url.address, where)
+
+
 async def serve(args: argparse.Namespace) -> None:
     """Run the runner until SIGTERM, SIGINT or (optionally) standard input closes."""
     limits = limits_of(args)
@@ -607,6 +670,7 @@ async def serve(args: argparse.Namespace) -> None:
     except SandboxUnavailable as exc:
         raise SystemExit(f"didomagic-runner: cannot start: {exc}") from None
     state_dir, certfile, keyfile = _prepare(args, "runner")
+    token = _load_token(args.token, state_dir)
     envs = EnvCache(state_dir / "envs", state_dir / "uv-cache", install_settings_of(args))
     envs.prepare()
     sandbox.environments = envs.root
@@ -614,7 +678,8 @@ async def serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         tags=args.tags,
-        token=_load_token(args.token, state_dir),
+        token=token,
+        admin_token=_admin_token(args, state_dir, token),
         certfile=certfile,
         keyfile=keyfile,
         max_sessions=args.max_sessions,
@@ -638,6 +703,7 @@ async def serve(args: argparse.Namespace) -> None:
     server = RunnerServer(settings, work_root, private_root, sandbox, envs)
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None
+    advertiser: Advertiser | None = None
     link_task: asyncio.Task[None] | None = None
     try:
         port = await server.start()
@@ -649,6 +715,9 @@ async def serve(args: argparse.Namespace) -> None:
             settings.max_queue,
         )
         _publish(url, "connection URL", args.url_file)
+        _log_status_page(url, args, state_dir)
+        if args.advertise:
+            advertiser = await _advertise("runner", settings.name, args, url, settings.tags)
         own_url = (  # its own certificate is trusted as a client's: see listen()
             dataclasses.replace(url, client_cert=str(certfile), client_key=str(keyfile))
             if settings.client_ca
@@ -670,6 +739,8 @@ async def serve(args: argparse.Namespace) -> None:
         await stop.wait()
         logger.info("stopping: closing sessions and shutting kernels down")
     finally:
+        if advertiser is not None:
+            await advertiser.stop()
         if link is not None and link_task is not None:
             await link.stop()
             link_task.cancel()
@@ -686,14 +757,17 @@ async def serve(args: argparse.Namespace) -> None:
 async def mediate(args: argparse.Namespace) -> None:
     """Run the mediator until SIGTERM or SIGINT."""
     state_dir, certfile, keyfile = _prepare(args, "mediator")
+    token = _load_token(args.token, state_dir)
+    runner_token = _load_token(
+        args.runner_token, state_dir, "DIDOMAGIC_RUNNER_TOKEN", "runner-token"
+    )
     settings = MediatorSettings(
         host=args.host,
         port=args.port,
         name=args.name,
-        token=_load_token(args.token, state_dir),
-        runner_token=_load_token(
-            args.runner_token, state_dir, "DIDOMAGIC_RUNNER_TOKEN", "runner-token"
-        ),
+        token=token,
+        runner_token=runner_token,
+        admin_token=_admin_token(args, state_dir, token, runner_token),
         certfile=certfile,
         keyfile=keyfile,
         state_dir=state_dir,
@@ -708,6 +782,7 @@ async def mediate(args: argparse.Namespace) -> None:
         )
     mediator = Mediator(settings)
     stop = _stop_event()
+    advertiser: Advertiser | None = None
     try:
         port = await mediator.start()
         client_url = _announce(f"mediator {settings.name}", args, port, settings.token, certfile)
@@ -715,10 +790,15 @@ async def mediate(args: argparse.Namespace) -> None:
             client_url.host, client_url.port, settings.runner_token, client_url.fingerprint
         )
         _publish(client_url, "client URL (for %runners add)", args.url_file)
+        _log_status_page(client_url, args, state_dir)
         _publish(runner_url, "runner URL (for didomagic-runner --mediator)", args.runner_url_file)
+        if args.advertise:
+            advertiser = await _advertise("mediator", settings.name, args, client_url)
         await stop.wait()
         logger.info("stopping")
     finally:
+        if advertiser is not None:
+            await advertiser.stop()
         await mediator.stop()
         for path in (args.url_file, args.runner_url_file):
             if path:
@@ -786,11 +866,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         gen_client_cert(gen_client_cert_parser().parse_args(argv[1:]))
         return 0
     if argv[:1] == ["mediator"]:
-        margs = mediator_parser().parse_args(argv[1:])
+        parser = mediator_parser()
+        margs = parse_with_config(parser, argv[1:])
+        if margs.print_config:
+            print(render(parser, margs), end="")
+            return 0
         _configure_logging(margs.log_level)
         asyncio.run(mediate(margs))
         return 0
-    args = serve_parser().parse_args(argv)
+    parser = serve_parser()
+    args = parse_with_config(parser, argv)
+    if args.print_config:
+        print(render(parser, args), end="")
+        return 0
     if args.check_sandbox:
         print(report(limits_of(args), probe(use_cgroups=not args.no_cgroups)))
         return 0

@@ -25,9 +25,20 @@ from websockets.exceptions import ConnectionClosed
 
 from didomagic.client import dial
 from didomagic.errors import ConnectError, ProtocolError
-from didomagic.protocol import Dial, Error, Leave, Link, Load, Register, Registered, Role
+from didomagic.protocol import (
+    Dial,
+    Error,
+    Leave,
+    Link,
+    Load,
+    LogLines,
+    Register,
+    Registered,
+    Role,
+)
 from didomagic.urls import ConnectionURL
 from runner.server import RunnerServer
+from runner.status import log_buffer
 from runner.wire import wait_set
 
 logger = logging.getLogger("didomagic.runner.link")
@@ -58,6 +69,8 @@ class MediatorLink:
         self._link: Link | None = None
         self._relays: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._log_seen = 0
+        """Log lines already sent to the mediator."""
 
     async def run(self) -> None:
         """Stay registered: dial, register, report; dial again whenever the link breaks."""
@@ -127,6 +140,9 @@ class MediatorLink:
                 await wait_set(changed, self.heartbeat)
                 changed.clear()
                 await ws.send(link.send(Load(self.server.describe())))
+                lines, self._log_seen = log_buffer().since(self._log_seen)
+                if lines:  # the mediator's status page shows them
+                    await ws.send(link.send(LogLines(tuple(lines))))
         finally:
             self.server.load_listeners.remove(changed.set)
 

@@ -27,6 +27,7 @@ dial in again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
@@ -52,6 +53,7 @@ from didomagic.protocol import (
     Leave,
     Link,
     Load,
+    LogLines,
     Query,
     Register,
     Registered,
@@ -62,6 +64,7 @@ from runner.jobs import JOBS_PATH, JobService
 from runner.jobstore import JobRecord, JobStore
 from runner.link import REGISTER_PATH, RELAY_PATH, TICKET_HEADER
 from runner.server import HANDSHAKE_TIMEOUT, HELLO_TIMEOUT, check_token, listen
+from runner.status import LINE_LIMIT, RUNNER_LINES, PageData, log_buffer, with_status_page
 from runner.wire import peer_of, refuse
 
 logger = logging.getLogger("didomagic.mediator")
@@ -92,6 +95,8 @@ class MediatorSettings:
     client_ca: Path | None = None
     """Clients and runners must present a certificate this CA signed (mutual TLS)."""
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    admin_token: str = ""
+    """Opens the read-only status page at ``/status`` (no other token does)."""
 
 
 @dataclass
@@ -108,6 +113,10 @@ class RunnerEntry:
     reason: str = ""
     relayed: int = 0
     """Sessions relayed to it now (counted at once, before the runner reports them)."""
+    log: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=RUNNER_LINES)
+    )
+    """The runner's last log lines, as it sent them (for the status page)."""
 
     def view(self) -> dict[str, Any]:
         """The description as clients see it, with the mediator's status and load."""
@@ -139,7 +148,7 @@ class Mediator:
         settings = self.settings
         self._server = await listen(
             self._handle,
-            self._authenticate,
+            with_status_page(self._authenticate, settings.admin_token, self._status),
             settings.host,
             settings.port,
             settings.certfile,
@@ -153,6 +162,22 @@ class Mediator:
         self.jobs = JobService(store, self._open_for_job, self.settings.name, self.settings.job_ttl)
         self.jobs.start()
         return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def _status(self) -> PageData:
+        """What the status page shows: the pool, the jobs, the mediator's and runners' logs."""
+        jobs = []
+        if self.jobs is not None:
+            jobs = [r.public() for r in self.jobs.store.all()]
+        entries = list(self.runners.values())
+        return PageData(
+            f"didomagic mediator {self.settings.name}",
+            [e.view() for e in entries],
+            jobs,
+            [
+                (f"mediator {self.settings.name}", list(log_buffer().lines)),
+                *((f"runner {e.description.get('name', e.id)}", list(e.log)) for e in entries),
+            ],
+        )
 
     async def stop(self) -> None:
         """Stop accepting and close every connection."""
@@ -240,6 +265,8 @@ class Mediator:
                 entry.last_seen = time.monotonic()
                 if isinstance(update, Load):
                     entry.description = update.load
+                elif isinstance(update, LogLines):
+                    entry.log.extend(line[:LINE_LIMIT] for line in update.lines[-RUNNER_LINES:])
                 elif isinstance(update, Leave):
                     reason = "stopped"
                     break

@@ -76,6 +76,7 @@ from runner.kernels import CellOutcome, Kernel, KernelPool
 from runner.limits import Limits, format_size
 from runner.sandbox import Sandbox
 from runner.session_packages import SessionPackages
+from runner.status import PageData, log_buffer, with_status_page
 from runner.uploads import Upload, ValueCache
 from runner.wire import peer_of, refuse
 
@@ -127,13 +128,17 @@ class RunnerSettings:
     client_ca: Path | None = None
     """Clients must present a certificate this CA signed (mutual TLS)."""
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    admin_token: str = ""
+    """Opens the read-only status page at ``/status`` (no other token does)."""
     limits: Limits = field(default_factory=Limits)
     """What each session's kernel may use (reported to clients; enforced by the sandbox)."""
 
 
 async def listen(
     handler: Callable[[ServerConnection], Awaitable[None]],
-    authenticate: Callable[[ServerConnection, Request], Response | None],
+    authenticate: Callable[
+        [ServerConnection, Request], Response | Awaitable[Response | None] | None
+    ],
     host: str,
     port: int,
     certfile: Path,
@@ -324,7 +329,7 @@ class RunnerServer:
         settings = self.settings
         self._server = await listen(
             self._session,
-            self._authenticate,
+            with_status_page(self._authenticate, settings.admin_token, self._status),
             settings.host,
             settings.port,
             settings.certfile,
@@ -334,6 +339,19 @@ class RunnerServer:
             settings.handshake_timeout,
         )
         return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def _status(self) -> PageData:
+        """What the status page shows: this runner, its detached jobs, its log."""
+        jobs = []
+        if self.jobs is not None:
+            jobs = [r.public() for r in self.jobs.store.all()]
+        name = self.settings.name
+        return PageData(
+            f"didomagic runner {name}",
+            [self.describe()],
+            jobs,
+            [(f"runner {name}", list(log_buffer().lines))],
+        )
 
     async def stop(self) -> None:
         """Stop accepting, end every session, shut every kernel down."""

@@ -159,12 +159,17 @@ def test_requirements_are_normalised_and_urls_refused():
 
 def test_the_cache_size_is_a_count_or_a_size_and_progress_names_the_installs():
     from didomagic.progress import Progress
-    from runner.cli import serve_parser
+    from runner.cli import install_settings_of, serve_parser
 
-    assert serve_parser().parse_args(["--env-cache-size", "3"]).env_cache_size == (3, None)
-    assert serve_parser().parse_args(["--env-cache-size", "5G"]).env_cache_size == (None, 5 << 30)
-    assert serve_parser().parse_args([]).allow_install is True
-    assert serve_parser().parse_args(["--no-install"]).allow_install is False
+    size = serve_parser().parse_args(["--env-cache-size", "3"]).env_cache_size
+    assert (size.count, size.nbytes, str(size)) == (3, None, "3")
+    size = serve_parser().parse_args(["--env-cache-size", "5G"]).env_cache_size
+    assert (size.count, size.nbytes) == (None, 5 << 30)
+    assert install_settings_of(serve_parser().parse_args([])).allow is True
+    assert install_settings_of(serve_parser().parse_args(["--no-install"])).allow is False
+    assert install_settings_of(serve_parser().parse_args(["--allow-install"])).allow is True
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args(["--allow-install", "--no-install"])
     progress = Progress()
     progress.installing(0, "Resolved 3 packages")
     assert progress.install_text().startswith("resolving packages, ")
@@ -372,7 +377,7 @@ def test_packages_match_mirrors_the_notebooks_version(shell, ns, pk_runner, note
     assert ns["v"] == "1.0"
 
 
-def test_the_notebook_wide_default_is_an_environment_variable(
+def test_the_notebook_wide_default_is_a_trait_or_an_environment_variable(
     shell, ns, pk_runner, notebook_has, monkeypatch
 ):
     notebook_has("dmtbase-1.0-py3-none-any.whl")
@@ -386,6 +391,16 @@ def test_the_notebook_wide_default_is_an_environment_variable(
         shell, pk_runner.url, "import dmtbase", "--new-session --packages none"
     )
     assert isinstance(result.error_in_exec, RemoteError)
+    monkeypatch.delenv(packages.PACKAGES_ENV)
+    shell.run_line_magic("config", "RemoteMagics.packages = 'match'")  # the magics' trait
+    try:
+        result, cap = remote(
+            shell, pk_runner.url, "import dmtbase\nw = dmtbase.__version__", "--new-session"
+        )
+    finally:
+        shell.run_line_magic("config", "RemoteMagics.packages = None")
+    assert result.success, cap.stdout + cap.stderr
+    assert ns["w"] == "1.0"
 
 
 def test_a_missing_module_the_notebook_has_says_what_to_do(shell, ns, pk_runner, notebook_has):
