@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.packages import package_measures, package_ratios
 from benchmarks.tls_baseline import blocking_tls_throughput
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -506,8 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         process.terminate()
         process.wait(timeout=60)
+    measures += package_measures(reps)
     measures.append(first_cell_from_nothing(1 if args.quick else 3))
-    bars = ratios(measures)
+    bars = ratios(measures) + package_ratios(measures)
     print(show(measures, bars))
     machine = {
         "machine": platform.platform(),

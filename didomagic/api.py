@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from didomagic import display, serialize
-from didomagic.errors import CellTimeout, KernelDied, RemoteError
+from didomagic import display, packages, serialize
+from didomagic.errors import CellTimeout, KernelDied, PackageError, RemoteError
 from didomagic.namespace import transform_cell
 from didomagic.pool import (
     RUNNER_ENV,
@@ -60,6 +60,7 @@ __all__ = [
     "Transfer",
     "add_runner",
     "apply_values",
+    "cell_packages",
     "default_pool",
     "dispatch",
     "plan_transfer",
@@ -103,6 +104,7 @@ def run_cell(
         fetch=tuple(transfer.fetch),
         deletes=tuple(transfer.deletes),
         timeout=spec.timeout,
+        packages=cell_packages(spec, sent, transform),
     )
     shown: list[display.RemoteResult] = []
 
@@ -115,7 +117,7 @@ def run_cell(
         request, [p.parts for p in sent], on_output, progress or make_progress()
     )
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
-    failures = dict(result.failures)
+    failures = packages.hint_failures(result.failures, session.runner_name)
     failures.update(
         apply_values(
             namespace, returned, result.deleted, session.url.safe_results, transfer.expected()
@@ -124,6 +126,15 @@ def run_cell(
     report_failures(failures, "synced")
     raise_for_status(result, session.runner_name)
     return shown[-1] if shown else None
+
+
+def cell_packages(
+    spec: CellSpec, sent: list[serialize.Packed], transform: Callable[[str], str] = transform_cell
+) -> tuple[str, ...]:
+    """The requirements a cell sends: its ``pip`` and, with ``match``, what it uses."""
+    mode = spec.packages or packages.default_mode()
+    streams = (p.parts[0] for p in sent if p.parts)
+    return packages.requested(spec.pip, mode, spec.code, streams, transform)
 
 
 def _header(packed: serialize.Packed) -> ValueHeader:
@@ -138,9 +149,17 @@ def raise_for_status(result: Result, runner: str) -> None:
     """Raise the error that matches a cell's status (nothing for a cell that succeeded)."""
     error = result.error or {}
     if result.status is Status.ERROR:
-        raise RemoteError(
-            error.get("ename", "Error"), error.get("evalue", ""), error.get("traceback", []), runner
+        ename, evalue = error.get("ename", "Error"), error.get("evalue", "")
+        traceback = list(error.get("traceback", []))
+        if ename in PackageError.ENAMES:
+            raise PackageError(ename, evalue, traceback, runner)
+        hint = (
+            packages.missing_module_hint(evalue, runner) if ename == "ModuleNotFoundError" else None
         )
+        if hint is not None:
+            evalue = hint
+            traceback.append(f"didomagic: {hint}")
+        raise RemoteError(ename, evalue, traceback, runner)
     if result.status is Status.INTERRUPTED:
         raise KeyboardInterrupt(f"the cell was interrupted on runner {runner}")
     if result.status is Status.TIMEOUT:

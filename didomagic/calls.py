@@ -42,6 +42,7 @@ from didomagic.errors import (
     RunnerBusy,
 )
 from didomagic.loop import background_loop
+from didomagic.packages import default_mode, requested
 from didomagic.progress import NoProgress, Progress, make_progress
 from didomagic.protocol import Execute, Output, Result, Submit
 
@@ -49,13 +50,16 @@ BUSY_WAIT = 30.0
 """Seconds a map's session waits for a busy runner while other sessions do the items."""
 
 
-def _request(values: Sequence[serialize.Packed], timeout: float | None) -> Execute:
+def _request(
+    values: Sequence[serialize.Packed], timeout: float | None, pip: Sequence[str] = ()
+) -> Execute:
     return Execute(
         cell=secrets.token_hex(8),
         code=CALL_CODE,
         values=tuple(p.header for p in values),
         fetch=(RESULT_NAME,),
         timeout=timeout,
+        packages=tuple(pip),
     )
 
 
@@ -96,6 +100,8 @@ def run(
     runner: str | None = None,
     timeout: float | None = None,
     pool: SessionPool | None = None,
+    pip: Sequence[str] = (),
+    packages: str = "",
     **kwargs: Any,
 ) -> Any:
     """Call ``fn(*args, **kwargs)`` on a runner and return its result.
@@ -103,11 +109,15 @@ def run(
     The runner is chosen as for ``%%remote``: ``runner`` (URL or name), else
     ``tags``/``os``, else the notebook's default. Output streams here; a remote
     exception is re-raised with the remote traceback attached as a note.
+    ``pip`` and ``packages="match"`` ask for packages as ``%%remote --pip`` and
+    ``--packages match`` do (the match looks at what the call's pickles need).
     """
     session = (pool or default_pool()).session(runner, tuple(tags), os)
     packed = pack_call(fn, args, kwargs)
+    mode = packages or default_mode()
+    pins = requested(pip, mode, "", (p.parts[0] for p in packed if p.parts))
     result, buffers = session.execute(
-        _request(packed, timeout),
+        _request(packed, timeout, pins),
         [p.parts for p in packed],
         lambda output: _show(output, session.url.safe_results),
         NoProgress(),

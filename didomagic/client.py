@@ -46,6 +46,7 @@ from didomagic.protocol import (
     Execute,
     Hello,
     Info,
+    Installing,
     Interrupt,
     Output,
     Query,
@@ -198,11 +199,13 @@ class RunnerConnection:
         parts: Sequence[Sequence[memoryview]],
         on_output: Callable[[Output], None],
         on_transfer: Callable[[str, int, int], None] = lambda direction, done, total: None,
+        on_installing: Callable[[Installing], None] = lambda message: None,
     ) -> tuple[Result, list[list[bytearray]]]:
         """Run one cell: send it and its values, stream outputs, return the result and values.
 
         ``on_transfer(direction, done, total)`` follows the bytes of values
-        moving ("sending" or "receiving"), once per binary frame.
+        moving ("sending" or "receiving"), once per binary frame;
+        ``on_installing`` gets the runner's package installation progress.
         """
         self.running = request.cell
         try:
@@ -228,6 +231,8 @@ class RunnerConnection:
                 message = self.session.receive(frame)
                 if isinstance(message, Output):
                     on_output(message)
+                elif isinstance(message, Installing):
+                    on_installing(message)
                 elif isinstance(message, Result):
                     result = message
                     buffers = [[bytearray(n) for n in v.sizes] for v in message.values]

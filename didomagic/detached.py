@@ -26,6 +26,7 @@ from didomagic.api import (
     CellSpec,
     SessionPool,
     apply_values,
+    cell_packages,
     default_pool,
     plan_transfer,
     raise_for_status,
@@ -339,6 +340,7 @@ def submit_cell(
         os=spec.os,
         retries=retries,
         timeout=spec.timeout,
+        packages=cell_packages(spec, packed, transform),
     )
     return submit_request(holder, request, packed)
 

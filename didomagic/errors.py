@@ -20,6 +20,7 @@ as that one paragraph, without the plumbing's traceback::
     ├── ItemFailed                one call of map() failed; carries its index
     └── CellFailed                the cell ran but did not finish normally
         ├── RemoteError           the cell raised; carries the remote traceback
+        │   └── PackageError      the runner could not give the cell the packages it asked for
         ├── CellTimeout           --timeout expired; the cell was interrupted
         └── KernelDied            the runner's kernel died during the cell
 """
@@ -121,6 +122,29 @@ class RemoteError(CellFailed):
 
     def _render_traceback_(self) -> list[str]:
         return [*self.traceback, f"RemoteError: {self}"]
+
+
+class PackageError(RemoteError):
+    """The runner could not give the cell its packages; the cell did not run.
+
+    ``ename`` says why: ``PackageInstallError`` (the installer's own message
+    follows), ``PackageVersionConflict`` (the kernel already imported another
+    version: start a fresh session), ``InstallsDisabled`` (``--no-install``)
+    or ``PackageRequestError`` (a requirement the runner does not accept).
+    The session and its state are intact.
+    """
+
+    ENAMES = frozenset(
+        {"PackageInstallError", "PackageVersionConflict", "InstallsDisabled", "PackageRequestError"}
+    )
+
+    def __init__(self, ename: str, evalue: str, traceback: list[str], runner: str = "") -> None:
+        super().__init__(ename, evalue, traceback, runner)
+        where = f"runner {runner}" if runner else "the runner"
+        self.args = (f"{ename} on {where}, so the cell did not run: {evalue}",)
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"PackageError: {self}"]
 
 
 class CellTimeout(CellFailed):

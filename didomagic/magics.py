@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -18,11 +19,32 @@ from traitlets import Bool, Enum, Float, List, Unicode
 
 from didomagic import api
 from didomagic.autoremote import RemoteMode, run_here
+from didomagic.errors import ConfigurationError
 from didomagic.progress import make_progress
 
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def cell_pins(pip: list[str] | None, requirements: str | None) -> tuple[str, ...]:
+    """``--pip`` and ``--requirements`` as one tuple of requirement strings."""
+    from didomagic import packages
+
+    try:
+        pins = [packages.check_requirement(p) for p in pip or ()]
+        if requirements:
+            pins += packages.read_requirements(
+                requirements,
+                lambda option: print(
+                    f"didomagic: {requirements}: {option} skipped (runners install from "
+                    "their own index)",
+                    file=sys.stderr,
+                ),
+            )
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
+    return tuple(pins)
 
 
 RUNNERS_USAGE = """\
@@ -106,6 +128,14 @@ class RemoteMagics(Magics):
         help="Send the values a cell reads and fetch the ones it binds automatically "
         "(False: as --no-sync, only --push/--pull names travel).",
     ).tag(config=True)
+    packages = Enum(
+        ["match", "none"],
+        default_value=None,
+        allow_none=True,
+        help="'match': every cell as --packages match (the notebook's versions of the "
+        "packages it uses go to the runner); 'none': never. None: $DIDOMAGIC_PACKAGES, "
+        "else none.",
+    ).tag(config=True)
     safe_results = Bool(
         False,
         help="Runners added with '%runners add' accept only plain data back (as "
@@ -153,6 +183,29 @@ class RemoteMagics(Magics):
         "--detach",
         action="store_true",
         help="submit the cell as a job and return at once; %%jobs pull ID gets its results",
+    )
+    @argument(
+        "--pip",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a package the runner's kernel must have, e.g. pandas==2.2.3 (repeatable); the "
+        "runner installs it into a cached environment if it lacks it",
+    )
+    @argument("--requirements", default=None, metavar="FILE", help="packages from this file")
+    @argument(
+        "--packages",
+        choices=["match", "none"],
+        default=None,
+        help="match: give the runner this notebook's versions of the packages the cell "
+        "imports and its values need (default: RemoteMagics.packages, else "
+        "$DIDOMAGIC_PACKAGES, else none)",
+    )
+    @argument(
+        "--new-session",
+        action="store_true",
+        help="end this notebook's session on the runner first: the cell starts in a fresh "
+        "kernel (remote state is lost)",
     )
     @argument("--name", default="", help="a name for the --detach job")
     @argument(
@@ -234,7 +287,11 @@ class RemoteMagics(Magics):
             timeout=args.timeout if args.timeout is not None else self.timeout,
             tags=tags,
             os=os,
+            pip=cell_pins(args.pip, args.requirements),
+            packages=args.packages or self.packages or "",
         )
+        if args.new_session and not args.local:
+            api.default_pool().session(runner, tags, os).close()
         if args.detach:
             from didomagic import detached as jobs
 

@@ -43,6 +43,11 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def packages_text(count: int) -> str:
+    """``1 package``, ``3 packages``."""
+    return f"{count} package" + ("" if count == 1 else "s")
+
+
 def runner_label(description: dict[str, Any]) -> str:
     """``name [tag,tag]`` for a runner description."""
     tags = ",".join(description.get("tags") or ())
@@ -64,6 +69,10 @@ class Progress:
         self.received = 0
         self.transfer_total = 0
         self.items: tuple[int, int, int] | None = None
+        self.install_count = 0
+        self.install_line = ""
+        self.install_started = 0.0
+        self.install_seconds = 0.0
         self.on_cancel: Callable[[], None] = lambda: None
 
     @property
@@ -97,6 +106,36 @@ class Progress:
             self._refresh(force=True)
         else:
             self._refresh()
+
+    def installing(self, count: int, line: str, done: bool = False) -> None:
+        """The runner installs ``count`` packages for the cell (0: still resolving).
+
+        ``line`` is the installer's latest output line; ``done``: they are in
+        place and the cell runs now.
+        """
+        if self.state != "installing" and not done:
+            self.install_started = time.monotonic()
+        self.install_count = max(self.install_count, count)
+        if done:
+            self.install_seconds = time.monotonic() - self.install_started
+            self._installed()
+            self._set("running", "")
+            return
+        self.install_line = line or self.install_line
+        self._set("installing", "")
+
+    def install_text(self) -> str:
+        """``installing 3 packages, 1.2 s: <the installer's last line>``."""
+        what = (
+            f"installing {packages_text(self.install_count)}"
+            if self.install_count
+            else "resolving packages"
+        )
+        seconds = time.monotonic() - self.install_started
+        return f"{what}, {seconds:.1f} s" + (f": {self.install_line}" if self.install_line else "")
+
+    def _installed(self) -> None:
+        """The packages are in place (see :attr:`install_seconds`)."""
 
     def counted(self, done: int, total: int, failed: int = 0) -> None:
         """``done`` of ``total`` items finished, ``failed`` of them failed (for map)."""
@@ -137,6 +176,8 @@ class Progress:
         """One line: runner, state, elapsed, bytes."""
         where = f" on {self.runner}" if self.runner else ""
         detail = f" ({self.detail})" if self.detail else ""
+        if self.state == "installing":
+            detail = f" ({self.install_text()})"
         moved = ""
         if self.sent or self.received:
             moved = f", sent {format_bytes(self.sent)}, received {format_bytes(self.received)}"
@@ -163,6 +204,12 @@ class TextProgress(Progress):
         self.printed += 1
 
     def _changed(self) -> None:
+        if self.state == "installing":
+            if self.install_count and not self._announced_install:
+                self._announced_install = True
+                what = packages_text(self.install_count)
+                self._print(f"installing {what} on {self.runner} ...")
+            return
         if self.state == "queued":
             self._print(f"queued ({self.detail}) at {self.detail_target()}")
         elif self.state in ("sending", "receiving"):
@@ -183,6 +230,12 @@ class TextProgress(Progress):
             self._print(f"{self.detail} ({self.elapsed:.1f} s)")
 
     _quarter = 0
+    _announced_install = False
+
+    def _installed(self) -> None:
+        if self._announced_install:
+            what = packages_text(self.install_count)
+            self._print(f"installed {what} in {self.install_seconds:.1f} s")
 
     def detail_target(self) -> str:
         """Where the session is queued (the runner once known, else the address)."""
@@ -261,7 +314,7 @@ class WidgetProgress(Progress):
 
     def _changed(self) -> None:
         state = self.state + (f" ({self.detail})" if self.detail else "")
-        self.state_label.value = state
+        self.state_label.value = self.install_text() if self.state == "installing" else state
         if self.runner:
             self.runner_label.value = f"<b>{html.escape(self.runner)}</b>"
         large = self.transfer_total >= LARGE_TRANSFER and self.state in ("sending", "receiving")
@@ -286,6 +339,8 @@ class WidgetProgress(Progress):
             return
         self._drawn = now
         self.elapsed_label.value = f"{self.elapsed:.1f} s"
+        if self.state == "installing":
+            self.state_label.value = self.install_text()
         if self.state in ("sending", "receiving") and self.transfer_total:
             done = self.sent if self.state == "sending" else self.received
             self.bar.value = min(1.0, done / self.transfer_total)

@@ -14,6 +14,7 @@ One session, from the client's point of view::
           ◀───────────────────────────── welcome    (or error, then close)
     execute ───────────────────────────▶            declares values + their sizes
     binary frames (values) ────────────▶
+          ◀───────────────────────────── installing (when the cell asks for packages)
           ◀───────────────────────────── output     stream, display_data, ...
     interrupt ─────────────────────────▶            (any time while running)
           ◀───────────────────────────── result     declares returned values
@@ -174,6 +175,9 @@ class Execute(Message):
 
     ``fetch`` names are sent back after the cell if they are bound then;
     ``deletes`` are names the cell deletes, reported back if they are gone.
+    ``packages`` are requirements (``name==1.0``, ``name>=2``) the cell's
+    kernel must see, installed by the runner from its own index if needed
+    (see ``runner.envs``); never URLs, paths or index options.
     """
 
     kind: ClassVar[str] = "execute"
@@ -183,6 +187,23 @@ class Execute(Message):
     fetch: tuple[str, ...] = ()
     deletes: tuple[str, ...] = ()
     timeout: float | None = None
+    packages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Installing(Message):
+    """Runner → client, before the cell runs: packages are being installed for it.
+
+    ``count`` is how many distributions go in (0 while resolving); ``line``
+    is the installer's latest output line; ``done`` marks the last message,
+    sent once the packages are in place (the cell runs next).
+    """
+
+    kind: ClassVar[str] = "installing"
+    cell: str
+    count: int
+    line: str = ""
+    done: bool = False
 
 
 @dataclass(frozen=True)
@@ -286,6 +307,7 @@ class Submit(Message):
     os: str = ""
     retries: int = 0
     timeout: float | None = None
+    packages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -412,6 +434,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Info,
         Welcome,
         Execute,
+        Installing,
         Interrupt,
         Output,
         Result,
@@ -498,6 +521,11 @@ def _check(kind: str, name: str, ok: bool, expected: str, value: object) -> None
 def _as_int(kind: str, name: str, v: Any) -> int:
     _check(kind, name, isinstance(v, int) and not isinstance(v, bool), "an integer", v)
     return int(v)
+
+
+def _as_bool(kind: str, name: str, v: Any) -> bool:
+    _check(kind, name, isinstance(v, bool), "true or false", v)
+    return bool(v)
 
 
 def _as_str(kind: str, name: str, v: Any) -> str:
@@ -595,6 +623,7 @@ def _enum_of(enum: type[Enum]) -> Callable[[str, str, Any], Any]:
 
 _FIELD_TYPES: dict[str, Callable[[str, str, Any], Any]] = {
     "int": _as_int,
+    "bool": _as_bool,
     "str": _as_str,
     "tuple[str, ...]": _as_str_tuple,
     "dict[str, Any]": _as_object,
@@ -679,6 +708,7 @@ _SENDER = {
     Info: Role.RUNNER,
     Welcome: Role.RUNNER,
     Output: Role.RUNNER,
+    Installing: Role.RUNNER,
     Result: Role.RUNNER,
     Error: Role.RUNNER,
 }
@@ -692,6 +722,7 @@ _TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     (State.IDLE, Execute): State.UPLOAD,
     (State.UPLOAD, Interrupt): State.UPLOAD,
     (State.RUNNING, Output): State.RUNNING,
+    (State.RUNNING, Installing): State.RUNNING,
     (State.RUNNING, Interrupt): State.RUNNING,
     (State.RUNNING, Result): State.DOWNLOAD,
     # An interrupt may cross the result on the wire; it is then a no-op.

@@ -125,6 +125,7 @@ class RemoteSession:
                 parts,
                 lambda output: events.put(("output", output)),
                 _throttled(events),
+                lambda m: events.put(("installing", m.count, m.line, m.done)),
             )
             for v in request.values:  # the runner session now holds these bytes
                 if v.digest:
@@ -245,6 +246,8 @@ def dispatch(event: Event, on_output: Callable[[Output], None], progress: Progre
         progress.queued(event[1])
     elif kind == "runner":
         progress.chose(event[1])
+    elif kind == "installing":
+        progress.installing(event[1], event[2], event[3])
     elif kind == "transfer":
         progress.transfer(event[1], event[2], event[3])
         if event[1] == "sending" and event[2] >= event[3]:

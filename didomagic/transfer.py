@@ -33,6 +33,11 @@ class CellSpec:
     timeout: float | None = None
     tags: tuple[str, ...] = ()
     os: str = ""
+    pip: tuple[str, ...] = ()
+    """Requirements the runner's kernel must see (``--pip``, ``--requirements``)."""
+    packages: str = ""
+    """``match``: also the notebook's versions of what the cell uses; ``none``; "" for the
+    notebook's default (``$DIDOMAGIC_PACKAGES``, see :mod:`didomagic.packages`)."""
 
 
 @dataclass

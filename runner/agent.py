@@ -150,3 +150,61 @@ def _plain_python_first(transform: Any) -> Any:
         return raw_cell if raw_cell.endswith("\n") else raw_cell + "\n"
 
     return transform_cell
+
+
+class PackageVersionConflict(Exception):
+    """The kernel already imported another version of a package a new environment holds."""
+
+
+def use_packages(site: str, previous: str | None = None) -> None:
+    """Put the environment at ``site`` in front of ``sys.path`` (replacing ``previous``).
+
+    The session's state is kept: import caches are invalidated so that newly
+    installed modules are found. A distribution the kernel has already
+    imported in another version cannot change under it; that raises
+    :class:`PackageVersionConflict` and changes nothing.
+    """
+    import importlib
+    import importlib.metadata
+    import site as site_module
+    import sys
+
+    conflicts = []
+    for dist in importlib.metadata.distributions(path=[site]):
+        name = dist.metadata["Name"]
+        try:
+            current = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if current == dist.version:
+            continue
+        loaded = sorted(m for m in _top_level_modules(dist) if m in sys.modules)
+        if loaded:
+            conflicts.append(f"{name} {current} (imported as {', '.join(loaded)}) → {dist.version}")
+    if conflicts:
+        raise PackageVersionConflict(
+            "this session's kernel has already imported "
+            + "; ".join(conflicts)
+            + ". A module cannot change version inside a running kernel: run the cell in a "
+            "fresh session with %%remote --new-session (the remote state is lost), or keep "
+            "the version already imported."
+        )
+    if previous is not None and previous in sys.path:
+        sys.path.remove(previous)
+    sys.path.insert(0, site)
+    site_module.addsitedir(site)  # its .pth files, if any
+    importlib.invalidate_caches()
+
+
+def _top_level_modules(dist: Any) -> set[str]:
+    """The importable top-level names a distribution provides."""
+    text = dist.read_text("top_level.txt")
+    if text:
+        return {line.strip() for line in text.splitlines() if line.strip()}
+    names = set()
+    for file in dist.files or ():
+        first = file.parts[0]
+        if first.endswith((".dist-info", ".data")) or first in ("..", "bin"):
+            continue
+        names.add(first.removesuffix(".py").split(".")[0])
+    return names

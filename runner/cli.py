@@ -43,6 +43,7 @@ from didomagic.urls import ConnectionURL
 from runner import certs, enrol
 from runner.advertise import Advertiser
 from runner.configfile import add_config_flags, parse_with_config, render
+from runner.envs import EnvCache, InstallSettings
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
 from runner.limits import Limits, parse_size
@@ -254,6 +255,7 @@ def serve_parser() -> argparse.ArgumentParser:
         help="kernels started ahead of sessions (default 1)",
     )
     _add_limits(p)
+    _add_packages(p)
     p.add_argument(
         "--exit-on-stdin-eof",
         action="store_true",
@@ -335,6 +337,88 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print which mechanisms this host offers and how the given limits would be "
         "enforced, then exit",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSize:
+    """``--env-cache-size``: a number of environments (``20``) or bytes (``5G``)."""
+
+    text: str
+    count: int | None
+    nbytes: int | None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _cache_size(text: str) -> CacheSize:
+    text = text.strip()
+    if text.isdigit():
+        return CacheSize(text, _positive(text), None)
+    return CacheSize(text, None, _size(text))
+
+
+def _add_packages(p: argparse.ArgumentParser) -> None:
+    """Installing the packages cells ask for (see docs/packages.md)."""
+    g = p.add_argument_group(
+        "packages",
+        "Cells may ask for packages (%%remote --pip, --requirements, --packages match). The "
+        "runner installs them (wheels only) into cached environments layered over its own, "
+        "never inside a kernel.",
+    )
+    allow = g.add_mutually_exclusive_group()
+    allow.add_argument(
+        "--allow-install",
+        action="store_true",
+        help="install the packages cells ask for (the default, unless --no-install)",
+    )
+    allow.add_argument(
+        "--no-install",
+        action="store_true",
+        help="refuse: a cell asking for a package this runner lacks fails, saying so",
+    )
+    g.add_argument(
+        "--env-cache-size",
+        type=_cache_size,
+        default=CacheSize("20", 20, None),
+        metavar="N|SIZE",
+        help="keep at most N environments (20), or SIZE bytes of them (e.g. 5G); the least "
+        "recently used go first, never one in use (default 20)",
+    )
+    g.add_argument(
+        "--find-links",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="also look for wheels in this folder (repeatable)",
+    )
+    g.add_argument(
+        "--no-index",
+        action="store_true",
+        help="use no package index, only --find-links folders (offline hosts)",
+    )
+    g.add_argument(
+        "--installer",
+        choices=["auto", "uv", "pip"],
+        default="auto",
+        help="auto: uv (the 'uv' package) where installed, else pip (default auto)",
+    )
+
+
+def install_settings_of(args: argparse.Namespace) -> InstallSettings:
+    """The :class:`InstallSettings` the command line asks for."""
+    for folder in args.find_links:
+        if not folder.is_dir():
+            raise SystemExit(f"didomagic-runner: --find-links {folder}: no such folder.")
+    return InstallSettings(
+        allow=not args.no_install,
+        installer=args.installer,
+        find_links=tuple(str(f.resolve()) for f in args.find_links),
+        no_index=args.no_index,
+        max_envs=args.env_cache_size.count,
+        max_bytes=args.env_cache_size.nbytes,
     )
 
 
@@ -601,6 +685,9 @@ async def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"didomagic-runner: cannot start: {exc}") from None
     state_dir, certfile, keyfile = _prepare(args, "runner")
     token = _load_token(args.token, state_dir)
+    envs = EnvCache(state_dir / "envs", state_dir / "uv-cache", install_settings_of(args))
+    envs.prepare()
+    sandbox.environments = envs.root
     settings = RunnerSettings(
         host=args.host,
         port=args.port,
@@ -630,7 +717,7 @@ async def serve(args: argparse.Namespace) -> None:
     sandbox.hide = tuple(p for p in (state_dir, work_root, private_root) if p is not None)
     if limits.sandbox != "bwrap":
         logger.info("sessions are not isolated from each other without --sandbox bwrap")
-    server = RunnerServer(settings, work_root, private_root, sandbox)
+    server = RunnerServer(settings, work_root, private_root, sandbox, envs)
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None
     advertiser: Advertiser | None = None

@@ -190,6 +190,15 @@ class Kernel:
         finally:
             self._listeners.pop(msg_id, None)
 
+    def path_inside(self, path: Path) -> str:
+        """Where this kernel sees a runner path (a sandbox may show it elsewhere)."""
+        return self.box.path_inside(path) if self.box is not None else str(path)
+
+    async def run_silently(self, code: str) -> dict[str, Any]:
+        """Run ``code`` outside any cell (no history, no hooks); return the reply's content."""
+        reply = await self._run(code, silent=True)
+        return dict(reply["content"])
+
     async def _died(self) -> str | None:
         """Wait for the kernel process to end; return the limit that killed it, if one did."""
         assert self._km is not None

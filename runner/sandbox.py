@@ -7,7 +7,8 @@ Mechanisms, strongest first, each used where the host offers it:
   (``RLIMIT_DATA``) and processes (``RLIMIT_NPROC``, per user) where no cgroup;
 - **network namespace**: ``--no-network``;
 - **bubblewrap** (``--sandbox bwrap``): the kernel sees the Python environment
-  read-only, its scratch directory and private directory writable, its
+  and the runner's package environments (at :data:`ENVIRONMENTS`) read-only, its
+  scratch directory and private directory writable, its
   session's value cache read-only, a private ``/tmp`` and ``/dev``, and nothing
   of the runner's home or state directory, other sessions' caches or other
   kernels' directories (their connection files and sockets);
@@ -179,9 +180,12 @@ class Box:
         private: Path,
         cache: Path | None = None,
         hide: tuple[Path, ...] = (),
+        environments: Path | None = None,
     ):
         self.limits = limits
         self.scratch = scratch
+        self.environments = environments if limits.sandbox == "bwrap" else None
+        """The runner's package environments, shown read-only at :data:`ENVIRONMENTS`."""
         self.groups: cgroups.KernelGroups | None = None
         use_groups = host.cgroups is not None and (
             limits.memory is not None or limits.processes is not None
@@ -196,7 +200,9 @@ class Box:
             spec["no_network"] = True
         self.prefix = _confine_argv(spec)
         if bwrap:
-            self.prefix += bwrap_argv(scratch, private, limits.no_network, cache, hide)
+            self.prefix += bwrap_argv(
+                scratch, private, limits.no_network, cache, hide, self.environments
+            )
         # bwrap does not pass signals on to the kernel: interrupt it by message
         self.interrupt_mode = "message" if bwrap else "signal"
         self.env = {"TMPDIR": str(scratch)}  # temporary files count against the disk quota
@@ -214,6 +220,12 @@ class Box:
             allowed = _user_tasks() + lim.processes
             chosen["RLIMIT_NPROC"] = (allowed, allowed)
         return chosen
+
+    def path_inside(self, path: Path) -> str:
+        """Where the kernel sees ``path`` (package environments appear elsewhere in a box)."""
+        if self.environments is not None and path.is_relative_to(self.environments):
+            return str(ENVIRONMENTS / path.relative_to(self.environments))
+        return str(path)
 
     def death_reason(self, returncode: int | None) -> str | None:
         """The limit that killed the kernel, as a message, or None."""
@@ -251,13 +263,17 @@ class Sandbox:
         self.host = host
         self.hide: tuple[Path, ...] = ()
         """Directories of the runner (state, work roots) masked in a bubblewrap box."""
+        self.environments: Path | None = None
+        """The package environments' root (``runner.envs``), shown read-only in every box."""
         if host.cgroups is not None:
             cgroups.remove_stale(host.cgroups)
 
     def box(self, kernel_id: str, scratch: Path, private: Path, cache: Path | None = None) -> Box:
         """The box for a new kernel (its cgroups are created now)."""
         name = f"{cgroups.PREFIX}{os.getpid()}-{kernel_id}"
-        return Box(self.limits, self.host, name, scratch, private, cache, self.hide)
+        return Box(
+            self.limits, self.host, name, scratch, private, cache, self.hide, self.environments
+        )
 
 
 def _python_roots() -> list[str]:
@@ -267,16 +283,23 @@ def _python_roots() -> list[str]:
     return sorted(r for r in roots if Path(r).exists())
 
 
+ENVIRONMENTS = Path("/didomagic-environments")
+"""Where a boxed kernel sees the runner's package environments (not their host path, which
+lies in the runner's state directory)."""
+
+
 def bwrap_argv(
     scratch: Path,
     private: Path,
     no_network: bool,
     cache: Path | None = None,
     hide: tuple[Path, ...] = (),
+    environments: Path | None = None,
 ) -> list[str]:
     """The bubblewrap command line that shows a kernel only what it needs.
 
-    ``cache`` is bound read-only. Each of ``hide`` (the runner's state and work
+    ``cache`` is bound read-only, and so are the package ``environments`` (at
+    :data:`ENVIRONMENTS`). Each of ``hide`` (the runner's state and work
     directories) that lies inside a directory the box shows (the environment,
     say) is covered by an empty tmpfs, unless it holds one of them.
     """
@@ -296,6 +319,8 @@ def bwrap_argv(
         inside = any(path.is_relative_to(root) for root in shown)
         if inside and not any(root.is_relative_to(path) for root in shown):
             argv += ["--tmpfs", str(path)]
+    if environments is not None:
+        argv += ["--ro-bind", str(environments), str(ENVIRONMENTS)]
     argv += ["--bind", str(private), str(private), "--bind", str(scratch), str(scratch)]
     if cache is not None:
         argv += ["--ro-bind", str(cache), str(cache)]

@@ -52,6 +52,7 @@ from didomagic.protocol import (
     Execute,
     Hello,
     Info,
+    Installing,
     Interrupt,
     Output,
     Query,
@@ -69,10 +70,12 @@ from didomagic.protocol import (
 )
 from runner import agent, resources
 from runner.certs import server_context
+from runner.envs import EnvCache
 from runner.jobs import JOBS_PATH, JobService
 from runner.kernels import CellOutcome, Kernel, KernelPool
 from runner.limits import Limits, format_size
 from runner.sandbox import Sandbox
+from runner.session_packages import SessionPackages
 from runner.status import PageData, log_buffer, with_status_page
 from runner.uploads import Upload, ValueCache
 from runner.wire import peer_of, refuse
@@ -187,8 +190,11 @@ class RunnerServer:
         work_root: Path,
         private_root: Path | None = None,
         sandbox: Sandbox | None = None,
+        envs: EnvCache | None = None,
     ) -> None:
         self.settings = settings
+        self.envs = envs
+        """The package environments cells ask for (None: no installs, see runner.envs)."""
         self.pool = KernelPool(
             work_root,
             settings.warm_kernels,
@@ -242,6 +248,7 @@ class RunnerServer:
             "limits": self.settings.limits.describe(),
             "max_message_size": self.settings.max_message_size,
             "warm_kernels": self.pool.ready,
+            "packages": self.envs.describe() if self.envs else {"install": False},
             **self.machine(),
             **self.load(),
         }
@@ -423,8 +430,10 @@ class SessionHandler:
         """When the session last received a frame or was busy with a cell."""
         self.client_versions: dict[str, str] = {}
         """The Python and cloudpickle versions the client says it pickles with."""
-        self.cache: ValueCache | None = None
-        """The large values the session holds, in its kernel's cache directory."""
+        self.cache = ValueCache(
+            (server.pool.private_root or server.pool.root) / f"cache-{self.id[:12]}"
+        )
+        self.packages = SessionPackages(server.envs)
 
     @property
     def log_id(self) -> str:
@@ -677,6 +686,13 @@ class SessionHandler:
         assert self.kernel is not None
         kernel = self.kernel
         exchange = kernel.exchange
+        failure = await self.packages.prepare(
+            kernel,
+            request.packages,
+            lambda count, line, done: self.outbox.put_nowait(
+                self.protocol.send(Installing(request.cell, count, line[-500:], done))
+            ),
+        )
         (exchange / agent.RESULT_FILE).unlink(missing_ok=True)
         agent.write_json(
             exchange / agent.CELL_FILE,
@@ -713,10 +729,11 @@ class SessionHandler:
                 )
             self.outbox.put_nowait(text)
 
-        if self.interrupted:  # interrupted while its values were still arriving
+        # Interrupted while its values were still arriving, or its packages could not be had.
+        if self.interrupted or failure:
             outcome = CellOutcome(
                 Status.ERROR,
-                {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"},
+                failure or {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"},
             )
             (exchange / agent.CELL_FILE).unlink(missing_ok=True)
         else:
@@ -796,6 +813,8 @@ class SessionHandler:
             self.upload.close(keep=False)
         if self.cache is not None:
             self.cache.clear()
+        self.cache.clear()
+        self.packages.close()
         if self.has_slot:  # the client is gone: the next session may start while this
             self.has_slot = False  # kernel shuts down
             self.server.release()
