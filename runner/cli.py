@@ -7,6 +7,10 @@
     didomagic-runner gen-cert --out DIR [--host NAME]          write a certificate
     didomagic-runner gen-client-cert --ca-dir D --name N --out DIR   a client certificate
     didomagic-runner --check-sandbox [limit flags]             what this host can enforce
+    didomagic-runner slurm-script [--slurm-* flags]            print a runner batch script
+
+Both roles also read their settings from ``DIDOMAGIC_*`` environment variables
+and mounted secret files (:mod:`runner.environment`); flags win.
 
 On start the runner logs where it listens and its certificate fingerprint, and
 prints its connection URL (address, token and fingerprint in one string) on
@@ -37,9 +41,11 @@ import platformdirs
 from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
-from runner import certs
+from runner import certs, environment, slurm, slurm_options
+from runner.idle import stop_when_idle
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
+from runner.launcher import Launcher, LauncherSettings
 from runner.limits import Limits, parse_size
 from runner.link import MediatorLink
 from runner.mediator import Mediator, MediatorSettings
@@ -235,6 +241,14 @@ def serve_parser() -> argparse.ArgumentParser:
     )
     _add_limits(p)
     p.add_argument(
+        "--exit-when-idle",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop once no session has been open or queued for this many seconds "
+        "(default: never; runners launched by a mediator use it so their jobs end)",
+    )
+    p.add_argument(
         "--exit-on-stdin-eof",
         action="store_true",
         help="stop when standard input closes (used by the embedded runner, so it "
@@ -353,6 +367,26 @@ def mediator_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the runners' URL here (mode 0600) once listening",
     )
+    p.add_argument(
+        "--launcher",
+        choices=["none", "slurm"],
+        default="none",
+        help="slurm: submit runner jobs (the --slurm-* template) when a session waits for "
+        "tags no up runner serves but such a runner would (default: none)",
+    )
+    p.add_argument(
+        "--max-runners",
+        type=_positive,
+        default=4,
+        help="runner jobs alive at once, pending ones included (default 4)",
+    )
+    p.add_argument(
+        "--launcher-poll",
+        type=_seconds,
+        default=2.0,
+        help="seconds between two looks at the runner jobs' states (default 2)",
+    )
+    slurm_options.add_template_options(p)
     return p
 
 
@@ -534,7 +568,7 @@ async def serve(args: argparse.Namespace) -> None:
     settings = RunnerSettings(
         host=args.host,
         port=args.port,
-        tags=args.tags,
+        tags=tuple(dict.fromkeys((*args.tags, *slurm.job_tags(os.environ)))),
         token=_load_token(args.token, state_dir),
         certfile=certfile,
         keyfile=keyfile,
@@ -560,6 +594,7 @@ async def serve(args: argparse.Namespace) -> None:
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None
     link_task: asyncio.Task[None] | None = None
+    idle: asyncio.Task[None] | None = None
     try:
         port = await server.start()
         url = _announce(f"runner {settings.name}", args, port, settings.token, certfile)
@@ -588,9 +623,13 @@ async def serve(args: argparse.Namespace) -> None:
         if args.mediator is not None:
             link = MediatorLink(server, args.mediator, args.heartbeat)
             link_task = asyncio.create_task(link.run())
+        if args.exit_when_idle is not None:
+            idle = asyncio.create_task(stop_when_idle(server, args.exit_when_idle, stop))
         await stop.wait()
         logger.info("stopping: closing sessions and shutting kernels down")
     finally:
+        if idle is not None:
+            idle.cancel()
         if link is not None and link_task is not None:
             await link.stop()
             link_task.cancel()
@@ -637,6 +676,9 @@ async def mediate(args: argparse.Namespace) -> None:
         )
         _publish(client_url, "client URL (for %runners add)", args.url_file)
         _publish(runner_url, "runner URL (for didomagic-runner --mediator)", args.runner_url_file)
+        if args.launcher == "slurm":
+            mediator.launcher = _slurm_launcher(args, runner_url)
+            mediator.launcher.start()
         await stop.wait()
         logger.info("stopping")
     finally:
@@ -645,6 +687,23 @@ async def mediate(args: argparse.Namespace) -> None:
             if path:
                 path.unlink(missing_ok=True)
     logger.info("stopped")
+
+
+def _slurm_launcher(args: argparse.Namespace, runner_url: ConnectionURL) -> Launcher:
+    """The launcher ``--launcher slurm`` asks for; exit if Slurm's commands are missing."""
+    launcher = Launcher(
+        LauncherSettings(slurm_options.template_of(args), args.max_runners, args.launcher_poll),
+        str(runner_url),
+    )
+    missing = launcher.commands.available()
+    if missing:
+        raise SystemExit(f"didomagic-runner mediator: --launcher slurm: {missing}.")
+    logger.info(
+        "launching up to %d runners on Slurm for tags %s",
+        args.max_runners,
+        ",".join(launcher.settings.template.runner_tags()) or "none",
+    )
+    return launcher
 
 
 MEMORY_BACKED = Path("/dev/shm")
@@ -697,9 +756,20 @@ def gen_cert(args: argparse.Namespace) -> None:
     print(f"certificate: {certfile}\nkey:         {keyfile}\nSHA-256 fingerprint: {fingerprint}")
 
 
+def _from_environment(role: str) -> list[str]:
+    """Flags from ``DIDOMAGIC_*`` variables (secrets are then removed from the environment)."""
+    try:
+        return environment.arguments(role, os.environ)
+    except ConfigurationError as exc:
+        raise SystemExit(f"didomagic-runner: {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``didomagic-runner`` and ``python -m runner``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["slurm-script"]:
+        slurm_options.print_script(slurm_options.slurm_script_parser().parse_args(argv[1:]))
+        return 0
     if argv[:1] == ["gen-cert"]:
         gen_cert(gen_cert_parser().parse_args(argv[1:]))
         return 0
@@ -707,11 +777,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         gen_client_cert(gen_client_cert_parser().parse_args(argv[1:]))
         return 0
     if argv[:1] == ["mediator"]:
-        margs = mediator_parser().parse_args(argv[1:])
+        margs = mediator_parser().parse_args(_from_environment("mediator") + argv[1:])
         _configure_logging(margs.log_level)
         asyncio.run(mediate(margs))
         return 0
-    args = serve_parser().parse_args(argv)
+    args = serve_parser().parse_args(_from_environment("runner") + argv)
     if args.check_sandbox:
         print(report(limits_of(args), probe(use_cgroups=not args.no_cgroups)))
         return 0
