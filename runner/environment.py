@@ -44,7 +44,8 @@ def variable_of(flag: str) -> str:
     return PREFIX + ("MEDIATOR_URL" if flag == "mediator" else flag.upper())
 
 
-def _flags(role: str) -> tuple[str, ...]:
+def flags(role: str) -> tuple[str, ...]:
+    """The flags ``role`` ("runner" or "mediator") reads from the environment."""
     own = (*MEDIATOR, "runner_token") if role == "mediator" else RUNNER
     return (*COMMON, *own, "token")
 
@@ -56,7 +57,7 @@ def arguments(role: str, environ: MutableMapping[str, str]) -> list[str]:
     that cannot be read.
     """
     argv: list[str] = []
-    for flag in _flags(role):
+    for flag in flags(role):
         variable = variable_of(flag)
         value = _value(variable, environ)
         if flag in SECRETS:
