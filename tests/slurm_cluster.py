@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.slurm import FINAL_STATES
+
 from .conftest import TIMEOUT, skip_missing, wait_until
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -54,12 +56,19 @@ class SlurmCluster:
 
     root: Path
     env: dict[str, str]
+    prefix: tuple[str, ...] = ()
+    """Where commands run (the controller's network namespace, if it has one)."""
     daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def run(self, *argv: str) -> str:
         """Run a Slurm command against this cluster; return its standard output."""
         return subprocess.run(
-            argv, env=self.env, capture_output=True, text=True, check=True, timeout=TIMEOUT
+            [*self.prefix, *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=TIMEOUT,
         ).stdout
 
     def jobs(self) -> dict[str, dict[str, str]]:
@@ -75,8 +84,8 @@ class SlurmCluster:
         return found
 
     def alive(self) -> list[str]:
-        """Ids of jobs not yet ended."""
-        return [i for i, j in self.jobs().items() if j["state"] in ("PENDING", "RUNNING")]
+        """Ids of jobs not yet ended (pending, running, or completing: still being killed)."""
+        return [i for i, j in self.jobs().items() if j["state"] not in FINAL_STATES]
 
     def state(self, job_id: str) -> str:
         """One job's state."""
@@ -188,7 +197,7 @@ def start_cluster(
     conf.write_text("\n".join(lines) + "\n")
     (root / "etc" / "gres.conf").write_text("\n".join(gres) + "\n")
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    cluster = SlurmCluster(root, env)
+    cluster = SlurmCluster(root, env, tuple(controller_prefix))
     try:
         _daemon(
             cluster,

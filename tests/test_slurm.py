@@ -114,53 +114,57 @@ def written(progress: TextProgress) -> str:
 
 def test_gpu_sessions_get_launched_runners_and_the_jobs_end(shell, ns, cluster, tmp_path, config):
     mediator = launching_mediator(tmp_path, "--max-runners", "3")
-    url = ConnectionURL.parse(mediator.url)
-    shell.run_line_magic("runners", f"add {mediator.url}")
-    with capture_output() as cap:
-        result = shell.run_cell(
-            "%%remote --tags gpu\nimport os\n"
-            "gpus_a, runner_a = os.environ['CUDA_VISIBLE_DEVICES'], "
-            "os.environ['DIDOMAGIC_RUNNER_NAME']"
+    try:
+        url = ConnectionURL.parse(mediator.url)
+        shell.run_line_magic("runners", f"add {mediator.url}")
+        with capture_output() as cap:
+            result = shell.run_cell(
+                "%%remote --tags gpu\nimport os\n"
+                "gpus_a, runner_a = os.environ['CUDA_VISIBLE_DEVICES'], "
+                "os.environ['DIDOMAGIC_RUNNER_NAME']"
+            )
+        assert result.success, result.error_in_exec
+        assert "launching a runner: Slurm job" in cap.stderr
+        job_a = ns["runner_a"].removeprefix("slurm-")
+        assert cluster.state(job_a) == "RUNNING"
+        assert ns["gpus_a"] in ("0", "1")  # the kernel sees only its job's GPU
+
+        second = RemoteSession(url, GPU)
+        gpus_b, runner_b = gpus_and_runner(second)
+        assert runner_b != ns["runner_a"] and {gpus_b, ns["gpus_a"]} == {"0", "1"}
+
+        third = RemoteSession(url, GPU)
+        progress = text_progress()
+        outcome: list[tuple] = []
+        waiting = threading.Thread(target=lambda: outcome.append(gpus_and_runner(third, progress)))
+        waiting.start()
+        wait_until(lambda: "pending (Resources)" in written(progress), "the third launch to pend")
+        pending = [v for v in listing(mediator.url).values() if v["status"] == "pending"]
+        assert len(pending) == 1 and pending[0]["slurm_state"] == "PENDING"
+        job_c = pending[0]["slurm_job"]
+        assert "Resources" in pending[0]["reason"]
+        with capture_output() as cap:
+            shell.run_line_magic("runners", "")
+        assert f"slurm-{job_c}" in cap.stdout and "pending" in cap.stdout
+        assert listing(mediator.url)[runner_b]["reason"].startswith("Slurm job")
+
+        second.close()  # its runner is free again: the waiting session takes it
+        waiting.join(TIMEOUT)
+        assert outcome and outcome[0] == (gpus_b, runner_b)
+        third.close()
+        didomagic.api.default_pool().close()  # the notebook's session on runner_a ends too
+
+        job_b = runner_b.removeprefix("slurm-")
+        wait_until(
+            lambda: cluster.state(job_a) == cluster.state(job_b) == "COMPLETED",
+            "the idle runners to exit and their jobs to complete",
         )
-    assert result.success, result.error_in_exec
-    assert "launching a runner: Slurm job" in cap.stderr
-    job_a = ns["runner_a"].removeprefix("slurm-")
-    assert cluster.state(job_a) == "RUNNING"
-    assert ns["gpus_a"] in ("0", "1")  # the kernel sees only its job's GPU
-
-    second = RemoteSession(url, GPU)
-    gpus_b, runner_b = gpus_and_runner(second)
-    assert runner_b != ns["runner_a"] and {gpus_b, ns["gpus_a"]} == {"0", "1"}
-
-    third = RemoteSession(url, GPU)
-    progress = text_progress()
-    outcome: list[tuple] = []
-    waiting = threading.Thread(target=lambda: outcome.append(gpus_and_runner(third, progress)))
-    waiting.start()
-    wait_until(lambda: "pending (Resources)" in written(progress), "the third launch to pend")
-    pending = [v for v in listing(mediator.url).values() if v["status"] == "pending"]
-    assert len(pending) == 1 and pending[0]["slurm_state"] == "PENDING"
-    job_c = pending[0]["slurm_job"]
-    assert "Resources" in pending[0]["reason"]
-    with capture_output() as cap:
-        shell.run_line_magic("runners", "")
-    assert f"slurm-{job_c}" in cap.stdout and "pending" in cap.stdout
-    assert listing(mediator.url)[runner_b]["reason"].startswith("Slurm job")
-
-    second.close()  # its runner is free again: the waiting session takes it
-    waiting.join(TIMEOUT)
-    assert outcome and outcome[0] == (gpus_b, runner_b)
-    third.close()
-    didomagic.api.default_pool().close()  # the notebook's session on runner_a ends too
-
-    job_b = runner_b.removeprefix("slurm-")
-    wait_until(
-        lambda: cluster.state(job_a) == cluster.state(job_b) == "COMPLETED",
-        "the idle runners to exit and their jobs to complete",
-    )
-    assert mediator.stop() == 0, mediator.log
-    assert cluster.state(job_c) == "CANCELLED"  # the mediator leaves no job behind
-    assert not cluster.alive()
+        assert mediator.stop() == 0, mediator.log
+        wait_until(lambda: cluster.state(job_c) == "CANCELLED", "the mediator to cancel its job")
+        assert not cluster.alive()  # the mediator leaves no job behind
+    finally:
+        if mediator.process.poll() is None:
+            mediator.stop()
 
 
 def test_a_cancelled_job_fails_its_session_naming_the_job(cluster, tmp_path):
