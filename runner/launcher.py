@@ -258,21 +258,21 @@ class Launcher:
         return views
 
     async def lost_reason(self, description: dict[str, Any]) -> str | None:
-        """Why a runner in a Slurm job left mid-session, naming the job (None: not in one)."""
+        """Why a runner in a Slurm job ended a session: its job is ending, named with its state.
+
+        None when the runner is not in a Slurm job, or its job still runs (the
+        runner closed the session itself, e.g. ``--idle-timeout``).
+        """
         job_id = str(description.get("slurm_job") or "")
         if not job_id:
             return None
-        state = None
+        state = await self._state(job_id)
+        if state is not None and state.state == "RUNNING":
+            return None
         deadline = time.monotonic() + LOST_WAIT
-        while state is None or not state.ended:  # COMPLETING while its processes are killed
-            try:
-                state = (await self.commands.states([job_id])).get(job_id)
-            except SlurmError as exc:
-                logger.warning("could not ask Slurm about job %s: %s", job_id, exc)
-                break
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
+        while state is not None and not state.ended and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)  # COMPLETING while Slurm kills its processes
+            state = await self._state(job_id)
         ended = state is not None and state.ended
         how = state.text() if ended else "was stopped (cancelled, preempted or out of time)"
         name = description.get("name", "?")
@@ -280,6 +280,13 @@ class Launcher:
         return reason.encode()[:REASON_LIMIT].decode(errors="ignore")
 
     # -- inside
+
+    async def _state(self, job_id: str) -> JobState | None:
+        try:
+            return (await self.commands.states([job_id])).get(job_id)
+        except SlurmError as exc:
+            logger.warning("could not ask Slurm about job %s: %s", job_id, exc)
+            return None
 
     async def _submit(self) -> Launched:
         try:

@@ -138,7 +138,10 @@ def test_gpu_sessions_get_launched_runners_and_the_jobs_end(shell, ns, cluster, 
         outcome: list[tuple] = []
         waiting = threading.Thread(target=lambda: outcome.append(gpus_and_runner(third, progress)))
         waiting.start()
-        wait_until(lambda: "pending (Resources)" in written(progress), "the third launch to pend")
+        try:
+            wait_until(lambda: "pending (Resources)" in written(progress), "the third to pend")
+        except AssertionError:
+            raise AssertionError(written(progress) + str(cluster.jobs())) from None
         pending = [v for v in listing(mediator.url).values() if v["status"] == "pending"]
         assert len(pending) == 1 and pending[0]["slurm_state"] == "PENDING"
         job_c = pending[0]["slurm_job"]
@@ -165,6 +168,26 @@ def test_gpu_sessions_get_launched_runners_and_the_jobs_end(shell, ns, cluster, 
     finally:
         if mediator.process.poll() is None:
             mediator.stop()
+
+
+def test_never_more_jobs_than_max_runners(cluster, tmp_path):
+    mediator = launching_mediator(tmp_path, "--max-runners", "1")
+    try:
+        before = set(cluster.jobs())
+        url = ConnectionURL.parse(mediator.url)
+        first = RemoteSession(url, GPU)
+        _, runner = gpus_and_runner(first)
+        second, progress, outcome = RemoteSession(url, GPU), text_progress(), []
+        waiting = threading.Thread(target=lambda: outcome.append(gpus_and_runner(second, progress)))
+        waiting.start()
+        wait_until(lambda: "(--max-runners) are busy" in written(progress), "the busy note")
+        assert set(cluster.jobs()) - before == {runner.removeprefix("slurm-")}
+        first.close()
+        waiting.join(TIMEOUT)
+        assert outcome and outcome[0][1] == runner  # the one runner, free again
+        second.close()
+    finally:
+        assert mediator.stop() == 0, mediator.log
 
 
 def test_a_cancelled_job_fails_its_session_naming_the_job(cluster, tmp_path):
