@@ -91,6 +91,7 @@ class Launcher:
         self._lock = asyncio.Lock()
         self._pulse = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # -- life cycle
 
@@ -100,6 +101,7 @@ class Launcher:
 
     async def stop(self) -> None:
         """Stop watching and cancel every job still alive (pending or running)."""
+        self._stopping = True
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
@@ -143,6 +145,11 @@ class Launcher:
         its runner registered.
         """
         async with self._lock:
+            if self._stopping:
+                raise LaunchFailed(
+                    "The mediator is stopping and has cancelled its runner jobs; try again "
+                    "once it is back."
+                )
             current = self._claims.get(key)
             if current is not None:
                 if current.id in self.jobs and not current.registered:
@@ -298,8 +305,10 @@ class Launcher:
         job = Launched(job_id, JobState(job_id, "PENDING"))
         self.jobs[job_id] = job
         logger.info("submitted Slurm job %s for a runner (%d alive)", job_id, len(self.jobs))
-        with contextlib.suppress(SlurmError):
-            job.state = (await self.commands.states([job_id])).get(job_id, job.state)
+        with contextlib.suppress(SlurmError):  # the first state, for the first note
+            state = (await self.commands.states([job_id])).get(job_id)
+            if state is not None and job_id in self.jobs:
+                job.state = state
         return job
 
     def _ended_text(self, job: Launched) -> str:
@@ -314,13 +323,17 @@ class Launcher:
             await asyncio.sleep(self.settings.poll)
             if not self.jobs:
                 continue
+            asked = list(self.jobs)  # jobs submitted later may be missing from the answer
             try:
-                states = await self.commands.states(list(self.jobs))
+                states = await self.commands.states(asked)
             except SlurmError as exc:
                 logger.warning("could not read the runner jobs' states: %s", exc)
                 continue
             changed = False
-            for job_id, job in list(self.jobs.items()):
+            for job_id in asked:
+                job = self.jobs.get(job_id)
+                if job is None:
+                    continue
                 state = states.get(job_id, JobState(job_id, "COMPLETED", "gone from squeue"))
                 if state != job.state:
                     job.state, changed = state, True

@@ -74,9 +74,10 @@ class JobState:
         return self.state in FINAL_STATES
 
     def text(self) -> str:
-        """``pending (Resources)``, ``running on node1``, ``cancelled``."""
+        """``pending (Resources)``, ``running on node1``, ``cancelled``, ``failed (...)``."""
         words = self.state.lower().replace("_", " ")
-        if self.reason and self.reason != "None":
+        stale = self.ended and self.state != "FAILED"  # e.g. Resources, left from pending
+        if self.reason and self.reason != "None" and not stale:
             return f"{words} ({self.reason})"
         return f"{words} on {self.nodes}" if self.nodes and self.state == "RUNNING" else words
 
@@ -218,12 +219,14 @@ class SlurmCommands:
         return job_id
 
     async def states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        """The states of these jobs; a job Slurm has forgotten is absent."""
+        """The states of these jobs (of this user's); a job Slurm has forgotten is absent."""
         if not job_ids:
             return {}
         if self.json is not False:
             try:
-                found = parse_squeue_json(await self._run(self.squeue, "--json", "-t", "all"))
+                found = parse_squeue_json(
+                    await self._run(self.squeue, "--me", "-t", "all", "--json")
+                )
                 self.json = True
             except (SlurmError, ValueError, KeyError, TypeError) as exc:
                 if self.json:
@@ -231,9 +234,8 @@ class SlurmCommands:
                 logger.info("squeue has no usable --json (%s); using -o formats", exc)
                 self.json = False
         if self.json is False:
-            out = await self._run(
-                self.squeue, "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%r|%N"
-            )
+            # Not --jobs: squeue fails on an id it has already forgotten.
+            out = await self._run(self.squeue, "--me", "-h", "-t", "all", "-o", "%i|%T|%r|%N")
             found = parse_squeue_format(out)
         wanted = set(job_ids)
         return {i: s for i, s in found.items() if i in wanted}

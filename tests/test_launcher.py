@@ -102,3 +102,42 @@ def test_a_lost_runner_is_named_by_its_job_only_when_the_job_ends():
         assert await pool.lost_reason({"name": "plain"}) is None
 
     asyncio.run(scenario())
+
+
+class GatedCommands(FakeCommands):
+    """Holds the next ``squeue`` at a gate, answering with the jobs known when it was asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.asked = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        if not self.armed:
+            return await super().states(job_ids)
+        self.armed = False
+        snapshot = dict(self.jobs)
+        self.asked.set()
+        await self.gate.wait()
+        return {i: snapshot[i] for i in job_ids if i in snapshot}
+
+
+def test_a_job_submitted_while_squeue_runs_is_not_taken_for_gone():
+    async def scenario() -> None:
+        commands = GatedCommands()
+        pool = launcher(commands)
+        first = await pool.claim("a")
+        commands.armed = True
+        pool.start()
+        await commands.asked.wait()  # the poller's squeue started before the next sbatch
+        second = await pool.claim("b")
+        commands.gate.set()
+        await asyncio.sleep(0.05)  # a few polls
+        assert first is not None and second is not None and second.id in pool.jobs
+        assert await pool.claim("b") is second
+        await pool.stop()
+        with pytest.raises(LaunchFailed, match="stopping"):
+            await pool.claim("c")
+
+    asyncio.run(scenario())

@@ -7,6 +7,7 @@ side are real processes and real sessions.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import subprocess
@@ -29,7 +30,7 @@ from didomagic.serialize import unpack
 from didomagic.urls import ConnectionURL
 from runner import environment
 from runner.cli import main
-from runner.slurm import job_tags, parse_squeue_format, parse_squeue_json
+from runner.slurm import SlurmCommands, job_tags, parse_squeue_format, parse_squeue_json
 
 from .conftest import TIMEOUT, MediatorProcess, start_mediator, wait_until
 from .slurm_cluster import SlurmCluster, require_slurm, start_cluster
@@ -269,6 +270,24 @@ def test_slurm_script_prints_the_batch_script_a_hand_submitted_runner_uses(
         cluster.run("scancel", job)
     finally:
         assert mediator.stop() == 0, mediator.log
+
+
+@pytest.mark.parametrize("json_output", [True, False], ids=["squeue --json", "squeue -o"])
+def test_commands_submit_read_states_and_cancel_on_the_real_slurm(cluster, tmp_path, json_output):
+    commands = SlurmCommands(env=cluster.env, json=json_output)
+    script = f"#!/bin/bash\n#SBATCH --output={tmp_path}/out-%j\nsleep 60\n"
+
+    async def scenario() -> None:
+        job = await commands.submit(script)
+        state = (await commands.states([job, "999999"]))[job]  # a forgotten id is absent
+        assert state.state in ("PENDING", "RUNNING") and not state.ended
+        await commands.cancel([job])
+        while not (await commands.states([job]))[job].ended:
+            await asyncio.sleep(0.05)
+        assert (await commands.states([job]))[job].text() == "cancelled"
+        assert commands.json is json_output
+
+    asyncio.run(scenario())
 
 
 def test_squeue_output_and_job_environment_parse(tmp_path):
