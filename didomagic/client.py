@@ -352,13 +352,14 @@ ANY_RUNNER = Requirements()
 async def open_connection(
     url: ConnectionURL,
     requirements: Requirements = ANY_RUNNER,
-    on_queued: Callable[[int], None] = lambda position: None,
+    on_queued: Callable[[int, str], None] = lambda position, note: None,
     timeout: float = OPEN_TIMEOUT,
 ) -> RunnerConnection:
     """Connect, authenticate and say hello; raise a :class:`ConnectError` subclass on failure.
 
     While the runner has no free slot and queues the session, ``on_queued``
-    gets each new queue position; the wait in a queue has no time limit.
+    gets each new queue position and note (a mediator's word on a runner it
+    launches for the session); the wait in a queue has no time limit.
     """
     ws = await dial(url, timeout=timeout)
     return await handshake(ws, url, requirements, on_queued, timeout)
@@ -368,7 +369,7 @@ async def handshake(
     ws: Any,
     url: ConnectionURL | None,
     requirements: Requirements = ANY_RUNNER,
-    on_queued: Callable[[int], None] = lambda position: None,
+    on_queued: Callable[[int, str], None] = lambda position, note: None,
     timeout: float = OPEN_TIMEOUT,
     channel: Channel = Channel.CELLS,
 ) -> RunnerConnection:
@@ -387,7 +388,7 @@ async def handshake(
         await ws.send(session.send(hello))
         reply = session.receive(await asyncio.wait_for(ws.recv(), timeout))
         while isinstance(reply, Queued):
-            on_queued(reply.position)
+            on_queued(reply.position, reply.note)
             reply = session.receive(await ws.recv())
     except (ConnectionClosed, TimeoutError) as exc:
         await ws.close()

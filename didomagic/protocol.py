@@ -127,10 +127,16 @@ class Hello(Message):
 
 @dataclass(frozen=True)
 class Queued(Message):
-    """Runner → client, before the welcome: every slot is busy; ``position`` 1 is next."""
+    """Runner → client, before the welcome: every slot is busy; ``position`` 1 is next.
+
+    A mediator that is launching a runner for the session sends ``position``
+    0 and a ``note`` on where the launch stands ("launching a runner: Slurm
+    job 12, pending (Resources)"), again whenever it changes.
+    """
 
     kind: ClassVar[str] = "queued"
     position: int
+    note: str = ""
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,9 @@ class RemoteSession:
                 )
             events.put(("connecting", self.url.address))
             self._connection = await open_connection(
-                self.url, self.requirements, on_queued=lambda k: events.put(("queued", k))
+                self.url,
+                self.requirements,
+                on_queued=lambda k, note: events.put(("queued", k, note)),
             )
             self._held.clear()  # a new remote session holds no values yet
             self.description = dict(self._connection.welcome.runner)
@@ -243,7 +245,10 @@ def dispatch(event: Event, on_output: Callable[[Output], None], progress: Progre
     elif kind == "notice":
         print(f"didomagic: {event[1]}", file=sys.stderr)
     elif kind == "queued":
-        progress.queued(event[1])
+        if event[2]:  # a mediator's note on a runner it launches
+            progress.queued(event[1], event[2])
+        else:
+            progress.queued(event[1])
     elif kind == "runner":
         progress.chose(event[1])
     elif kind == "installing":

@@ -71,6 +71,7 @@ from didomagic.protocol import (
 from runner import agent, resources
 from runner.certs import server_context
 from runner.envs import EnvCache
+from runner.health import with_health
 from runner.jobs import JOBS_PATH, JobService
 from runner.kernels import CellOutcome, Kernel, KernelPool
 from runner.limits import Limits, format_size
@@ -164,7 +165,7 @@ async def listen(
         ssl=context,
         ssl_handshake_timeout=handshake_timeout,
         open_timeout=handshake_timeout,
-        process_request=authenticate,
+        process_request=with_health(authenticate),  # /healthz needs no token
         compression=None,  # no compression bombs, and values are mostly incompressible
         max_size=MAX_TEXT_SIZE,
         write_limit=4 * CHUNK_SIZE,

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -123,12 +123,16 @@ class MediatorProcess:
     stop = RunnerProcess.stop
 
 
-def start_mediator(tmp: Path, *args: str) -> MediatorProcess:
-    """Start ``didomagic-runner mediator`` and wait for the two URLs it prints."""
+def start_mediator(tmp: Path, *args: str, prefix: Sequence[str] = ()) -> MediatorProcess:
+    """Start ``didomagic-runner mediator`` and wait for the two URLs it prints.
+
+    ``prefix`` runs it through another command (``nsenter --net=...``) that execs it.
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     state = tmp / "state"
     log_path = tmp / "mediator.log"
-    command = [sys.executable, "-m", "runner", "mediator", "--state-dir", str(state), *args]
+    command = [*prefix, sys.executable, "-m", "runner", "mediator", "--state-dir", str(state)]
+    command += args
     if "--port" not in args:
         command += ["--port", "0"]
     with open(log_path, "ab") as log:
