@@ -24,6 +24,7 @@ from didomagic.errors import CellTooLarge, ConnectionLost
 from didomagic.loop import BackgroundLoop, background_loop
 from didomagic.progress import NoProgress, Progress
 from didomagic.protocol import Execute, Output, Result, Status
+from didomagic.resources import Responder
 from didomagic.transfer import Transfer
 from didomagic.urls import ConnectionURL
 
@@ -69,6 +70,8 @@ class RemoteSession:
         self._future: concurrent.futures.Future[Any] | None = None
         self._held: dict[str, str] = {}
         """Digest of each large value the remote session holds, by name (see CACHE_MIN)."""
+        self.responder = Responder()
+        """Answers the remote kernel's asks with the registered handlers (see resources)."""
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
         self.runner_name = url.address
         """The runner's name, once it has introduced itself."""
@@ -97,6 +100,7 @@ class RemoteSession:
                 self.url, self.requirements, on_queued=lambda k: events.put(("queued", k))
             )
             self._held.clear()  # a new remote session holds no values yet
+            self.responder = Responder()
             self.description = dict(self._connection.welcome.runner)
             self.runner_name = self._connection.runner_name
         events.put(("runner", self.description))
@@ -125,6 +129,7 @@ class RemoteSession:
                 parts,
                 lambda output: events.put(("output", output)),
                 _throttled(events),
+                self.responder,
             )
             for v in request.values:  # the runner session now holds these bytes
                 if v.digest:
