@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from didomagic import serialize
+from didomagic import localcode, serialize
 from didomagic.client import ANY_RUNNER, Requirements, RunnerConnection, open_connection
 from didomagic.errors import CellTooLarge, ConnectionLost
 from didomagic.loop import BackgroundLoop, background_loop
@@ -115,6 +115,11 @@ class RemoteSession:
         """Open the session if needed and run one cell (on the I/O loop); report to ``events``."""
         async with self._busy:
             connection = await self.connect_async(events)
+            code = localcode.state_of(self.responder.state)
+            bundle = None if localcode.shipped(request.values) else localcode.bundle_for(code)
+            if bundle is not None:  # the notebook's modules go first, before any value
+                request = replace(request, values=(bundle.header, *request.values))
+                parts = [bundle.parts, *parts]
             held = self._held
             _check_size(request, held, self.description)
             request = replace(
@@ -134,6 +139,8 @@ class RemoteSession:
             for v in request.values:  # the runner session now holds these bytes
                 if v.digest:
                     held[v.name] = v.digest
+            if bundle is not None:
+                bundle.commit(code)
             return outcome
 
     def execute(
