@@ -27,6 +27,7 @@ import ast
 import hashlib
 import importlib.machinery
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -126,6 +127,7 @@ class CodeIndex:
         self._dirs: tuple[str, ...] = ()
         self._editable_key: tuple[str, ...] | None = None
         self._editable: tuple[str, ...] = ()
+        self._editable_names: frozenset[str] = frozenset()
         self._classified: dict[str, tuple[int, str | None]] = {}
         self._digests: dict[str, tuple[int, int, str, bytes | None]] = {}
         self._listings: dict[str, tuple[int, tuple[str, ...]]] = {}
@@ -174,7 +176,7 @@ class CodeIndex:
         key = tuple(sys.path)
         if key == self._editable_key:
             return self._editable
-        dirs = []
+        dirs, names = [], set()
         for dist in importlib.metadata.distributions():
             try:
                 text = dist.read_text("direct_url.json")
@@ -191,7 +193,9 @@ class CodeIndex:
                 path = os.path.realpath(unquote(url.path))
                 if os.path.isdir(path) and dist.metadata["Name"] not in ("didomagic",):
                     dirs.append(path)
+                    names.update(_top_level_names(dist, path))
         self._editable_key, self._editable = key, tuple(dirs)
+        self._editable_names = frozenset(names - TOOL_PACKAGES)
         return self._editable
 
     def first_party_file(self, path: str | None) -> str | None:
@@ -278,7 +282,8 @@ class CodeIndex:
             real = os.path.realpath(entry or cwd)
             if real in self.served_dirs() or self.first_party_dir(real):
                 names.update(self.listing(real))
-        return tuple(sorted(names - TOOL_PACKAGES))
+        self.editable_dirs()
+        return tuple(sorted((names | self._editable_names) - TOOL_PACKAGES))
 
     def first_party_dir(self, real: str) -> bool:
         """True when directory ``real`` lies inside a first-party directory."""
@@ -323,6 +328,8 @@ class CodeIndex:
                 if self.first_party_dir(real)
             ]
         spec = importlib.machinery.PathFinder.find_spec(name, search)
+        if spec is None and not parent and name in self._editable_names:
+            spec = importlib.util.find_spec(name)  # an editable install's own finder
         origin = spec.origin if spec is not None else None
         return self.first_party_file(origin)
 
@@ -374,6 +381,22 @@ def index() -> CodeIndex:
     return _index
 
 
+def _top_level_names(dist: importlib.metadata.Distribution, project: str) -> set[str]:
+    """The top-level modules an editable install provides (its metadata, or its layout)."""
+    text = dist.read_text("top_level.txt")
+    if text:
+        return {line.strip() for line in text.splitlines() if line.strip().isidentifier()}
+    names: set[str] = set()
+    for directory in (project, os.path.join(project, "src")):
+        if os.path.isdir(directory):
+            for entry in os.listdir(directory):
+                stem, ext = os.path.splitext(entry)
+                package = os.path.isfile(os.path.join(directory, entry, "__init__.py"))
+                if (ext == ".py" or package) and stem.isidentifier() and stem != "setup":
+                    names.add(stem)
+    return names
+
+
 # --------------------------------------------------------------------------- per session
 
 
@@ -387,6 +410,8 @@ class CodeState:
     """Modules answered to the session's asks, name → file: watched for edits too."""
     last: tuple[Any, ...] | None = None
     """The last manifest sent (nothing goes while it is unchanged)."""
+    sent: int = 0
+    """Sources sent to the session so far (in bundles and answers)."""
 
 
 def state_of(session_state: dict[str, Any]) -> CodeState:
@@ -412,6 +437,7 @@ class Bundle:
         """The bundle reached the runner: remember what it now holds."""
         state.digests.update(self.digests)
         state.last = self.manifest
+        state.sent += self.sources
 
 
 def bundle_for(state: CodeState, include: Iterable[str] = ()) -> Bundle | None:
@@ -506,6 +532,7 @@ def serve_module(request: Request) -> Reply:
             parts.append(data)
             state.served[entry.name] = entry.path
             state.digests.add(entry.digest)
+            state.sent += 1
     logger.debug("served %d module(s) for %s to a runner", len(sent), name)
     return Reply.found(*parts, meta={"modules": sent})
 

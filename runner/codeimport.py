@@ -11,7 +11,8 @@ everything else.
 
 Before each cell, :func:`apply_bundle` takes the cell's bundle: new sources are
 kept by digest, and a module already imported whose digest changed is
-reloaded, the way IPython's ``autoreload`` does it: the module object is
+reloaded, the way IPython's ``autoreload`` does it (a new version that fails to
+run is reported and the old one kept until the next cell tries again): the module object is
 re-executed in place (so ``helpers.f`` is the new code), functions of the old
 version get the new code (so ``from helpers import f`` done earlier, or a
 value holding ``f``, runs the new code too), methods of its old classes are
@@ -230,11 +231,9 @@ def _reload(name: str, namespace: MutableMapping[str, Any]) -> str | None:
     old = dict(module.__dict__)
     try:
         importlib.reload(module)
-    except Exception as exc:
-        # The next import raises the same error, where the user can see it.
-        sys.modules.pop(name, None)
-        _store_loaded_pop(name)
-        return f"could not be reloaded on the runner: {_describe(exc)}"
+    except Exception as exc:  # as autoreload does: keep the old code, say why, retry next cell
+        sys.modules[name] = module
+        return f"kept its previous version: the new one failed on the runner with {_describe(exc)}"
     classes: dict[int, type] = {}
     for attr, before in old.items():
         after = module.__dict__.get(attr)
@@ -255,11 +254,6 @@ def _reload(name: str, namespace: MutableMapping[str, Any]) -> str | None:
                 namespace[key] = classes[id(value)]
     logger.debug("reloaded %s", name)
     return None
-
-
-def _store_loaded_pop(name: str) -> None:
-    if _store is not None:
-        _store.loaded.pop(name, None)
 
 
 def _update_function(old: FunctionType, new: FunctionType) -> None:

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -79,7 +78,9 @@ def test_import_helpers_and_from_pkg_sub(shell, ns, notebook, runner_factory):
     write(notebook / "helpers.py", HELPERS)
     write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
     write(notebook / "pkg" / "__init__.py", "from .sub import f\nfrom . import deep\n")
-    write(notebook / "pkg" / "sub.py", "from .deep.leaf import g\n\ndef f(x):\n    return g(x) + 1\n")
+    write(
+        notebook / "pkg" / "sub.py", "from .deep.leaf import g\n\ndef f(x):\n    return g(x) + 1\n"
+    )
     write(notebook / "pkg" / "deep" / "__init__.py", "")
     write(notebook / "pkg" / "deep" / "leaf.py", "def g(x):\n    return x * 10\n")
     runner = runner_factory()
@@ -102,3 +103,239 @@ def test_import_helpers_and_from_pkg_sub(shell, ns, notebook, runner_factory):
     assert leaf.endswith(os.path.join("pkg", "deep", "leaf.py")) and str(notebook) not in leaf
     assert helpers_file.endswith("helpers.py")
     assert "return x * 10" in ns["src"]
+
+
+def code_state(url: str) -> localcode.CodeState:
+    from didomagic.api import default_pool
+
+    return localcode.state_of(default_pool().session(url).responder.state)
+
+
+def test_edits_are_picked_up_and_unchanged_modules_are_not_resent(
+    shell, ns, notebook, runner_factory
+):
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    runner = runner_factory()
+    local(shell, "import helpers\nfrom helpers import double\nx = 5")
+    ok(*remote(shell, runner.url, "from helpers import double as d\ny = helpers.double(x)"))
+    assert ns["y"] == 10
+    state = code_state(runner.url)
+    sent = state.sent
+    assert sent >= 2  # helpers and other
+    ok(*remote(shell, runner.url, "y = helpers.double(x) + d(x)"))
+    assert ns["y"] == 20 and state.sent == sent  # nothing sent again
+    write(notebook / "helpers.py", HELPERS.replace("2 * x", "100 * x"))
+    ok(*remote(shell, runner.url, "y = (helpers.double(x), d(x))"))
+    # Reloaded before the cell: the module's attribute and the name bound earlier both.
+    assert ns["y"] == (500, 500)
+    assert state.sent == sent + 1  # only the changed module went
+    # A module first imported on the runner (asked for) is watched for edits as well.
+    write(notebook / "late.py", "K = 1\n")
+    ok(*remote(shell, runner.url, "import late\nk = late.K"))
+    assert ns["k"] == 1
+    write(notebook / "late.py", "K = 2\n")
+    ok(*remote(shell, runner.url, "k = late.K"))
+    assert ns["k"] == 2
+
+
+def test_a_function_from_helpers_travels_by_reference(shell, ns, notebook, runner_factory):
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    write(
+        notebook / "shapes.py",
+        "class Square:\n    def __init__(self, s):\n        self.s = s\n"
+        "    def area(self):\n        return self.s ** 2\n",
+    )
+    runner = runner_factory()
+    local(
+        shell,
+        "from helpers import triple\nfrom shapes import Square\nsq = Square(3)\nfs = [triple]",
+    )
+    ok(
+        *remote(
+            shell,
+            runner.url,
+            "r = (triple(2), fs[0](3), sq.area(), type(sq).__module__)\nmade = Square(4)",
+        )
+    )
+    assert ns["r"] == (6, 9, 9, "shapes")
+    assert type(ns["made"]) is sys.modules["shapes"].Square and ns["made"].area() == 16
+
+
+def test_a_syntax_error_points_at_the_file_and_line(shell, ns, notebook, runner_factory):
+    write(notebook / "broken.py", "def f(:\n    pass\n")
+    runner = runner_factory()
+    result, cap = remote(shell, runner.url, "import broken")
+    assert not result.success
+    text = cap.stdout + cap.stderr + str(result.error_in_exec)
+    assert "SyntaxError" in text and "broken.py" in text and "line 1" in text, text
+    assert "pickl" not in text.lower()
+    # A module that imported fine and then breaks: its reload fails with the real cause.
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    local(shell, "import helpers")
+    ok(*remote(shell, runner.url, "y = helpers.double(1)"))
+    write(notebook / "helpers.py", "def double(x):\n    return 2 *\n")
+    # As autoreload does: the previous version stays, and the note says why.
+    result, cap = remote(shell, runner.url, "y = helpers.double(2)")
+    ok(result, cap)
+    assert ns["y"] == 4
+    assert "'helpers' was not synced: kept its previous version" in cap.stderr
+    assert "SyntaxError" in cap.stderr and "helpers.py, line 2" in cap.stderr, cap.stderr
+    write(notebook / "helpers.py", "def double(x):\n    return 3 * x\n")
+    ok(*remote(shell, runner.url, "y = helpers.double(2)"))
+    assert ns["y"] == 6
+
+
+def test_sys_path_built_from_the_cwd(shell, ns, notebook, runner_factory):
+    write(notebook / "src" / "mylib" / "__init__.py", "")
+    write(notebook / "src" / "mylib" / "calc.py", "def total(xs):\n    return sum(xs)\n")
+    write(notebook / "lib" / "solo.py", "NAME = 'solo'\n")
+    runner = runner_factory()
+    local(
+        shell,
+        "import sys\nfrom pathlib import Path\n"
+        "sys.path.insert(0, str(Path.cwd() / 'src'))\n"
+        "sys.path.append(str(Path.cwd() / 'lib'))",
+    )
+    ok(
+        *remote(
+            shell,
+            runner.url,
+            "from mylib.calc import total\nimport solo\nt = (total([1, 2]), solo.NAME)",
+        )
+    )
+    assert ns["t"] == (3, "solo")
+
+
+def test_runner_environment_modules_are_never_shipped(shell, ns, notebook, runner_factory):
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    local(shell, "import helpers, json, numpy, didomagic")
+    imported = localcode.index().imported()
+    assert {"helpers", "other"} <= set(imported)
+    assert not {"json", "numpy", "didomagic", "runner.agent"} & set(imported)
+    state = localcode.CodeState()
+    bundle = localcode.bundle_for(state)
+    assert bundle is not None
+    names = {m["name"] for m in __import__("json").loads(bytes(bundle.parts[0]))["modules"]}
+    assert {"helpers", "other"} <= names and "numpy" not in names
+    bundle.commit(state)
+    assert localcode.bundle_for(state) is None  # unchanged: nothing at all goes
+    # A name the runner asks for that is not first-party here is not found; a path is refused.
+    from didomagic.protocol import AnswerStatus
+    from didomagic.resources import Request
+
+    def ask(name: str):
+        return localcode.serve_module(Request("module", name, {}, {}))
+
+    assert ask("numpy").status is AnswerStatus.NOT_FOUND
+    assert ask("json").status is AnswerStatus.NOT_FOUND
+    assert ask("didomagic.api").status is AnswerStatus.NOT_FOUND
+    assert ask("../../etc/passwd").status is AnswerStatus.REFUSED
+    assert ask("helpers").status is AnswerStatus.FOUND
+
+
+def test_an_editable_install_of_the_project(
+    shell, ns, notebook, runner_factory, tmp_path, monkeypatch
+):
+    project = tmp_path / "edproj"
+    write(
+        project / "pyproject.toml",
+        """
+        [build-system]
+        requires = ["setuptools>=64"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "edpkg"
+        version = "0.1"
+        """,
+    )
+    write(project / "edpkg" / "__init__.py", "from .core import hello\n")
+    write(project / "edpkg" / "core.py", "def hello():\n    return 'hi from edpkg'\n")
+    prefix = tmp_path / "prefix"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "-e",
+            str(project),
+            "--prefix",
+            str(prefix),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10 * TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    site_dir = next(prefix.rglob("site-packages"))
+    assert "editable" in (next(site_dir.glob("edpkg-*.dist-info")) / "direct_url.json").read_text()
+    # Visible to the notebook only: its own sys.path and import hooks (restored afterwards).
+    for attr in ("path", "meta_path", "path_hooks"):
+        monkeypatch.setattr(sys, attr, list(getattr(sys, attr)))
+    import site
+
+    site.addsitedir(str(site_dir))
+    runner = runner_factory()
+    # Not imported here first: the runner asks for it by name.
+    ok(*remote(shell, runner.url, "import edpkg\nh = edpkg.hello()\nwhere = edpkg.__file__"))
+    assert ns["h"] == "hi from edpkg"
+    local(shell, "import edpkg.core")
+    assert "edpkg.core" in localcode.index().imported()
+    write(project / "edpkg" / "core.py", "def hello():\n    return 'edited'\n")
+    ok(*remote(shell, runner.url, "h = edpkg.hello()"))
+    assert ns["h"] == "edited"
+
+
+def test_map_over_a_local_function_across_two_runners(
+    shell, ns, notebook, runner_factory, private_config
+):
+    import didomagic
+    from didomagic.config import Config
+    from didomagic.pool import SessionPool
+    from didomagic.urls import ConnectionURL
+
+    write(
+        notebook / "work.py",
+        "import os, time\n\ndef square(i):\n    time.sleep(0.2)\n"
+        "    return i * i, os.environ['DIDOMAGIC_RUNNER_NAME']\n",
+    )
+    a = runner_factory("--max-sessions", "1", name="a")
+    b = runner_factory("--max-sessions", "1", name="b")
+    private_config.unlink(missing_ok=True)
+    config = Config()
+    config.add("a", ConnectionURL.parse(a.url))
+    config.add("b", ConnectionURL.parse(b.url))
+    try:
+        import work
+
+        results = didomagic.map(work.square, range(8), pool=SessionPool(), progress="none")
+        assert [r[0] for r in results] == [i * i for i in range(8)]
+        assert {r[1] for r in results} == {"a", "b"}
+        assert didomagic.run(work.square, 5, runner=a.url) == (25, "a")
+    finally:
+        private_config.unlink(missing_ok=True)
+
+
+def test_modules_through_a_mediator(shell, ns, notebook, runner_factory, tmp_path):
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    write(notebook / "pkg" / "__init__.py", "from .sub import f\n")
+    write(notebook / "pkg" / "sub.py", "def f(x):\n    return x + 1\n")
+    mediator = start_mediator(tmp_path / "mediator")
+    try:
+        runner_factory("--mediator", mediator.runner_url, name="relayed")
+        wait_until(lambda: "registered" in mediator.log, "the runner registered")
+        local(shell, "import helpers\nx = 2")
+        ok(*remote(shell, mediator.url, "import pkg\ny = (helpers.triple(x), pkg.f(x))"))
+        assert ns["y"] == (6, 3)
+        write(notebook / "pkg" / "sub.py", "def f(x):\n    return x + 100\n")
+        ok(*remote(shell, mediator.url, "y = pkg.f(x)"))
+        assert ns["y"] == 102
+    finally:
+        mediator.stop()
