@@ -451,10 +451,10 @@ def bundle_for(state: CodeState, include: Iterable[str] = ()) -> Bundle | None:
         modules = code.imported()
         for name, path in state.served.items():
             modules.setdefault(name, path)
-        for name in include:
-            path = code.locate(name)
-            if path is not None and name not in modules:
-                for entry in code.package_modules(name, path):
+        for top in dict.fromkeys(name.partition(".")[0] for name in include):
+            path = code.locate(top)  # the whole package: its parents and siblings too
+            if path is not None and top not in modules:
+                for entry in code.package_modules(top, path):
                     modules.setdefault(entry.name, entry.path)
         entries = []
         for name, path in sorted(modules.items()):

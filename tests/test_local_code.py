@@ -339,3 +339,74 @@ def test_modules_through_a_mediator(shell, ns, notebook, runner_factory, tmp_pat
         assert ns["y"] == 102
     finally:
         mediator.stop()
+
+
+def _notebook(*cells: str):
+    import nbformat
+
+    return nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+
+
+def _outputs(nb) -> list[str]:
+    texts = []
+    for cell in nb.cells:
+        parts = []
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", ""))
+            parts.append(out.get("data", {}).get("text/plain", ""))
+            parts.append(" ".join(out.get("traceback", [])))
+        texts.append("\n".join(parts))
+    return texts
+
+
+def test_a_real_notebook_and_a_detached_job_that_runs_after_its_kernel_died(
+    shell, ns, notebook, runner_factory, private_config, tmp_path
+):
+    import re
+
+    from nbclient import NotebookClient
+
+    from didomagic import detached
+    from didomagic.config import Config
+    from didomagic.urls import ConnectionURL
+
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    write(notebook / "pkg" / "__init__.py", "from .sub import f\n")
+    write(notebook / "pkg" / "sub.py", "def f(x):\n    return x + 1\n")
+    marker = tmp_path / "the-notebook-kernel-is-gone"
+    runner = runner_factory(name="nbcode")
+    private_config.unlink(missing_ok=True)
+    Config().add("nbcode", ConnectionURL.parse(runner.url))  # the kernel inherits the config
+    try:
+        nb = _notebook(
+            "%load_ext didomagic",
+            "import helpers\nx = 7",
+            "%%remote\nfrom pkg import f\ny = (helpers.triple(x), f(x))\nprint('remote', y)",
+            "print('local', y)",
+            "%%remote --detach --name withcode\nimport os, time\n"
+            f"while not os.path.exists({str(marker)!r}):\n    time.sleep(0.05)\n"
+            "import pkg.sub\n"
+            "out = (helpers.double(x), pkg.sub.f(x), type(pkg.__loader__).__name__)",
+        )
+        NotebookClient(
+            nb,
+            timeout=4 * TIMEOUT,
+            kernel_name="python3",
+            shutdown_kernel="immediate",  # kills the kernel process after the last cell
+            resources={"metadata": {"path": str(notebook)}},
+        ).execute()
+        texts = _outputs(nb)
+        assert "remote (21, 8)" in texts[2] and "local (21, 8)" in texts[3], texts
+        job_id = re.search(r"submitted job (\S+)", texts[4]).group(1)
+        assert detached.job(job_id).status()["state"] == "running"
+        # The notebook kernel is gone and nothing serves its files: the job runs now.
+        for name in ("helpers", "other", "pkg", "pkg.sub"):
+            sys.modules.pop(name, None)
+        marker.touch()
+        wait_until(lambda: detached.job(job_id).status()["state"] in ("done", "failed"), "the job")
+        with capture_output() as cap:
+            shell.run_line_magic("jobs", f"pull {job_id}")
+        assert ns["out"] == (14, 8, "NotebookLoader"), cap.stdout + cap.stderr
+    finally:
+        private_config.unlink(missing_ok=True)
