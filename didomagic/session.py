@@ -70,7 +70,7 @@ class RemoteSession:
         self._future: concurrent.futures.Future[Any] | None = None
         self._held: dict[str, str] = {}
         """Digest of each large value the remote session holds, by name (see CACHE_MIN)."""
-        self.responder = Responder()
+        self.responder = _responder(url)
         """Answers the remote kernel's asks with the registered handlers (see resources)."""
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
         self.runner_name = url.address
@@ -100,7 +100,7 @@ class RemoteSession:
                 self.url, self.requirements, on_queued=lambda k: events.put(("queued", k))
             )
             self._held.clear()  # a new remote session holds no values yet
-            self.responder = Responder()
+            self.responder = _responder(self.url)
             self.description = dict(self._connection.welcome.runner)
             self.runner_name = self._connection.runner_name
         events.put(("runner", self.description))
@@ -116,7 +116,9 @@ class RemoteSession:
         async with self._busy:
             connection = await self.connect_async(events)
             code = localcode.state_of(self.responder.state)
-            bundle = None if localcode.shipped(request.values) else localcode.bundle_for(code)
+            bundle = None
+            if not localcode.shipped(request.values):
+                bundle = localcode.bundle_for(code, names_only=self.url.safe_results)
             if bundle is not None:  # the notebook's modules go first, before any value
                 request = replace(request, values=(bundle.header, *request.values))
                 parts = [bundle.parts, *parts]
@@ -215,6 +217,13 @@ class RemoteSession:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.closed:
             await connection.close()
+
+
+def _responder(url: ConnectionURL) -> Responder:
+    """A new session's responder; its handlers see whether the runner is untrusted."""
+    responder = Responder()
+    responder.state[localcode.SAFE_RESULTS] = url.safe_results
+    return responder
 
 
 def _check_size(request: Execute, held: dict[str, str], runner: dict[str, Any]) -> None:

@@ -96,6 +96,12 @@ class CodeStore:
         except asking.ChannelError as exc:
             logger.debug("could not ask for module %s: %s", name, exc)
             return False
+        if reply.status == asking.REFUSED:  # say why, rather than a bare "No module named"
+            raise ModuleNotFoundError(
+                f"No module named {name!r} here, and the notebook side did not send it: "
+                f"{reply.message}",
+                name=name,
+            )
         if not reply.found:
             self.misses.add(name)
             return False
