@@ -444,6 +444,11 @@ def state_of(session_state: dict[str, Any]) -> CodeState:
     return state
 
 
+def forget(session_state: dict[str, Any]) -> None:
+    """The session's kernel was replaced: the next bundle sends every module again."""
+    session_state.pop(RESOURCE, None)
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A cell's code bundle: the value's header and parts, and what it hands over."""

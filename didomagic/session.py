@@ -117,8 +117,10 @@ class RemoteSession:
             connection = await self.connect_async(events)
             code = localcode.state_of(self.responder.state)
             bundle = None
-            if not localcode.shipped(request.values):
-                bundle = localcode.bundle_for(code, names_only=self.url.safe_results)
+            if not localcode.shipped(request.values):  # stats and reads: off the I/O loop
+                bundle = await asyncio.to_thread(
+                    localcode.bundle_for, code, names_only=self.url.safe_results
+                )
             if bundle is not None:  # the notebook's modules go first, before any value
                 request = replace(request, values=(bundle.header, *request.values))
                 parts = [bundle.parts, *parts]
@@ -143,6 +145,8 @@ class RemoteSession:
                     held[v.name] = v.digest
             if bundle is not None:
                 bundle.commit(code)
+            if outcome[0].status is Status.KERNEL_DIED:  # a fresh kernel holds no modules
+                localcode.forget(self.responder.state)
             return outcome
 
     def execute(

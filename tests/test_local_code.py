@@ -433,3 +433,18 @@ def test_an_untrusted_runner_gets_no_modules(shell, ns, notebook, runner_factory
     finally:
         with capture_output():
             shell.run_line_magic("runners", "remove careful")
+
+
+def test_a_namespace_package_and_a_kernel_that_died(shell, ns, notebook, runner_factory):
+    write(notebook / "nspkg" / "mod.py", "VALUE = 'namespace'\n")  # no __init__.py
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    runner = runner_factory()
+    local(shell, "import nspkg.mod, helpers")
+    ok(*remote(shell, runner.url, "import nspkg.mod\nv = (nspkg.mod.VALUE, helpers.double(2))"))
+    assert ns["v"] == ("namespace", 4)
+    result, cap = remote(shell, runner.url, "import os\nos._exit(1)")
+    assert not result.success and "died" in cap.stdout + cap.stderr + str(result.error_in_exec)
+    # The fresh kernel gets every module again, though none of them changed.
+    ok(*remote(shell, runner.url, "import nspkg.mod\nv = (nspkg.mod.VALUE, helpers.double(3))"))
+    assert ns["v"] == ("namespace", 6)
