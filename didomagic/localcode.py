@@ -31,6 +31,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import site
 import sys
 import sysconfig
@@ -124,7 +125,8 @@ class CodeIndex:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
+        """Held while the caches are used (cells and the runner's asks may overlap)."""
         self._site = self._site_dirs()
         self._dirs_key: tuple[Any, ...] | None = None
         self._dirs: tuple[str, ...] = ()
@@ -161,7 +163,7 @@ class CodeIndex:
         """The directories first-party modules may come from (resolved), most specific first."""
         cwd = os.getcwd()
         key = (cwd, tuple(sys.path))
-        with self._lock:
+        with self.lock:
             if key == self._dirs_key:
                 return self._dirs
             self.root = project_root(Path(cwd))
@@ -373,13 +375,13 @@ class CodeIndex:
                     pending.append((full, os.path.dirname(module_file), entry.children))
         return found[:MAX_PACKAGE_MODULES]
 
-    def imported(self, modules: dict[str, ModuleType] | None = None) -> dict[str, str]:
+    def imported(self) -> dict[str, str]:
         """First-party modules imported here: name → source file."""
-        with self._lock:
+        with self.lock:
             self.served_dirs()
             found = {}
             cache = self._classified
-            for name, module in list((modules or sys.modules).items()):
+            for name, module in list(sys.modules.items()):
                 cached = cache.get(name)
                 if cached is not None and cached[0] == id(module):
                     path = cached[1]
@@ -478,7 +480,7 @@ def bundle_for(
     that importing one fails there with the reason, and no module.
     """
     code = index()
-    with code._lock:
+    with code.lock:
         modules = {} if names_only else code.imported()
         for name, path in state.served.items():
             modules.setdefault(name, path)
@@ -540,9 +542,13 @@ def imports_of(code: str) -> list[str]:
 def serve_module(request: Request) -> Reply:
     """The ``module`` resource: a first-party module's source, a package with all of its own.
 
-    ``meta["modules"]`` lists the manifest entries sent, in the order of the
-    parts (one source each). A module that is not first-party here (or does
-    not exist) is *not found*, so the runner's import fails as it would here.
+    Modules it imports from other first-party packages come along too (as
+    mitogen preloads), unless the session holds them already, so importing a
+    module costs one round trip, not one per module. ``meta["modules"]``
+    lists the manifest entries, ``meta["sources"]`` the digests of the
+    sources that follow as parts, in order (those the session lacks).
+    A module that is not first-party here (or does not exist) is *not
+    found*, so the runner's import fails as it would here.
     """
     name = request.name
     if not _valid_module_name(name):
@@ -553,24 +559,45 @@ def serve_module(request: Request) -> Reply:
             "sends its modules only to runners it trusts"
         )
     code = index()
-    with code._lock:
+    with code.lock:
         path = code.locate(name)
         if path is None:
             return Reply.not_found(f"no first-party module {name!r} on the notebook side")
         state = state_of(request.state)
-        entries = code.package_modules(name, path)
-        sent, parts = [], []
-        for entry in entries:
-            data = code.source(entry.path, entry.digest)
-            if data is None:
-                continue
-            sent.append(entry.describe())
-            parts.append(data)
-            state.served[entry.name] = entry.path
-            state.digests.add(entry.digest)
-            state.sent += 1
+        sent: list[dict[str, Any]] = []
+        digests: list[str] = []
+        parts: list[bytes] = []
+        tops = {name.partition(".")[0]}
+        pending = [code.package_modules(name, path)]
+        while pending and len(parts) < MAX_PACKAGE_MODULES:
+            for entry in pending.pop():
+                first = not sent
+                data = code.source(entry.path, entry.digest)
+                if data is None:
+                    continue
+                sent.append(entry.describe())
+                state.served[entry.name] = entry.path
+                if (first or entry.digest not in state.digests) and entry.digest not in digests:
+                    digests.append(entry.digest)
+                    parts.append(data)
+                    state.digests.add(entry.digest)
+                    state.sent += 1
+                for imported in _IMPORT.findall(data):
+                    top = (imported[0] or imported[1]).partition(b".")[0].decode()
+                    if top in tops:
+                        continue
+                    tops.add(top)
+                    related = code.locate(top)
+                    if related is not None:
+                        pending.append(code.package_modules(top, related))
     logger.debug("served %d module(s) for %s to a runner", len(sent), name)
-    return Reply.found(*parts, meta={"modules": sent})
+    return Reply.found(*parts, meta={"modules": sent, "sources": digests})
+
+
+_IMPORT = re.compile(
+    rb"^[ \t]*(?:from[ \t]+([A-Za-z_][\w.]*)[ \t]+import|import[ \t]+([A-Za-z_][\w.]*))", re.M
+)
+"""The absolute imports in a source, roughly (a miss costs a round trip, an extra one nothing)."""
 
 
 def shipped(values: Sequence[ValueHeader]) -> bool:

@@ -90,6 +90,18 @@ def test_import_helpers_and_from_pkg_sub(shell, ns, notebook, runner_factory):
     # Not imported in the notebook: asked for by the runner's import hook.
     ok(*remote(shell, runner.url, "from pkg.sub import f\nfrom pkg import deep\nw = f(2)"))
     assert ns["w"] == 21
+    # One ask per module the notebook never imported, whatever it imports in turn.
+    write(notebook / "uses.py", "import tool\nfrom tool import k\n")
+    write(notebook / "tool.py", "k = 7\n")
+    ok(
+        *remote(
+            shell,
+            runner.url,
+            "from runner.codeimport import store\nbefore = store().asked\n"
+            "import uses\nasks = (store().asked - before, before, uses.k)",
+        )
+    )
+    assert ns["asks"] == (1, 1, 7)  # pkg took one ask (all of it), uses and tool one
     ok(
         *remote(
             shell,
@@ -126,9 +138,10 @@ def test_edits_are_picked_up_and_unchanged_modules_are_not_resent(
     ok(*remote(shell, runner.url, "y = helpers.double(x) + d(x)"))
     assert ns["y"] == 20 and state.sent == sent  # nothing sent again
     write(notebook / "helpers.py", HELPERS.replace("2 * x", "100 * x"))
-    ok(*remote(shell, runner.url, "y = (helpers.double(x), d(x))"))
-    # Reloaded before the cell: the module's attribute and the name bound earlier both.
-    assert ns["y"] == (500, 500)
+    ok(*remote(shell, runner.url, "y = (helpers.double(x), d(x), d is helpers.double)"))
+    # Reloaded before the cell: the module's attribute and the name bound earlier both,
+    # still one function (so it pickles by reference).
+    assert ns["y"] == (500, 500, True)
     assert state.sent == sent + 1  # only the changed module went
     # A module first imported on the runner (asked for) is watched for edits as well.
     write(notebook / "late.py", "K = 1\n")
