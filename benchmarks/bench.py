@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import mediator_scale
+from benchmarks.localcode import local_code_bars, local_code_measures
 from benchmarks.packages import package_measures, package_ratios
 from benchmarks.tls_baseline import blocking_tls_throughput
 
@@ -341,6 +342,7 @@ def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[
     for i in range(1000):
         del ns[f"v{i}"]
     out.append(concurrent_sessions(url, 8, max(5, reps // 2)))
+    out += local_code_measures(shell, url, reps, Measure, _wait_for_a_warm_kernel)
     default_pool().close()
     return out
 
@@ -471,7 +473,7 @@ def ratios(measures: list[Measure]) -> list[tuple[str, float, str]]:
                     "<= 30",
                 )
             )
-    return found
+    return found + local_code_bars({m.name: m.median for m in measures})
 
 
 def show(measures: list[Measure], bars: list[tuple[str, float, str]]) -> str:

@@ -18,12 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from didomagic import serialize
+from didomagic import localcode, serialize
 from didomagic.client import ANY_RUNNER, Requirements, RunnerConnection, open_connection
 from didomagic.errors import CellTooLarge, ConnectionLost
 from didomagic.loop import BackgroundLoop, background_loop
 from didomagic.progress import NoProgress, Progress
 from didomagic.protocol import Execute, Output, Result, Status
+from didomagic.resources import Responder
 from didomagic.transfer import Transfer
 from didomagic.urls import ConnectionURL
 
@@ -69,6 +70,8 @@ class RemoteSession:
         self._future: concurrent.futures.Future[Any] | None = None
         self._held: dict[str, str] = {}
         """Digest of each large value the remote session holds, by name (see CACHE_MIN)."""
+        self.responder = _responder(url)
+        """Answers the remote kernel's asks with the registered handlers (see resources)."""
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
         self.runner_name = url.address
         """The runner's name, once it has introduced itself."""
@@ -99,6 +102,7 @@ class RemoteSession:
                 on_queued=lambda k, note: events.put(("queued", k, note)),
             )
             self._held.clear()  # a new remote session holds no values yet
+            self.responder = _responder(self.url)
             self.description = dict(self._connection.welcome.runner)
             self.runner_name = self._connection.runner_name
         events.put(("runner", self.description))
@@ -113,6 +117,15 @@ class RemoteSession:
         """Open the session if needed and run one cell (on the I/O loop); report to ``events``."""
         async with self._busy:
             connection = await self.connect_async(events)
+            code = localcode.state_of(self.responder.state)
+            bundle = None
+            if not localcode.shipped(request.values):  # stats and reads: off the I/O loop
+                bundle = await asyncio.to_thread(
+                    localcode.bundle_for, code, names_only=self.url.safe_results
+                )
+            if bundle is not None:  # the notebook's modules go first, before any value
+                request = replace(request, values=(bundle.header, *request.values))
+                parts = [bundle.parts, *parts]
             held = self._held
             _check_size(request, held, self.description)
             request = replace(
@@ -128,10 +141,15 @@ class RemoteSession:
                 lambda output: events.put(("output", output)),
                 _throttled(events),
                 lambda m: events.put(("installing", m.count, m.line, m.done)),
+                self.responder,
             )
             for v in request.values:  # the runner session now holds these bytes
                 if v.digest:
                     held[v.name] = v.digest
+            if bundle is not None:
+                bundle.commit(code)
+            if outcome[0].status is Status.KERNEL_DIED:  # a fresh kernel holds no modules
+                localcode.forget(self.responder.state)
             return outcome
 
     def execute(
@@ -206,6 +224,13 @@ class RemoteSession:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.closed:
             await connection.close()
+
+
+def _responder(url: ConnectionURL) -> Responder:
+    """A new session's responder; its handlers see whether the runner is untrusted."""
+    responder = Responder()
+    responder.state[localcode.SAFE_RESULTS] = url.safe_results
+    return responder
 
 
 def _check_size(request: Execute, held: dict[str, str], runner: dict[str, Any]) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from didomagic import serialize
-from didomagic.protocol import cloudpickle_version, python_version
+from didomagic.protocol import CODE_VALUE, cloudpickle_version, python_version
+from runner import asking, codeimport
 
 CELL_FILE = "cell.json"
 RESULT_FILE = "result.json"
@@ -61,18 +62,21 @@ class Agent:
         request = json.loads(cell.read_text())
         cell.unlink()
         ns = self.shell.user_ns
-        pairs, failures = [], {}
+        pairs, failures, code_failures = [], {}, {}
         mapped: dict[str, memoryview] = {}
         temporary: set[str] = set()
+        codeimport.new_cell()
         for value in request["values"]:
             path = value["path"]  # a string: a thousand Path objects would cost milliseconds
             try:
                 view = mapped.get(path)
                 if view is None:
                     view = mapped[path] = serialize.map_file(Path(path))
-                pairs.append(
-                    (value["name"], serialize.slice_parts(view, value["offset"], value["sizes"]))
-                )
+                parts = serialize.slice_parts(view, value["offset"], value["sizes"])
+                if value["name"] == CODE_VALUE:  # the notebook's modules, before any value
+                    code_failures = codeimport.apply_bundle(parts, ns)
+                else:
+                    pairs.append((value["name"], parts))
             except Exception as exc:
                 failures[value["name"]] = f"could not be read: {serialize.describe(exc)}"
             if not value["keep"]:  # cached values stay for later cells of the session
@@ -83,6 +87,7 @@ class Agent:
         failures.update(serialize.unpack_into(ns, pairs))
         where = _versions(request.get("origin", {}))
         self._failures = {name: f"{reason} ({where})" for name, reason in failures.items()}
+        self._failures.update(code_failures)
         self._before = serialize.snapshot(ns, request["fetch"])
         self._request = request
 
@@ -128,6 +133,8 @@ def install(exchange: str) -> None:
     from IPython import get_ipython
 
     shell = get_ipython()
+    asking.configure(exchange)
+    codeimport.install()
     agent = Agent(shell, Path(exchange))
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
