@@ -84,7 +84,7 @@ def apply_values(
     ``safe``: accept only plain data (the runner's URL says ``safe_results``).
     """
     staging: dict[str, Any] = {}
-    failures = serialize.unpack_into(staging, values, safe)
+    failures = serialize.unpack_into(staging, values, safe, main=namespace)
     namespace.update(staging)
     for name in deleted:
         namespace.pop(name, None)
