@@ -96,10 +96,11 @@ def run_cell(
     if local:
         return _run_local(pool.local, spec, namespace, transform, sent, transfer)
     session = pool.session(runner, spec.tags, spec.os)
+    versions = session.versions.of(namespace, sent)
     request = Execute(
         cell=secrets.token_hex(8),
         code=spec.code,
-        values=tuple(_header(p) for p in sent),
+        values=tuple(_header(p, versions.get(p.name, "")) for p in sent),
         fetch=tuple(transfer.fetch),
         deletes=tuple(transfer.deletes),
         timeout=spec.timeout,
@@ -112,22 +113,27 @@ def run_cell(
             shown.append(result)
 
     result, buffers = session.execute(
-        request, [p.parts for p in sent], on_output, progress or make_progress()
+        request, [p.parts for p in sent], on_output, progress or make_progress(), versions
     )
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
     failures = dict(result.failures)
-    failures.update(apply_values(namespace, returned, result.deleted, session.url.safe_results))
+    unapplied = apply_values(namespace, returned, result.deleted, session.url.safe_results)
+    session.versions.after_cell(namespace, returned, result.failures, unapplied, result.deleted)
+    failures.update(unapplied)
     report_failures(failures, "synced")
     raise_for_status(result, session.runner_name)
     return shown[-1] if shown else None
 
 
-def _header(packed: serialize.Packed) -> ValueHeader:
-    """A value's header, with a content digest when it is large enough to be worth caching."""
+def _header(packed: serialize.Packed, digest: str = "") -> ValueHeader:
+    """A value's header, with a content digest when it is large enough to be worth caching.
+
+    ``digest``: the value's digest if already computed (its version).
+    """
     header = packed.header
     if packed.nbytes < CACHE_MIN:
         return header
-    return replace(header, digest=packed.digest())
+    return replace(header, digest=digest or packed.digest())
 
 
 def raise_for_status(result: Result, runner: str) -> None:

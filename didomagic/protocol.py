@@ -173,7 +173,9 @@ class Execute(Message):
     """Client → runner: run ``code``; the declared values follow as binary frames.
 
     ``fetch`` names are sent back after the cell if they are bound then;
-    ``deletes`` are names the cell deletes, reported back if they are gone.
+    ``deletes`` are names the cell deletes, reported back if they are gone;
+    ``held`` are names the cell reads whose value the runner's session holds
+    at the version the client has (no bytes travel; the kernel keeps its own).
     """
 
     kind: ClassVar[str] = "execute"
@@ -183,6 +185,7 @@ class Execute(Message):
     fetch: tuple[str, ...] = ()
     deletes: tuple[str, ...] = ()
     timeout: float | None = None
+    held: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ writes ``result.json``. The cell thus costs one kernel round trip, and values
 never pass through ZMQ.
 
 After a cell that raised, only names the cell actually rebound go back, so a
-stale value from an earlier cell never overwrites the notebook's.
+stale value from an earlier cell never overwrites the notebook's. Values the
+cell read and changed in place go back too, raised or not (see
+:mod:`didomagic.versions`); names the client marks *held* are not sent again:
+the kernel keeps its own object.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 from didomagic import serialize
 from didomagic.protocol import cloudpickle_version, python_version
+from didomagic.versions import InPlaceTracker
 
 CELL_FILE = "cell.json"
 RESULT_FILE = "result.json"
@@ -51,6 +55,7 @@ class Agent:
         self._request: dict[str, Any] | None = None
         self._before: dict[str, Any] = {}
         self._failures: dict[str, str] = {}
+        self._versions = InPlaceTracker()
 
     def pre_run_cell(self, info: Any = None) -> None:
         """Load the values the runner left for this cell."""
@@ -81,8 +86,18 @@ class Agent:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         failures.update(serialize.unpack_into(ns, pairs))
+        for name, _ in pairs:
+            if name not in failures:
+                self._versions.loaded(ns, name)
         where = _versions(request.get("origin", {}))
         self._failures = {name: f"{reason} ({where})" for name, reason in failures.items()}
+        held = request.get("held", [])
+        for name in self._versions.start(ns, [*(name for name, _ in pairs), *held]):
+            if name in held:
+                self._failures[name] = (
+                    "was not on the runner any more (its kernel was replaced?); "
+                    "run the cell again to send it"
+                )
         self._before = serialize.snapshot(ns, request["fetch"])
         self._request = request
 
@@ -95,6 +110,12 @@ class Agent:
         succeeded = bool(getattr(result, "success", False))
         names = serialize.names_to_return(ns, self._before, succeeded)
         packed, failures = serialize.pack_names(ns, names)
+        changed, change_failures = self._versions.changed(ns, skip=names)
+        packed += changed
+        failures.update(change_failures)
+        self._versions.returned(ns, packed)
+        deleted = [name for name in request["deletes"] if name not in ns]
+        self._versions.forget(deleted)
         offsets = serialize.write_values(
             self.exchange / OUTPUT_FILE, [item.parts for item in packed]
         )
@@ -108,7 +129,7 @@ class Agent:
             {
                 "values": values,
                 "failures": {**self._failures, **failures},
-                "deleted": [name for name in request["deletes"] if name not in ns],
+                "deleted": deleted,
             },
         )
         self._before, self._failures = {}, {}
