@@ -24,6 +24,7 @@ from didomagic.errors import CellTooLarge, ConnectionLost
 from didomagic.loop import BackgroundLoop, background_loop
 from didomagic.progress import NoProgress, Progress
 from didomagic.protocol import Execute, Output, Result, Status
+from didomagic.resources import Responder
 from didomagic.transfer import Transfer
 from didomagic.urls import ConnectionURL
 from didomagic.versions import HeldVersions, InPlaceTracker
@@ -72,6 +73,8 @@ class RemoteSession:
         """Digest of each large value the remote session holds, by name (see CACHE_MIN)."""
         self.versions = HeldVersions()
         """Which version of each value the remote kernel's namespace holds."""
+        self.responder = Responder()
+        """Answers the remote kernel's asks with the registered handlers (see resources)."""
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
         self.runner_name = url.address
         """The runner's name, once it has introduced itself."""
@@ -101,6 +104,7 @@ class RemoteSession:
             )
             self._held.clear()  # a new remote session holds no values yet
             self.versions.clear()
+            self.responder = Responder()
             self.description = dict(self._connection.welcome.runner)
             self.runner_name = self._connection.runner_name
         events.put(("runner", self.description))
@@ -137,6 +141,7 @@ class RemoteSession:
                 parts,
                 lambda output: events.put(("output", output)),
                 _throttled(events),
+                self.responder,
             )
             for v in request.values:  # the runner session now holds these bytes
                 if v.digest:

@@ -27,6 +27,7 @@ from typing import Any
 from didomagic import serialize
 from didomagic.protocol import cloudpickle_version, python_version
 from didomagic.versions import InPlaceTracker
+from runner import asking
 
 CELL_FILE = "cell.json"
 RESULT_FILE = "result.json"
@@ -149,6 +150,7 @@ def install(exchange: str) -> None:
     from IPython import get_ipython
 
     shell = get_ipython()
+    asking.configure(exchange)
     agent = Agent(shell, Path(exchange))
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
