@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from didomagic import display, serialize
+from didomagic import display, files, serialize
 from didomagic.errors import CellTimeout, KernelDied, RemoteError
 from didomagic.namespace import transform_cell
 from didomagic.pool import (
@@ -96,6 +96,8 @@ def run_cell(
     if local:
         return _run_local(pool.local, spec, namespace, transform, sent, transfer)
     session = pool.session(runner, spec.tags, spec.os)
+    safe = session.url.safe_results
+    sent.append(files.bundle_value(session.responder.state, spec.files, safe=safe))
     versions = session.versions.of(namespace, sent)
     request = Execute(
         cell=secrets.token_hex(8),
@@ -116,8 +118,9 @@ def run_cell(
         request, [p.parts for p in sent], on_output, progress or make_progress(), versions
     )
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
+    returned = files.take_back(returned, session.responder.state, spec.files, safe=safe)
     failures = dict(result.failures)
-    unapplied = apply_values(namespace, returned, result.deleted, session.url.safe_results)
+    unapplied = apply_values(namespace, returned, result.deleted, safe)
     session.versions.after_cell(namespace, returned, result.failures, unapplied, result.deleted)
     failures.update(unapplied)
     report_failures(failures, "synced")

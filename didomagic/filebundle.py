@@ -31,6 +31,19 @@ TREE_LIMIT = 20_000
 """The most entries of the project tree shown to a new session up front."""
 
 
+@dataclass(frozen=True)
+class FileOptions:
+    """A cell's file options: ``--files``, ``--get``, ``--files-limit``, ``--return-limit``.
+
+    ``send`` and ``get`` are glob patterns relative to the notebook's folder.
+    """
+
+    send: tuple[str, ...] = ()
+    get: tuple[str, ...] = ()
+    files_limit: int = DEFAULT_FILES_LIMIT
+    return_limit: int = DEFAULT_RETURN_LIMIT
+
+
 @dataclass
 class SentFile:
     """A file sent with the cell (``--files``); ``data`` is None when the runner has it."""

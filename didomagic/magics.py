@@ -11,6 +11,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from didomagic import api
+from didomagic.filebundle import DEFAULT_FILES_LIMIT, DEFAULT_RETURN_LIMIT, FileOptions
+from didomagic.files import parse_size
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -90,6 +92,30 @@ class RemoteMagics(Magics):
     )
     @argument("--name", default="", help="a name for the --detach job")
     @argument(
+        "--files",
+        type=_names,
+        default=(),
+        help="send these files up front (data.csv,images/*.png), for subprocesses and jobs",
+    )
+    @argument(
+        "--get",
+        type=_names,
+        default=(),
+        help="bring these files back from the runner whatever their size (out/*.bin)",
+    )
+    @argument(
+        "--files-limit",
+        type=parse_size,
+        default=DEFAULT_FILES_LIMIT,
+        help="the most one file served, or all --files, may hold (default 1G)",
+    )
+    @argument(
+        "--return-limit",
+        type=parse_size,
+        default=DEFAULT_RETURN_LIMIT,
+        help="files the cell writes come back by themselves up to this total (default 20M)",
+    )
+    @argument(
         "--retries",
         type=int,
         default=0,
@@ -121,6 +147,7 @@ class RemoteMagics(Magics):
             timeout=args.timeout,
             tags=args.tags,
             os=args.os,
+            files=FileOptions(args.files, args.get, args.files_limit, args.return_limit),
         )
         if args.detach:
             from didomagic import detached as jobs

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from didomagic import serialize
+from didomagic.filebundle import FileOptions
 from didomagic.namespace import analyze_cell, transform_cell
 
 _IPYTHON_HISTORY = re.compile(r"_+|_i+|_i?\d+|_[iod]h")
@@ -32,6 +33,7 @@ class CellSpec:
     timeout: float | None = None
     tags: tuple[str, ...] = ()
     os: str = ""
+    files: FileOptions = field(default_factory=FileOptions)
 
 
 @dataclass

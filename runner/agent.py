@@ -21,13 +21,16 @@ import ast
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from didomagic import serialize
+from didomagic.filebundle import FILES_VALUE, Bundle
 from didomagic.protocol import cloudpickle_version, python_version
 from didomagic.versions import InPlaceTracker
 from runner import asking
+from runner.mirror import Mirror
 
 CELL_FILE = "cell.json"
 RESULT_FILE = "result.json"
@@ -57,6 +60,9 @@ class Agent:
         self._before: dict[str, Any] = {}
         self._failures: dict[str, str] = {}
         self._versions = InPlaceTracker()
+        self.mirror = Mirror(Path.cwd(), asking.ask)
+        """The notebook's project folder, mirrored under the kernel's working directory."""
+        self._bundle: Bundle | None = None
 
     def pre_run_cell(self, info: Any = None) -> None:
         """Load the values the runner left for this cell."""
@@ -87,6 +93,10 @@ class Agent:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         failures.update(serialize.unpack_into(ns, pairs))
+        self._bundle = ns.pop(FILES_VALUE, None)
+        if isinstance(self._bundle, Bundle):
+            for problem in self.mirror.before_cell(self._bundle):
+                print(f"didomagic: {problem}", file=sys.stderr)
         for name, _ in pairs:
             if name not in failures:
                 self._versions.loaded(ns, name)
@@ -115,6 +125,11 @@ class Agent:
         packed += changed
         failures.update(change_failures)
         self._versions.returned(ns, packed)
+        bundle, self._bundle = self._bundle, None
+        if isinstance(bundle, Bundle):
+            files = self.mirror.after_cell(bundle.get, bundle.return_limit)
+            if files is not None:
+                packed.append(serialize.pack(FILES_VALUE, files))
         deleted = [name for name in request["deletes"] if name not in ns]
         self._versions.forget(deleted)
         offsets = serialize.write_values(

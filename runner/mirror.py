@@ -45,6 +45,11 @@ Ask = Callable[..., Any]
 
 _WATCHED = frozenset({"open", "os.listdir", "os.scandir", "glob.glob"})
 _MAGIC = frozenset("*?[")
+_WRITING = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+FULL_SCAN_LIMIT = 5000
+"""A mirror with fewer entries than this is scanned whole after each cell (catching files
+written by subprocesses and native code); a bigger one only where the cell opened to write."""
 
 
 class Mirror:
@@ -65,6 +70,7 @@ class Mirror:
         self._local = threading.local()
         self._lock = threading.RLock()
         self._hooked = False
+        self._touched: set[str] = set()
 
     # -- around a cell
 
@@ -79,8 +85,9 @@ class Mirror:
             self._lazy = bundle.lazy and self.ask is not None
             self._listed.clear()
             self._absent.clear()
+            self._touched.clear()
             for path in bundle.stale:
-                self._forget(path)
+                self._mark_stale(path)
             if bundle.tree is not None:
                 for folder, name, is_dir, size, mtime_ns in bundle.tree:
                     self._place(_join(folder, name), is_dir, size, mtime_ns)
@@ -108,13 +115,12 @@ class Mirror:
         with self._quiet():
             changed: dict[str, int] = {}
             wanted: list[str] = []
-            for rel, size, mtime_ns in self._scan():
+            for rel, size, mtime_ns in self._scan(whole=bool(get)):
                 if get and any(fnmatch.fnmatchcase(rel, pattern) for pattern in get):
                     wanted.append(rel)
                 elif self.known.get(rel) != (size, mtime_ns):
                     changed[rel] = size
                 self.known[rel] = (size, mtime_ns)
-                self.placeholders.discard(rel) if rel in changed else None
             files: dict[str, bytes] = {}
             mtimes: dict[str, int] = {}
             left: dict[str, int] = {}
@@ -134,9 +140,15 @@ class Mirror:
             return None
         return {"files": files, "mtimes": mtimes, "left": left}
 
-    def _scan(self) -> list[tuple[str, int, int]]:
-        """Every regular file in the mirror: ``(path, size, mtime_ns)``; placeholders skipped."""
+    def _scan(self, whole: bool) -> list[tuple[str, int, int]]:
+        """The mirror's regular files: ``(path, size, mtime_ns)``; placeholders skipped.
+
+        All of them while the mirror is small (or ``whole``), else those the
+        cell opened to write.
+        """
         assert self.root is not None
+        if len(self.known) >= FULL_SCAN_LIMIT and not whole:
+            return self._stat_each(self._touched)
         found = []
         for folder, dirs, names in os.walk(self.root):
             dirs[:] = [d for d in dirs if d not in ALWAYS_EXCLUDED]
@@ -153,10 +165,24 @@ class Mirror:
                     found.append((rel, info.st_size, info.st_mtime_ns))
         return found
 
+    def _stat_each(self, paths: set[str]) -> list[tuple[str, int, int]]:
+        found = []
+        for rel in sorted(paths):
+            parts = rel.split("/")
+            if any(p in ALWAYS_EXCLUDED for p in parts) or rel in self.placeholders:
+                continue
+            try:
+                info = os.lstat(os.path.join(self.root or "", rel))
+            except OSError:
+                continue
+            if not os.path.islink(os.path.join(self.root or "", rel)):
+                found.append((rel, info.st_size, info.st_mtime_ns))
+        return found
+
     # -- the audit hook
 
     def _audit(self, event: str, args: tuple[Any, ...]) -> None:
-        if event not in _WATCHED or not self._lazy or getattr(self._local, "busy", False):
+        if event not in _WATCHED or getattr(self._local, "busy", False):
             return
         try:
             if event == "open":
@@ -164,8 +190,15 @@ class Mirror:
                 if isinstance(path, int):
                     return
                 rel = self._relative(path)
-                if rel is not None:
-                    self._before_open(rel, flags if isinstance(flags, int) else 0)
+                if rel is None:
+                    return
+                flags = flags if isinstance(flags, int) else 0
+                if flags & _WRITING:
+                    self._touched.add(rel)
+                if self._lazy:
+                    self._before_open(rel, flags)
+            elif not self._lazy:
+                return
             elif event == "glob.glob":
                 rel = self._relative(args[0])
                 if rel is not None:
@@ -207,9 +240,12 @@ class Mirror:
                     os.chmod(os.path.join(self.root or "", rel), 0o644)
                     return
                 self._raise_if_refused(self._fetch(rel))
-            elif not truncating and not os.path.lexists(os.path.join(self.root or "", rel)):
-                if rel not in self._absent:
-                    self._raise_if_refused(self._fetch(rel))
+            elif (
+                not truncating
+                and rel not in self._absent
+                and not os.path.lexists(os.path.join(self.root or "", rel))
+            ):
+                self._raise_if_refused(self._fetch(rel))
 
     def _before_glob(self, rel: str) -> None:
         parts = rel.split("/")
@@ -224,15 +260,21 @@ class Mirror:
 
     # -- asking the notebook side
 
-    def _list(self, rel: str) -> None:
-        """Show folder ``rel`` as the notebook has it (once per cell)."""
+    def _list(self, rel: str, strict: bool = True) -> None:
+        """Show folder ``rel`` as the notebook has it (once per cell).
+
+        ``strict``: a refusal raises PermissionError (the cell asked for the
+        listing); otherwise the folder just stays as the mirror has it.
+        """
         with self._lock, self._quiet():
             if rel in self._listed or rel in self._absent or self.ask is None:
                 return
             self._listed.add(rel)
             reply = self.ask(RESOURCE, rel, {"op": "list"})
             if reply.status == "refused":
-                raise PermissionError(reply.message)
+                if strict:
+                    raise PermissionError(f"didomagic: the notebook side refused: {reply.message}")
+                return
             if not reply.found:
                 self._absent.add(rel)
                 return
@@ -248,9 +290,7 @@ class Mirror:
             return
         self._ensure_folder(_parent(rel))
         if self._lazy:
-            self._list(_parent(rel))
-        if not os.path.isdir(os.path.join(self.root or "", rel)) and self._lazy:
-            self._list(rel)
+            self._list(_parent(rel), strict=False)
 
     def _fetch(self, rel: str) -> str:
         """Ask the notebook for file ``rel`` and write it in; return a problem ("" if none)."""
@@ -303,8 +343,8 @@ class Mirror:
         if is_dir:
             os.makedirs(path, exist_ok=True)
             return
-        if os.path.lexists(path) and rel not in self.placeholders:
-            return  # the real file is here already (the notebook says when it changes)
+        if os.path.lexists(path) and (rel not in self.placeholders or rel in self.digests):
+            return  # its content is here already (the notebook says when it changes)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o000)
         try:
@@ -329,6 +369,13 @@ class Mirror:
         self.digests[rel] = digest
         info = os.stat(path)
         self.known[rel] = (info.st_size, info.st_mtime_ns)
+
+    def _mark_stale(self, rel: str) -> None:
+        """The notebook's file changed: ask again when next opened, saying which digest is here."""
+        path = os.path.join(self.root or "", rel)
+        if os.path.lexists(path):
+            self.placeholders.add(rel)
+            self._listed.discard(_parent(rel))
 
     def _forget(self, rel: str) -> None:
         """Drop a file the notebook changed or lost: asked for again when next opened."""
