@@ -59,7 +59,8 @@ class Bundle:
     """The notebook's files as a cell sees them: where it works, and what it gets up front."""
 
     root: str
-    """The project root folder's name (the mirror's name on the runner)."""
+    """Where the mirror goes in the kernel's folder: ``<tag of the root's path>/<its name>``,
+    so two projects of the same name never share a mirror."""
     cwd: str
     """The notebook's working directory, relative to the root."""
     tree: list[tuple[str, str, bool, int, int]] | None = None

@@ -80,16 +80,21 @@ class Ledger:
 
     held: dict[str, tuple[int, int, str]] = field(default_factory=dict)
     tree_sent: bool = False
+    diverged: set[str] = field(default_factory=set)
+    """Files changed on both sides: the runner keeps its version until ``--get`` takes it."""
 
     def record(self, rel: str, path: Path, digest: str) -> None:
         """The session now holds ``path``'s current content (whose digest is ``digest``)."""
         info = path.stat()
         self.held[rel] = (info.st_size, info.st_mtime_ns, digest)
+        self.diverged.discard(rel)
 
     def stale(self, project: Project) -> list[str]:
         """Files the session holds that changed (or went) here since; they are asked for again."""
         changed = []
         for rel, (size, mtime_ns, _) in self.held.items():
+            if rel in self.diverged:
+                continue
             try:
                 info = (project.root / rel).stat()
             except OSError:
@@ -120,11 +125,12 @@ def _set_policy(policy: _Policy) -> None:
         _policy = policy
 
 
-def ledger_of(state: MutableMapping[str, Any]) -> Ledger:
-    """The ledger kept in a runner session's responder state."""
-    ledger = state.get(RESOURCE)
+def ledger_of(state: MutableMapping[str, Any], project: Project) -> Ledger:
+    """The ledger of ``project`` kept in a runner session's responder state."""
+    ledgers = state.setdefault(RESOURCE, {})
+    ledger = ledgers.get(project.root)
     if not isinstance(ledger, Ledger):
-        ledger = state[RESOURCE] = Ledger()
+        ledger = ledgers[project.root] = Ledger()
     return ledger
 
 
@@ -179,7 +185,7 @@ def serve(request: Request) -> Reply:
             raise FileRefused(_too_big("a file", [(rel, size)], policy.files_limit))
         view = _map(path)
         digest = _digest(view)
-        ledger_of(request.state).record(rel, path, digest)
+        ledger_of(request.state, policy.project).record(rel, path, digest)
         info = path.stat()
         meta = {"size": size, "mtime_ns": info.st_mtime_ns, "digest": digest}
         if request.args.get("have") == digest:
@@ -228,10 +234,8 @@ def bundle_value(
     that is not served (outside the root, excluded).
     """
     project = project or Project.here()
-    ledger = ledger_of(state)
-    stale = ledger.stale(project)
-    for rel in stale:
-        ledger.held.pop(rel, None)
+    ledger = ledger_of(state, project)
+    stale = ledger.stale(project)  # kept in the ledger: what the runner saw, until it asks again
     listed = _expand(project, options.send)
     files: dict[str, SentFile] = {}
     sizes: list[tuple[str, int]] = []
@@ -258,7 +262,7 @@ def bundle_value(
         ledger.tree_sent = True
     _set_policy(_Policy(project, safe, frozenset(listed), options.files_limit))
     bundle = Bundle(
-        root=project.root.name or "root",
+        root=f"{_digest(str(project.root).encode())[:12]}/{project.root.name or 'root'}",
         cwd=project.cwd,
         tree=tree,
         files=files,
@@ -287,7 +291,7 @@ def take_back(
     if not ours:
         return others
     project = project or Project.here()
-    ledger = ledger_of(state) if state is not None else Ledger()
+    ledger = ledger_of(state, project) if state is not None else Ledger()
     try:
         back = serialize.unpack(ours[0], safe)
         files, mtimes, left = back["files"], back["mtimes"], back["left"]
@@ -310,6 +314,7 @@ def take_back(
             moved = (info.st_size, info.st_mtime_ns) != held[:2]
             if moved and _digest(path.read_bytes()) != held[2]:
                 conflicts.append(rel)
+                ledger.diverged.add(rel)
                 continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".didomagic-tmp")

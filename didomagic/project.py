@@ -143,10 +143,10 @@ class Project:
         real = path.resolve(strict=False)
         if not real.is_relative_to(self.root):
             raise FileRefused(f"{name!r} leads outside the project root (through a symlink)")
-        if must_exist and not path.exists():
-            raise FileNotFoundError(f"no such file in the notebook's project: {name!r}")
         if self.excluded(relative, path.is_dir()):
             raise FileRefused(f"{name!r} is excluded from serving (.git, a venv or .gitignore)")
+        if must_exist and not path.exists():
+            raise FileNotFoundError(f"no such file in the notebook's project: {name!r}")
         return path
 
     def writable(self, name: str) -> Path:
