@@ -22,7 +22,10 @@ from didomagic.project import Project
 from didomagic.resources import Request
 from didomagic.urls import ConnectionURL
 
+from .test_jobs import config, submitted_id, wait_state
 from .test_remote import remote
+
+__all__ = ["config"]  # a fixture, used by name
 
 
 @pytest.fixture
@@ -267,3 +270,24 @@ def test_project_root_is_the_nearest_marked_parent(project):
     assert here.excluded("secret/key", False) and here.excluded("nb/run.log", False)
     assert not here.excluded("nb/data.csv", False)
     assert here.excluded(".git/HEAD", False)
+
+
+def test_a_detached_job_carries_its_files_and_brings_written_ones_back(
+    shell, ns, runner_factory, config, project
+):
+    runner = runner_factory(name="jobs")
+    config.add("jobs", ConnectionURL.parse(runner.url))
+    with capture_output() as cap:
+        result = shell.run_cell(
+            "%%remote --detach --files data.csv\n"
+            "rows = open('data.csv').read().splitlines()\n"
+            "n = open('rows.txt', 'w').write(str(len(rows)))\n"
+        )
+    assert result.success, result.error_in_exec
+    job_id = submitted_id(cap.stdout)
+    (project / "nb" / "data.csv").unlink()  # the notebook's copy is gone: the job has its own
+    wait_state(job_id, "done")
+    with capture_output() as cap:
+        shell.run_line_magic("jobs", f"pull {job_id}")
+    assert ns["rows"] == ["a,b", "1,2"]
+    assert (project / "nb" / "rows.txt").read_text() == "2", cap.stderr
