@@ -49,7 +49,7 @@ from didomagic.filebundle import (
     FileOptions,
     SentFile,
 )
-from didomagic.project import Project, clean_relative
+from didomagic.project import Project, clean_relative, find_root
 from didomagic.resources import Reply, Request, register_handler
 
 logger = logging.getLogger("didomagic.client")
@@ -202,6 +202,18 @@ register_handler(RESOURCE, serve)
 
 # --------------------------------------------------------------------------- before a cell
 
+_projects: dict[tuple[Path, str], Project] = {}
+
+
+def _here() -> Project:
+    """The project of the notebook's working directory now (kept: it reads .gitignore files)."""
+    cwd = Path.cwd()
+    key = (find_root(cwd), str(cwd))
+    project = _projects.get(key)
+    if project is None:
+        project = _projects[key] = Project(*key[:1], cwd)
+    return project
+
 
 def _expand(project: Project, patterns: Iterable[str]) -> list[str]:
     """Root-relative files matching ``--files`` patterns (relative to the notebook's folder)."""
@@ -233,7 +245,7 @@ def bundle_value(
     are over ``--files-limit``, and :class:`FileRefused` for a listed path
     that is not served (outside the root, excluded).
     """
-    project = project or Project.here()
+    project = project or _here()
     ledger = ledger_of(state, project)
     stale = ledger.stale(project)  # kept in the ledger: what the runner saw, until it asks again
     listed = _expand(project, options.send)
@@ -271,7 +283,11 @@ def bundle_value(
         return_limit=options.return_limit,
         lazy=lazy,
     )
-    return serialize.pack(FILES_VALUE, bundle)
+    buffers: list[pickle.PickleBuffer] = []  # plain pickle: a Bundle is importable on both sides
+    stream = pickle.dumps(
+        bundle, protocol=serialize.PICKLE_PROTOCOL, buffer_callback=buffers.append
+    )
+    return serialize.Packed(FILES_VALUE, (memoryview(stream), *(b.raw() for b in buffers)))
 
 
 # --------------------------------------------------------------------------- after a cell
@@ -290,7 +306,7 @@ def take_back(
     ours = [parts for name, parts in returned if name == FILES_VALUE]
     if not ours:
         return others
-    project = project or Project.here()
+    project = project or _here()
     ledger = ledger_of(state, project) if state is not None else Ledger()
     try:
         back = serialize.unpack(ours[0], safe)

@@ -47,10 +47,6 @@ _WATCHED = frozenset({"open", "os.listdir", "os.scandir", "glob.glob"})
 _MAGIC = frozenset("*?[")
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
-FULL_SCAN_LIMIT = 5000
-"""A mirror with fewer entries than this is scanned whole after each cell (catching files
-written by subprocesses and native code); a bigger one only where the cell opened to write."""
-
 
 class Mirror:
     """One kernel's mirror of the notebook's project root, under ``base``."""
@@ -71,6 +67,8 @@ class Mirror:
         self._lock = threading.RLock()
         self._hooked = False
         self._touched: set[str] = set()
+        self._folders: dict[str, tuple[int, list[str]]] = {}
+        """Each mirror folder's time and subfolders when last scanned."""
 
     # -- around a cell
 
@@ -141,29 +139,48 @@ class Mirror:
         return {"files": files, "mtimes": mtimes, "left": left}
 
     def _scan(self, whole: bool) -> list[tuple[str, int, int]]:
-        """The mirror's regular files: ``(path, size, mtime_ns)``; placeholders skipped.
+        """The mirror's regular files that may have changed: ``(path, size, mtime_ns)``.
 
-        All of them while the mirror is small (or ``whole``), else those the
-        cell opened to write.
+        Those the cell opened to write (the hook saw them), and every file of
+        a folder whose entries changed (a folder's time moves when a file is
+        created, removed or renamed in it, whoever does it). ``whole``: every
+        file. Placeholders are skipped.
         """
         assert self.root is not None
-        if len(self.known) >= FULL_SCAN_LIMIT and not whole:
-            return self._stat_each(self._touched)
-        found = []
-        for folder, dirs, names in os.walk(self.root):
-            dirs[:] = [d for d in dirs if d not in ALWAYS_EXCLUDED]
-            base = os.path.relpath(folder, self.root)
-            for name in names:
-                rel = name if base == "." else f"{base}/{name}".replace(os.sep, "/")
-                if rel in self.placeholders or name.endswith((".pyc", ".tmp-mirror")):
-                    continue
-                try:
-                    info = os.lstat(os.path.join(folder, name))
-                except OSError:
-                    continue
-                if not os.path.islink(os.path.join(folder, name)):
-                    found.append((rel, info.st_size, info.st_mtime_ns))
-        return found
+        found = {rel: entry for rel, *entry in self._stat_each(self._touched)}
+        stack = ["."]
+        while stack:
+            rel_dir = stack.pop()
+            folder = os.path.join(self.root, rel_dir) if rel_dir != "." else self.root
+            try:
+                mtime_ns = os.stat(folder).st_mtime_ns
+            except OSError:
+                self._folders.pop(rel_dir, None)
+                continue
+            known = self._folders.get(rel_dir)
+            if known is not None and known[0] == mtime_ns and not whole:
+                stack.extend(known[1])
+                continue
+            subdirs = []
+            with contextlib.suppress(OSError), os.scandir(folder) as entries:
+                for entry in entries:
+                    rel = entry.name if rel_dir == "." else f"{rel_dir}/{entry.name}"
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name not in ALWAYS_EXCLUDED:
+                            subdirs.append(rel)
+                        continue
+                    if (
+                        rel in self.placeholders
+                        or entry.name.endswith((".pyc", ".tmp-mirror"))
+                        or not entry.is_file(follow_symlinks=False)
+                    ):
+                        continue
+                    with contextlib.suppress(OSError):
+                        info = entry.stat(follow_symlinks=False)
+                        found[rel] = [info.st_size, info.st_mtime_ns]
+            self._folders[rel_dir] = (mtime_ns, subdirs)
+            stack.extend(subdirs)
+        return [(rel, size, mtime_ns) for rel, (size, mtime_ns) in found.items()]
 
     def _stat_each(self, paths: set[str]) -> list[tuple[str, int, int]]:
         found = []
