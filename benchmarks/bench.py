@@ -335,6 +335,9 @@ def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[
     for i in range(1000):
         del ns[f"v{i}"]
     out.append(concurrent_sessions(url, 8, max(5, reps // 2)))
+    from benchmarks.files_bench import file_read_measures
+
+    out += file_read_measures(shell, url, min(sizes[0], 100_000_000))
     default_pool().close()
     return out
 
