@@ -18,10 +18,10 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from didomagic import display, files, serialize
+from didomagic import display, files, localcode, serialize
 from didomagic.api import (
     CellSpec,
     SessionPool,
@@ -301,6 +301,10 @@ def submit_request(
     """Send a submission, retrying once with the same request id if the connection drops."""
     name, url = holder
     parts = [p.parts for p in packed]
+    bundle = localcode.bundle_for(localcode.CodeState(), localcode.imports_of(request.code))
+    if bundle is not None:  # the job may run when this notebook is gone: its modules go now
+        request = replace(request, values=(bundle.header, *request.values))
+        parts = [bundle.parts, *parts]
     try:
         record = background_loop().run(submit_async(url, request, parts))
     except (RunnerUnreachable, ConnectError) as first:

@@ -73,6 +73,10 @@ SMALL_PART = 64 << 10
 MAX_TEXT_SIZE = 16 << 20
 """Largest control message accepted (16 MiB: a cell's source fits with room)."""
 
+CODE_VALUE = "__didomagic_code__"
+"""The reserved value name of a cell's code bundle (see ``didomagic.localcode``): its parts
+are a JSON manifest and module sources, read by the runner kernel, never bound to a name."""
+
 MAX_OPEN_ASKS = 256
 """Asks a runner may have waiting for their answers at once, per session."""
 

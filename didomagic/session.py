@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from didomagic import serialize
+from didomagic import localcode, serialize
 from didomagic.client import ANY_RUNNER, Requirements, RunnerConnection, open_connection
 from didomagic.errors import CellTooLarge, ConnectionLost
 from didomagic.loop import BackgroundLoop, background_loop
@@ -127,6 +127,11 @@ class RemoteSession:
             if versions is not None:
                 values, parts, names = self.versions.hold(request.values, parts, versions)
                 request = replace(request, values=values, held=names)
+            code = localcode.state_of(self.responder.state)
+            bundle = None if localcode.shipped(request.values) else localcode.bundle_for(code)
+            if bundle is not None:  # the notebook's modules go first, before any value
+                request = replace(request, values=(bundle.header, *request.values))
+                parts = [bundle.parts, *parts]
             held = self._held
             _check_size(request, held, self.description)
             request = replace(
@@ -148,6 +153,8 @@ class RemoteSession:
                     held[v.name] = v.digest
             if outcome[0].status is Status.KERNEL_DIED:  # a fresh kernel holds no values
                 self.versions.clear()
+            if bundle is not None:
+                bundle.commit(code)
             return outcome
 
     def execute(

@@ -27,9 +27,9 @@ from typing import Any
 
 from didomagic import serialize
 from didomagic.filebundle import FILES_VALUE, Bundle
-from didomagic.protocol import cloudpickle_version, python_version
+from didomagic.protocol import CODE_VALUE, cloudpickle_version, python_version
 from didomagic.versions import InPlaceTracker
-from runner import asking
+from runner import asking, codeimport
 from runner.mirror import Mirror
 
 CELL_FILE = "cell.json"
@@ -73,18 +73,24 @@ class Agent:
         request = json.loads(cell.read_text())
         cell.unlink()
         ns = self.shell.user_ns
-        pairs, failures = [], {}
+        pairs, failures, code_failures = [], {}, {}
+        files_parts: list[memoryview] | None = None
         mapped: dict[str, memoryview] = {}
         temporary: set[str] = set()
+        codeimport.new_cell()
         for value in request["values"]:
             path = value["path"]  # a string: a thousand Path objects would cost milliseconds
             try:
                 view = mapped.get(path)
                 if view is None:
                     view = mapped[path] = serialize.map_file(Path(path))
-                pairs.append(
-                    (value["name"], serialize.slice_parts(view, value["offset"], value["sizes"]))
-                )
+                parts = serialize.slice_parts(view, value["offset"], value["sizes"])
+                if value["name"] == CODE_VALUE:  # the notebook's modules, before any value
+                    code_failures = codeimport.apply_bundle(parts, ns)
+                elif value["name"] == FILES_VALUE:  # the notebook's files: set up below
+                    files_parts = parts
+                else:
+                    pairs.append((value["name"], parts))
             except Exception as exc:
                 failures[value["name"]] = f"could not be read: {serialize.describe(exc)}"
             if not value["keep"]:  # cached values stay for later cells of the session
@@ -92,11 +98,15 @@ class Agent:
         for path in temporary:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        failures.update(serialize.unpack_into(ns, pairs))
-        self._bundle = ns.pop(FILES_VALUE, None)
-        if isinstance(self._bundle, Bundle):
-            for problem in self.mirror.before_cell(self._bundle):
+        if files_parts is not None:
+            try:
+                self._bundle = serialize.unpack(files_parts)
+                problems = self.mirror.before_cell(self._bundle)
+            except Exception as exc:
+                self._bundle, problems = None, [f"the notebook's files: {serialize.describe(exc)}"]
+            for problem in problems:
                 print(f"didomagic: {problem}", file=sys.stderr)
+        failures.update(serialize.unpack_into(ns, pairs))
         for name, _ in pairs:
             if name not in failures:
                 self._versions.loaded(ns, name)
@@ -109,6 +119,7 @@ class Agent:
                     "was not on the runner any more (its kernel was replaced?); "
                     "run the cell again to send it"
                 )
+        self._failures.update(code_failures)
         self._before = serialize.snapshot(ns, request["fetch"])
         self._request = request
 
@@ -166,6 +177,7 @@ def install(exchange: str) -> None:
 
     shell = get_ipython()
     asking.configure(exchange)
+    codeimport.install()
     agent = Agent(shell, Path(exchange))
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
