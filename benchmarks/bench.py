@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.localcode import local_code_bars, local_code_measures
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -335,6 +337,7 @@ def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[
     for i in range(1000):
         del ns[f"v{i}"]
     out.append(concurrent_sessions(url, 8, max(5, reps // 2)))
+    out += local_code_measures(shell, url, reps, Measure, _wait_for_a_warm_kernel)
     from benchmarks.files_bench import file_read_measures
 
     out += file_read_measures(shell, url, min(sizes[0], 100_000_000))
@@ -463,7 +466,7 @@ def ratios(measures: list[Measure]) -> list[tuple[str, float, str]]:
                     "< 50",
                 )
             )
-    return found
+    return found + local_code_bars({m.name: m.median for m in measures})
 
 
 def show(measures: list[Measure], bars: list[tuple[str, float, str]]) -> str:

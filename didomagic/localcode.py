@@ -50,6 +50,9 @@ logger = logging.getLogger("didomagic.client")
 RESOURCE = "module"
 """The request channel's resource name for module sources."""
 
+SAFE_RESULTS = "safe_results"
+"""The key of a session's handler state that is True for an untrusted runner."""
+
 TOOL_PACKAGES = frozenset({"didomagic", "runner"})
 """Top-level packages never shipped: every runner has them."""
 
@@ -131,6 +134,8 @@ class CodeIndex:
         self._classified: dict[str, tuple[int, str | None]] = {}
         self._digests: dict[str, tuple[int, int, str, bytes | None]] = {}
         self._listings: dict[str, tuple[int, tuple[str, ...]]] = {}
+        self._described: dict[tuple[str, str], tuple[int, int, ModuleSource]] = {}
+        self._path_dirs: tuple[str, ...] = ()
         self.root = project_root()
 
     # -- where first-party code lives
@@ -161,12 +166,15 @@ class CodeIndex:
                 return self._dirs
             self.root = project_root(Path(cwd))
             found: list[str] = [str(self.root)]
+            on_path = []
             for entry in sys.path:
                 real = os.path.realpath(entry or cwd)
                 if os.path.isdir(real) and not self._in_environment(real):
                     found.append(real)
+                    on_path.append(real)
             found.extend(self.editable_dirs())
             self._dirs = tuple(dict.fromkeys(found))
+            self._path_dirs = tuple(dict.fromkeys(on_path))
             self._dirs_key = key
             self._classified.clear()
             return self._dirs
@@ -276,12 +284,10 @@ class CodeIndex:
 
     def roots(self) -> tuple[str, ...]:
         """Top-level module names importable from the first-party directories on sys.path."""
-        cwd = os.getcwd()
+        self.served_dirs()
         names: set[str] = set()
-        for entry in sys.path:
-            real = os.path.realpath(entry or cwd)
-            if real in self.served_dirs() or self.first_party_dir(real):
-                names.update(self.listing(real))
+        for directory in self._path_dirs:
+            names.update(self.listing(directory))
         self.editable_dirs()
         return tuple(sorted((names | self._editable_names) - TOOL_PACKAGES))
 
@@ -292,7 +298,18 @@ class CodeIndex:
         return any(real == d or real.startswith(d + os.sep) for d in self.served_dirs())
 
     def describe(self, name: str, path: str) -> ModuleSource:
-        """The manifest entry of first-party module ``name`` whose file is ``path``."""
+        """The manifest entry of first-party module ``name`` whose file is ``path`` (cached)."""
+        st = os.stat(path)
+        cached = self._described.get((name, path))
+        if cached is not None and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+            entry = cached[2]
+            if not entry.package or self.listing(os.path.dirname(path)) == entry.children:
+                return entry
+        entry = self._describe(name, path)
+        self._described[(name, path)] = (st.st_size, st.st_mtime_ns, entry)
+        return entry
+
+    def _describe(self, name: str, path: str) -> ModuleSource:
         digest, _ = self.read(path)
         package = os.path.basename(path) == "__init__.py"
         children = self.listing(os.path.dirname(path)) if package else ()
@@ -361,10 +378,15 @@ class CodeIndex:
         with self._lock:
             self.served_dirs()
             found = {}
+            cache = self._classified
             for name, module in list((modules or sys.modules).items()):
-                if module is None:
+                cached = cache.get(name)
+                if cached is not None and cached[0] == id(module):
+                    path = cached[1]
+                elif module is None:
                     continue
-                path = self.classify(name, module)
+                else:
+                    path = self.classify(name, module)
                 if path is not None:
                     found[name] = path
             return found
@@ -422,6 +444,11 @@ def state_of(session_state: dict[str, Any]) -> CodeState:
     return state
 
 
+def forget(session_state: dict[str, Any]) -> None:
+    """The session's kernel was replaced: the next bundle sends every module again."""
+    session_state.pop(RESOURCE, None)
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A cell's code bundle: the value's header and parts, and what it hands over."""
@@ -440,18 +467,22 @@ class Bundle:
         state.sent += self.sources
 
 
-def bundle_for(state: CodeState, include: Iterable[str] = ()) -> Bundle | None:
+def bundle_for(
+    state: CodeState, include: Iterable[str] = (), *, names_only: bool = False
+) -> Bundle | None:
     """The code bundle for the next cell of a session, or None when nothing changed.
 
     ``include`` adds modules by name even if not imported here (a detached
     job's own imports); a package comes with everything under it.
+    ``names_only`` (an untrusted runner) sends only the top-level names, so
+    that importing one fails there with the reason, and no module.
     """
     code = index()
     with code._lock:
-        modules = code.imported()
+        modules = {} if names_only else code.imported()
         for name, path in state.served.items():
             modules.setdefault(name, path)
-        for top in dict.fromkeys(name.partition(".")[0] for name in include):
+        for top in () if names_only else dict.fromkeys(name.partition(".")[0] for name in include):
             path = code.locate(top)  # the whole package: its parents and siblings too
             if path is not None and top not in modules:
                 for entry in code.package_modules(top, path):
@@ -516,6 +547,11 @@ def serve_module(request: Request) -> Reply:
     name = request.name
     if not _valid_module_name(name):
         return Reply.refused(f"{name[:80]!r} is not a module name")
+    if request.state.get(SAFE_RESULTS):
+        return Reply.refused(
+            "this runner's URL says safe_results (an untrusted runner), and the notebook "
+            "sends its modules only to runners it trusts"
+        )
     code = index()
     with code._lock:
         path = code.locate(name)

@@ -73,7 +73,7 @@ class RemoteSession:
         """Digest of each large value the remote session holds, by name (see CACHE_MIN)."""
         self.versions = HeldVersions()
         """Which version of each value the remote kernel's namespace holds."""
-        self.responder = Responder()
+        self.responder = _responder(url)
         """Answers the remote kernel's asks with the registered handlers (see resources)."""
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
         self.runner_name = url.address
@@ -104,7 +104,7 @@ class RemoteSession:
             )
             self._held.clear()  # a new remote session holds no values yet
             self.versions.clear()
-            self.responder = Responder()
+            self.responder = _responder(self.url)
             self.description = dict(self._connection.welcome.runner)
             self.runner_name = self._connection.runner_name
         events.put(("runner", self.description))
@@ -128,7 +128,11 @@ class RemoteSession:
                 values, parts, names = self.versions.hold(request.values, parts, versions)
                 request = replace(request, values=values, held=names)
             code = localcode.state_of(self.responder.state)
-            bundle = None if localcode.shipped(request.values) else localcode.bundle_for(code)
+            bundle = None
+            if not localcode.shipped(request.values):  # stats and reads: off the I/O loop
+                bundle = await asyncio.to_thread(
+                    localcode.bundle_for, code, names_only=self.url.safe_results
+                )
             if bundle is not None:  # the notebook's modules go first, before any value
                 request = replace(request, values=(bundle.header, *request.values))
                 parts = [bundle.parts, *parts]
@@ -155,6 +159,8 @@ class RemoteSession:
                 self.versions.clear()
             if bundle is not None:
                 bundle.commit(code)
+            if outcome[0].status is Status.KERNEL_DIED:  # a fresh kernel holds no modules
+                localcode.forget(self.responder.state)
             return outcome
 
     def execute(
@@ -230,6 +236,13 @@ class RemoteSession:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.closed:
             await connection.close()
+
+
+def _responder(url: ConnectionURL) -> Responder:
+    """A new session's responder; its handlers see whether the runner is untrusted."""
+    responder = Responder()
+    responder.state[localcode.SAFE_RESULTS] = url.safe_results
+    return responder
 
 
 def _check_size(request: Execute, held: dict[str, str], runner: dict[str, Any]) -> None:

@@ -56,6 +56,8 @@ class CodeStore:
         self.entries: dict[str, dict[str, Any]] = {}
         self.sources: dict[str, bytes] = {}
         self.roots: frozenset[str] = frozenset()
+        self.parents: set[str] = set()
+        """Every dotted prefix of a module sent (a namespace package may have no entry)."""
         self.loaded: dict[str, str] = {}
         """Digest of the source each module was last executed from."""
         self.misses: set[str] = set()
@@ -73,6 +75,8 @@ class CodeStore:
         for entry in entries:
             if isinstance(entry, dict) and isinstance(entry.get("name"), str):
                 self.entries[entry["name"]] = entry
+                parts = entry["name"].split(".")
+                self.parents.update(".".join(parts[:i]) for i in range(1, len(parts)))
         for digest, data in sources:
             self.sources[digest] = bytes(data)
 
@@ -96,6 +100,12 @@ class CodeStore:
         except asking.ChannelError as exc:
             logger.debug("could not ask for module %s: %s", name, exc)
             return False
+        if reply.status == asking.REFUSED:  # say why, rather than a bare "No module named"
+            raise ModuleNotFoundError(
+                f"No module named {name!r} here, and the notebook side did not send it: "
+                f"{reply.message}",
+                name=name,
+            )
         if not reply.found:
             self.misses.add(name)
             return False
@@ -103,6 +113,10 @@ class CodeStore:
         pairs = zip(entries, reply.parts, strict=False)
         self.take(entries, [(entry.get("digest"), part) for entry, part in pairs])
         return name in self.entries
+
+    def namespace_parent(self, name: str) -> bool:
+        """True when ``name`` has no file but modules under it were sent (a namespace package)."""
+        return name in self.parents and name not in self.entries
 
     def source_of(self, name: str) -> tuple[dict[str, Any], bytes] | None:
         """The entry and source of ``name``, asking the notebook when it is not here yet."""
@@ -164,6 +178,10 @@ class NotebookFinder(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         found = self.store.source_of(fullname)
         if found is None:
+            if self.store.namespace_parent(fullname):  # as the import system makes them
+                spec = importlib.machinery.ModuleSpec(fullname, None, is_package=True)
+                spec.submodule_search_locations = []
+                return spec
             return None
         entry = found[0]
         package = bool(entry.get("package"))

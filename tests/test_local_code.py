@@ -410,3 +410,41 @@ def test_a_real_notebook_and_a_detached_job_that_runs_after_its_kernel_died(
         assert ns["out"] == (14, 8, "NotebookLoader"), cap.stdout + cap.stderr
     finally:
         private_config.unlink(missing_ok=True)
+
+
+def test_an_untrusted_runner_gets_no_modules(shell, ns, notebook, runner_factory):
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    runner = runner_factory()
+    with capture_output():
+        shell.run_line_magic("runners", f"add {runner.url} --name careful --safe-results")
+    try:
+        local(shell, "import other")  # imported here: still not sent
+        result, cap = remote(shell, "careful", "import helpers")
+        assert not result.success
+        text = cap.stdout + cap.stderr + str(result.error_in_exec)
+        assert "ModuleNotFoundError" in text and "safe_results" in text, text
+        result, cap = remote(shell, "careful", "import other")
+        assert not result.success
+        from didomagic.api import default_pool
+
+        session = default_pool().session("careful")
+        assert localcode.state_of(session.responder.state).sent == 0
+    finally:
+        with capture_output():
+            shell.run_line_magic("runners", "remove careful")
+
+
+def test_a_namespace_package_and_a_kernel_that_died(shell, ns, notebook, runner_factory):
+    write(notebook / "nspkg" / "mod.py", "VALUE = 'namespace'\n")  # no __init__.py
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    runner = runner_factory()
+    local(shell, "import nspkg.mod, helpers")
+    ok(*remote(shell, runner.url, "import nspkg.mod\nv = (nspkg.mod.VALUE, helpers.double(2))"))
+    assert ns["v"] == ("namespace", 4)
+    result, cap = remote(shell, runner.url, "import os\nos._exit(1)")
+    assert not result.success and "died" in cap.stdout + cap.stderr + str(result.error_in_exec)
+    # The fresh kernel gets every module again, though none of them changed.
+    ok(*remote(shell, runner.url, "import nspkg.mod\nv = (nspkg.mod.VALUE, helpers.double(3))"))
+    assert ns["v"] == ("namespace", 6)
