@@ -309,8 +309,7 @@ def take_back(
     project = project or _here()
     ledger = ledger_of(state, project) if state is not None else Ledger()
     try:
-        back = serialize.unpack(ours[0], safe)
-        files, mtimes, left = back["files"], back["mtimes"], back["left"]
+        files, mtimes, left = _returned_files(serialize.unpack(ours[0], safe))
     except Exception as exc:
         _note(f"the files the runner sent back could not be read: {exc}")
         return others
@@ -359,6 +358,20 @@ def take_back(
     if refused:
         _note(f"not written back (excluded paths): {', '.join(refused)}")
     return others
+
+
+def _returned_files(back: Any) -> tuple[dict[str, bytes], dict[str, int], dict[str, int]]:
+    """The runner's files dict, checked: paths are strings, contents bytes, sizes integers."""
+    if not isinstance(back, dict):
+        raise TypeError(f"expected a dict, got {type(back).__name__}")
+    files, mtimes, left = back.get("files", {}), back.get("mtimes", {}), back.get("left", {})
+    if not (
+        all(isinstance(k, str) and isinstance(v, bytes) for k, v in files.items())
+        and all(isinstance(k, str) and type(v) is int for k, v in mtimes.items())
+        and all(isinstance(k, str) and type(v) is int for k, v in left.items())
+    ):
+        raise TypeError("expected {path: bytes} files, {path: int} times and sizes")
+    return files, mtimes, left
 
 
 def _note(text: str) -> None:

@@ -291,3 +291,33 @@ def test_a_detached_job_carries_its_files_and_brings_written_ones_back(
         shell.run_line_magic("jobs", f"pull {job_id}")
     assert ns["rows"] == ["a,b", "1,2"]
     assert (project / "nb" / "rows.txt").read_text() == "2", cap.stderr
+
+
+def test_files_sent_back_are_written_only_inside_the_project(project, capsys):
+    from didomagic import serialize
+    from didomagic.filebundle import FILES_VALUE
+
+    back = {
+        "files": {
+            "nb/ok.txt": b"fine",
+            "../evil.txt": b"x",
+            "/tmp/evil.txt": b"x",
+            ".git/config": b"x",
+            "nb/escape": b"x",  # a symlink leaving the project: never written through
+            "src/pkg/__pycache__/core.pyc": b"x",
+        },
+        "mtimes": {},
+        "left": {},
+    }
+    returned = [(FILES_VALUE, serialize.pack(FILES_VALUE, back).parts), ("y", ())]
+    others = files.take_back(returned, {}, files.FileOptions())
+    assert others == [("y", ())]
+    assert (project / "nb" / "ok.txt").read_bytes() == b"fine"
+    assert not (project.parent / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
+    assert (project.parent / "outside.txt").read_text() == "outside the project"
+    assert not (project / ".git" / "config").exists()
+    assert not (project / "src" / "pkg" / "__pycache__").exists()
+    assert "not written back (excluded paths)" in capsys.readouterr().err
+    bad = [(FILES_VALUE, serialize.pack(FILES_VALUE, {"files": {"a": "not bytes"}}).parts)]
+    assert files.take_back(bad, {}, files.FileOptions()) == []
+    assert "could not be read" in capsys.readouterr().err
