@@ -321,3 +321,25 @@ def test_files_sent_back_are_written_only_inside_the_project(project, capsys):
     bad = [(FILES_VALUE, serialize.pack(FILES_VALUE, {"files": {"a": "not bytes"}}).parts)]
     assert files.take_back(bad, {}, files.FileOptions()) == []
     assert "could not be read" in capsys.readouterr().err
+
+
+def test_files_travel_the_same_through_a_mediator(shell, ns, runner_factory, project, tmp_path):
+    from .conftest import start_mediator
+    from .test_mediator import join, wait_for_up
+
+    mediator = start_mediator(tmp_path / "mediator")
+    try:
+        join(runner_factory, mediator, "relayed")
+        wait_for_up(mediator.url, "relayed")
+        cap = run(
+            shell,
+            mediator.url,
+            "import os\n"
+            "rows = open('../data/train.csv').read().splitlines()\n"
+            "listed = sorted(os.listdir('.'))\n"
+            "n = open('relayed.txt', 'w').write('via the mediator')\n",
+        )
+    finally:
+        assert mediator.stop() == 0, mediator.log
+    assert ns["rows"] == ["x", "3"] and ns["listed"] == ["data.csv"]
+    assert (project / "nb" / "relayed.txt").read_text() == "via the mediator", cap.stderr
