@@ -59,8 +59,8 @@ class Bundle:
     """The notebook's files as a cell sees them: where it works, and what it gets up front."""
 
     root: str
-    """Where the mirror goes in the kernel's folder: ``<tag of the root's path>/<its name>``,
-    so two projects of the same name never share a mirror."""
+    """Which project this is (a tag of the root's path and its name): the kernel's working
+    directory mirrors one project at a time, and starts over when the notebook moves."""
     cwd: str
     """The notebook's working directory, relative to the root."""
     tree: list[tuple[str, str, bool, int, int]] | None = None

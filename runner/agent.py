@@ -143,9 +143,18 @@ class Agent:
                 packed.append(serialize.pack(FILES_VALUE, files))
         deleted = [name for name in request["deletes"] if name not in ns]
         self._versions.forget(deleted)
-        offsets = serialize.write_values(
-            self.exchange / OUTPUT_FILE, [item.parts for item in packed]
-        )
+        try:
+            offsets = serialize.write_values(
+                self.exchange / OUTPUT_FILE, [item.parts for item in packed]
+            )
+        except OSError as exc:  # over --max-file-size, say: the values go back without the files
+            if not any(item.name == FILES_VALUE for item in packed):
+                raise
+            packed = [item for item in packed if item.name != FILES_VALUE]
+            failures[FILES_VALUE] = f"the files the cell wrote could not go back: {exc}"
+            offsets = serialize.write_values(
+                self.exchange / OUTPUT_FILE, [item.parts for item in packed]
+            )
         values = [
             {"name": item.name, "sizes": [p.nbytes for p in item.parts], "offset": offset}
             for item, offset in zip(packed, offsets, strict=True)

@@ -1,7 +1,7 @@
 """The kernel's mirror of the notebook's project folder, filled lazily.
 
-A cell runs with its working directory inside a mirror of the notebook's
-project root, at the notebook's place in it, so ``open('data.csv')``,
+The kernel's scratch directory is a mirror of the notebook's project root,
+and a cell runs at the notebook's place in it, so ``open('data.csv')``,
 ``Path.cwd().parent / 'src'`` and ``..`` mean what they mean in the notebook.
 
 The mirror starts as a skeleton: the folders and *placeholders* of the files
@@ -53,6 +53,7 @@ class Mirror:
 
     def __init__(self, base: Path, ask: Ask | None) -> None:
         self.base = base
+        """The kernel's working directory: the project root's place in the mirror."""
         self.ask = ask
         self.root: str | None = None
         """The mirror root's absolute path, once a cell named the project."""
@@ -68,6 +69,7 @@ class Mirror:
         self._hooked = False
         self._touched: set[str] = set()
         self._folders: dict[str, tuple[int, list[str]]] = {}
+        self._project: str | None = None
         """Each mirror folder's time and subfolders when last scanned."""
 
     # -- around a cell
@@ -76,29 +78,38 @@ class Mirror:
         """Set the mirror up for a cell and move into it; return problems, one line each."""
         problems: list[str] = []
         with self._quiet():
-            root = self.base / bundle.root
-            if self.root != str(root):
-                root.mkdir(parents=True, exist_ok=True)
+            root = self.base
+            if self._project != bundle.root:  # another project (the notebook moved): start over
+                self._reset()
+                self._project = bundle.root
                 self.root = str(root)
             self._lazy = bundle.lazy and self.ask is not None
             self._listed.clear()
             self._absent.clear()
             self._touched.clear()
-            for path in bundle.stale:
-                self._mark_stale(path)
-            if bundle.tree is not None:
-                for folder, name, is_dir, size, mtime_ns in bundle.tree:
-                    self._place(_join(folder, name), is_dir, size, mtime_ns)
-            for path, sent in bundle.files.items():
-                if sent.data is not None:
-                    self._write(path, [memoryview(sent.data)], sent.mtime_ns, sent.digest)
-                elif self.digests.get(path) != sent.digest:
-                    problem = self._fetch(path)
-                    if problem:
-                        problems.append(f"--files {path}: {problem}")
             cwd = root / bundle.cwd
             cwd.mkdir(parents=True, exist_ok=True)
             os.chdir(cwd)
+            for path in bundle.stale:
+                self._mark_stale(path)
+            skipped = 0
+            for folder, name, is_dir, size, mtime_ns in bundle.tree or ():
+                try:
+                    self._place(_join(folder, name), is_dir, size, mtime_ns)
+                except OSError:  # over a file-size limit, out of inodes: asked for when opened
+                    skipped += 1
+            if skipped:
+                logger.info("mirror: %d entries of the project tree not placed", skipped)
+            for path, sent in bundle.files.items():
+                try:
+                    if sent.data is not None:
+                        self._write(path, [memoryview(sent.data)], sent.mtime_ns, sent.digest)
+                    elif self.digests.get(path) != sent.digest:
+                        problem = self._fetch(path)
+                        if problem:
+                            problems.append(f"--files {path}: {problem}")
+                except OSError as exc:
+                    problems.append(f"--files {path} could not be written here: {exc}")
         if not self._hooked:
             import sys
 
@@ -299,7 +310,8 @@ class Mirror:
             folder = os.path.join(self.root or "", rel)
             os.makedirs(folder, exist_ok=True)
             for name, is_dir, size, mtime_ns in entries:
-                self._place(_join(rel, name), is_dir, size, mtime_ns)
+                with contextlib.suppress(OSError):  # not placed: asked for when opened
+                    self._place(_join(rel, name), is_dir, size, mtime_ns)
 
     def _ensure_folder(self, rel: str) -> None:
         """Make sure folder ``rel`` is in the mirror if the notebook has it (listing parents)."""
@@ -386,6 +398,16 @@ class Mirror:
         self.digests[rel] = digest
         info = os.stat(path)
         self.known[rel] = (info.st_size, info.st_mtime_ns)
+
+    def _reset(self) -> None:
+        """Remove what the mirror placed or fetched for the previous project; forget it all."""
+        for rel in {*self.placeholders, *self.digests}:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.root or "", rel))
+        self.placeholders.clear()
+        self.known.clear()
+        self.digests.clear()
+        self._folders.clear()
 
     def _mark_stale(self, rel: str) -> None:
         """The notebook's file changed: ask again when next opened, saying which digest is here."""

@@ -74,7 +74,7 @@ def test_a_relative_file_is_fetched_lazily_when_first_read(shell, ns, module_run
     assert ns["text"] == "a,b\n1,2\n"
     assert np.array_equal(ns["arr"], np.arange(6.0))
     assert ns["size"] == 1 << 16 and ns["blocks"] == 0  # listed with its size, never fetched
-    assert ns["where"].endswith("/proj/nb") and ns["where"] != str(project / "nb")
+    assert ns["where"].endswith("/scratch/nb") and ns["where"] != str(project / "nb")
 
 
 def test_listings_come_from_the_notebook_side(shell, ns, module_runner, project):

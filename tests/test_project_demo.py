@@ -34,7 +34,7 @@ def test_the_project_demo_runs_under_remote_end_to_end(runner_factory, monkeypat
     text = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
     assert "summary: {'mean': " in text and "'min': " in text
     assert "data folder: ['measurements.csv']" in text
-    assert "working in project_demo/notebooks" in text
+    assert "working in notebooks with the data in data" in text
     assert "seen here: [30]" in text
     assert "files from the runner: plot.png" in text and "30 days" in text
     last = nb.cells[-1]
