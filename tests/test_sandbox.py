@@ -7,9 +7,8 @@ same runner is untouched. Mechanisms this host lacks skip with the reason.
 
 from __future__ import annotations
 
-import os
-
 import itertools
+import os
 import re
 import subprocess
 import sys
