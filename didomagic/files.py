@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import json
 import logging
 import mmap
 import os
@@ -38,7 +39,7 @@ from typing import Any
 
 import xxhash
 
-from didomagic import serialize
+from didomagic import localcode, serialize
 from didomagic.errors import ConfigurationError, FileRefused, FilesTooLarge
 from didomagic.filebundle import (
     DEFAULT_FILES_LIMIT,
@@ -165,17 +166,17 @@ def serve(request: Request) -> Reply:
         policy = _policy
     if policy is None:
         return Reply.refused("the notebook serves no files outside a %%remote cell")
+    # whether the runner is trusted is the session's own fact; the rest is the cell's
+    safe = policy.safe or bool(request.state.get(localcode.SAFE_RESULTS))
     try:
         rel = clean_relative(request.name)
-        if policy.safe and rel not in policy.listed:
+        if safe and rel not in policy.listed:
             raise FileRefused(
                 f"{rel!r} was not listed with --files, and this runner is added with "
                 "--safe-results: only listed files are served to it"
             )
         path = policy.project.resolve(rel)
         if request.args.get("op") == "list":
-            import json
-
             entries = [[e.name, e.is_dir, e.size, e.mtime_ns] for e in policy.project.listing(rel)]
             return Reply.found(json.dumps(entries).encode())
         if not path.is_file():

@@ -153,9 +153,6 @@ class HeldVersions:
         for name in deleted:
             self._versions.pop(name, None)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._versions
-
 
 @dataclass
 class _Seen:

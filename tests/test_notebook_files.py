@@ -343,3 +343,16 @@ def test_files_travel_the_same_through_a_mediator(shell, ns, runner_factory, pro
         assert mediator.stop() == 0, mediator.log
     assert ns["rows"] == ["x", "3"] and ns["listed"] == ["data.csv"]
     assert (project / "nb" / "relayed.txt").read_text() == "via the mediator", cap.stderr
+
+
+def test_an_untrusted_session_is_served_only_listed_files_whatever_the_cell_says(project):
+    from didomagic.localcode import SAFE_RESULTS
+
+    files.bundle_value({}, files.FileOptions(send=("data.csv",)))  # a trusting cell's policy
+    untrusted = {SAFE_RESULTS: True}
+    listed = files.serve(Request("file", "nb/data.csv", {"op": "read"}, untrusted))
+    other = files.serve(Request("file", "data/train.csv", {"op": "read"}, untrusted))
+    assert listed.status.value == "found" and bytes(listed.parts[0]) == b"a,b\n1,2\n"
+    assert other.status.value == "refused" and "--safe-results" in other.message
+    trusted = files.serve(Request("file", "data/train.csv", {"op": "read"}, {}))
+    assert trusted.status.value == "found"
