@@ -24,28 +24,26 @@ from pathlib import Path
 
 import pathspec
 
+from didomagic import localcode
 from didomagic.errors import FileRefused
 
 ROOT_ENV = "DIDOMAGIC_PROJECT_ROOT"
 """Environment variable naming the project root explicitly."""
-
-MARKERS = (".git", "pyproject.toml")
-"""A folder holding one of these is a project root."""
 
 ALWAYS_EXCLUDED = frozenset({".git", "__pycache__", ".ipynb_checkpoints", ".venv", "venv"})
 """Folder names never served and never written back into."""
 
 
 def find_root(cwd: Path | None = None) -> Path:
-    """The project root for a notebook working in ``cwd`` (see the module docstring)."""
+    """The project root for a notebook working in ``cwd`` (see the module docstring).
+
+    The same root the notebook's code is shipped from (:func:`localcode.project_root`),
+    unless ``DIDOMAGIC_PROJECT_ROOT`` names one.
+    """
     explicit = os.environ.get(ROOT_ENV)
     if explicit:
         return Path(explicit).expanduser().resolve()
-    start = (cwd or Path.cwd()).resolve()
-    for folder in [start, *start.parents]:
-        if any((folder / marker).exists() for marker in MARKERS):
-            return folder
-    return start
+    return localcode.project_root(cwd)
 
 
 def clean_relative(name: str) -> str:
