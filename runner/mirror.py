@@ -30,6 +30,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,8 @@ Ask = Callable[..., Any]
 
 _WATCHED = frozenset({"open", "os.listdir", "os.scandir", "glob.glob"})
 _MAGIC = frozenset("*?[")
+_TEMP_NAME = re.compile(r"tmp[a-z0-9_]{8}(?![a-z0-9_])")
+"""How ``tempfile`` names what it creates."""
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -124,7 +127,10 @@ class Mirror:
         with self._quiet():
             changed: dict[str, int] = {}
             wanted: list[str] = []
+            temporary = self._temporary_files_here()
             for rel, size, mtime_ns in self._scan(whole=bool(get)):
+                if temporary and _TEMP_NAME.match(rel) and rel.split("/")[0] not in self.known:
+                    continue  # tempfile's, in the scratch directory: not the cell's output
                 if get and any(fnmatch.fnmatchcase(rel, pattern) for pattern in get):
                     wanted.append(rel)
                 elif self.known.get(rel) != (size, mtime_ns):
@@ -148,6 +154,12 @@ class Mirror:
         if not files and not left:
             return None
         return {"files": files, "mtimes": mtimes, "left": left}
+
+    def _temporary_files_here(self) -> bool:
+        """True when ``tempfile`` puts its files in the mirror's root (TMPDIR is the scratch)."""
+        import tempfile
+
+        return os.path.realpath(tempfile.gettempdir()) == os.path.realpath(self.root or "")
 
     def _scan(self, whole: bool) -> list[tuple[str, int, int]]:
         """The mirror's regular files that may have changed: ``(path, size, mtime_ns)``.
