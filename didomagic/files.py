@@ -212,7 +212,7 @@ def _here() -> Project:
     key = (find_root(cwd), str(cwd))
     project = _projects.get(key)
     if project is None:
-        project = _projects[key] = Project(*key[:1], cwd)
+        project = _projects[key] = Project(key[0], cwd)
     return project
 
 
