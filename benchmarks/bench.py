@@ -343,6 +343,9 @@ def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[
         del ns[f"v{i}"]
     out.append(concurrent_sessions(url, 8, max(5, reps // 2)))
     out += local_code_measures(shell, url, reps, Measure, _wait_for_a_warm_kernel)
+    from benchmarks.files_bench import file_read_measures
+
+    out += file_read_measures(shell, url, min(sizes[0], 100_000_000))
     default_pool().close()
     return out
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from didomagic import display, localcode, serialize
+from didomagic import display, files, localcode, serialize
 from didomagic.api import (
     CellSpec,
     SessionPool,
@@ -42,6 +42,7 @@ from didomagic.errors import (
     JobError,
     RunnerUnreachable,
 )
+from didomagic.filebundle import FileOptions
 from didomagic.loop import background_loop
 from didomagic.namespace import transform_cell
 from didomagic.protocol import (
@@ -333,6 +334,8 @@ def submit_cell(
     transfer = plan_transfer(spec, namespace, transform, hidden)
     packed, failures = serialize.pack_names(namespace, transfer.send)
     report_failures(failures, "sent")
+    # the job's files go with it: no notebook may be there to serve them when it runs
+    packed.append(files.bundle_value({}, spec.files, safe=holder[1].safe_results, lazy=False))
     request = Submit(
         request_id=secrets.token_urlsafe(16),
         code=spec.code,
@@ -367,7 +370,9 @@ def pull_into(
             shown = result
     failures = dict(data.failures)
     returned = [(v.name, parts) for v, parts in zip(data.values, buffers, strict=True)]
-    failures.update(apply_values(namespace, returned, data.deleted, handle.holder.safe_results))
+    safe = handle.holder.safe_results
+    returned = files.take_back(returned, None, FileOptions(), safe=safe)
+    failures.update(apply_values(namespace, returned, data.deleted, safe))
     report_failures(failures, "synced")
     result = Result(job_id, data.status, data.values, data.deleted, data.failures, data.error)
     raise_for_status(result, str(data.job.get("runner") or handle.holder_name))

@@ -197,7 +197,9 @@ class Execute(Message):
     """Client → runner: run ``code``; the declared values follow as binary frames.
 
     ``fetch`` names are sent back after the cell if they are bound then;
-    ``deletes`` are names the cell deletes, reported back if they are gone.
+    ``deletes`` are names the cell deletes, reported back if they are gone;
+    ``held`` are names the cell reads whose value the runner's session holds
+    at the version the client has (no bytes travel; the kernel keeps its own).
     ``packages`` are requirements (``name==1.0``, ``name>=2``) the cell's
     kernel must see, installed by the runner from its own index if needed
     (see ``runner.envs``); never URLs, paths or index options.
@@ -211,6 +213,7 @@ class Execute(Message):
     deletes: tuple[str, ...] = ()
     timeout: float | None = None
     packages: tuple[str, ...] = ()
+    held: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import builtins
 import concurrent.futures
 import queue
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from didomagic.protocol import Execute, Output, Result, Status
 from didomagic.resources import Responder
 from didomagic.transfer import Transfer
 from didomagic.urls import ConnectionURL
+from didomagic.versions import HeldVersions, InPlaceTracker
 
 IDLE_ENDED = "idle-timeout"
 """The close reason a runner gives when it ends an idle session."""
@@ -70,6 +71,8 @@ class RemoteSession:
         self._future: concurrent.futures.Future[Any] | None = None
         self._held: dict[str, str] = {}
         """Digest of each large value the remote session holds, by name (see CACHE_MIN)."""
+        self.versions = HeldVersions()
+        """Which version of each value the remote kernel's namespace holds."""
         self.responder = _responder(url)
         """Answers the remote kernel's asks with the registered handlers (see resources)."""
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
@@ -102,6 +105,7 @@ class RemoteSession:
                 on_queued=lambda k, note: events.put(("queued", k, note)),
             )
             self._held.clear()  # a new remote session holds no values yet
+            self.versions.clear()
             self.responder = _responder(self.url)
             self.description = dict(self._connection.welcome.runner)
             self.runner_name = self._connection.runner_name
@@ -113,10 +117,18 @@ class RemoteSession:
         request: Execute,
         parts: Sequence[Sequence[memoryview]],
         events: EventSink,
+        versions: Mapping[str, str] | None = None,
     ) -> tuple[Result, list[list[bytearray]]]:
-        """Open the session if needed and run one cell (on the I/O loop); report to ``events``."""
+        """Open the session if needed and run one cell (on the I/O loop); report to ``events``.
+
+        ``versions``: the version of each value (see :class:`HeldVersions`); a
+        value the remote kernel holds at that version is not sent.
+        """
         async with self._busy:
             connection = await self.connect_async(events)
+            if versions is not None:
+                values, parts, names = self.versions.hold(request.values, parts, versions)
+                request = replace(request, values=values, held=names)
             code = localcode.state_of(self.responder.state)
             bundle = None
             if not localcode.shipped(request.values):  # stats and reads: off the I/O loop
@@ -146,6 +158,8 @@ class RemoteSession:
             for v in request.values:  # the runner session now holds these bytes
                 if v.digest:
                     held[v.name] = v.digest
+            if outcome[0].status is Status.KERNEL_DIED:  # a fresh kernel holds no values
+                self.versions.clear()
             if bundle is not None:
                 bundle.commit(code)
             if outcome[0].status is Status.KERNEL_DIED:  # a fresh kernel holds no modules
@@ -158,6 +172,7 @@ class RemoteSession:
         parts: Sequence[Sequence[memoryview]],
         on_output: Callable[[Output], None],
         progress: Progress | None = None,
+        versions: Mapping[str, str] | None = None,
     ) -> tuple[Result, list[list[bytearray]]]:
         """Run one cell; outputs are handed to ``on_output`` on this thread as they arrive.
 
@@ -168,7 +183,7 @@ class RemoteSession:
         """
         progress = progress or NoProgress()
         events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
-        future = self.loop.submit(self.execute_async(request, parts, events))
+        future = self.loop.submit(self.execute_async(request, parts, events, versions))
         self._future = future
         future.add_done_callback(lambda _: events.put(None))
         progress.on_cancel = self.cancel
@@ -301,6 +316,7 @@ class LocalSession:
 
     def __init__(self) -> None:
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+        self._versions = InPlaceTracker()
 
     def execute(
         self, source: str, cell: str, sent: list[serialize.Packed], transfer: Transfer
@@ -311,6 +327,10 @@ class LocalSession:
         ns = self.namespace
         ns.setdefault("get_ipython", get_ipython)
         failures = serialize.unpack_into(ns, [(p.name, p.parts) for p in sent])
+        for p in sent:
+            if p.name not in failures:
+                self._versions.loaded(ns, p.name)
+        self._versions.start(ns, [p.name for p in sent])
         before = serialize.snapshot(ns, transfer.fetch)
         outcome = LocalOutcome()
         try:
@@ -329,7 +349,10 @@ class LocalSession:
             outcome.error = exc
         names = serialize.names_to_return(ns, before, outcome.error is None)
         outcome.values, pack_failures = serialize.pack_names(ns, names)
-        outcome.failures = {**failures, **pack_failures}
+        changed, change_failures = self._versions.changed(ns, skip=names)
+        outcome.values += changed
+        self._versions.returned(ns, outcome.values)
+        outcome.failures = {**failures, **pack_failures, **change_failures}
         outcome.deleted = [n for n in transfer.deletes if n not in ns]
         return outcome
 

@@ -723,6 +723,7 @@ class SessionHandler:
                 "values": values,
                 "fetch": list(request.fetch),
                 "deletes": list(request.deletes),
+                "held": list(request.held),
                 "origin": self.client_versions,
             },
         )
@@ -785,12 +786,13 @@ class SessionHandler:
             values, offsets = [], []
             await self._replace_kernel()
         logger.info(
-            "session %s: cell %s %s in %.1f ms (%d values in, %d out)",
+            "session %s: cell %s %s in %.1f ms (%d values in, %d held, %d out)",
             self.log_id,
             request.cell[:8],
             status.value,
             (time.perf_counter() - started) * 1e3,
             len(request.values),
+            len(request.held),
             len(values),
         )
         result = Result(

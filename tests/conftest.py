@@ -257,6 +257,15 @@ def shell():  # type: ignore[no-untyped-def]
     default_pool().close()
 
 
+@pytest.fixture(autouse=True)
+def notebook_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Each test's notebook works in an empty folder of its own (a remote cell's working
+    directory mirrors it, and the files the cell writes come back there, not into the checkout)."""
+    folder = tmp_path_factory.mktemp("notebook")
+    monkeypatch.chdir(folder)
+    return folder
+
+
 @pytest.fixture
 def ns(shell):  # type: ignore[no-untyped-def]
     """A clean user namespace for one test."""
