@@ -37,7 +37,8 @@ import platformdirs
 from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
-from runner import certs
+from runner import accept, admission, certs, fdlimit
+from runner.admission import RequestLimits
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
 from runner.limits import Limits, parse_size
@@ -144,6 +145,27 @@ def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
         default=10.0,
         help="close connections that have not finished the TLS and websocket handshakes "
         "within this many seconds (default 10)",
+    )
+    p.add_argument(
+        "--max-handshakes",
+        type=_positive,
+        default=accept.MAX_HANDSHAKES,
+        help="connections still in their TLS or HTTP handshake at once; beyond it the oldest "
+        f"is dropped, so idle ones cannot use up descriptors (default {accept.MAX_HANDSHAKES})",
+    )
+    p.add_argument(
+        "--max-values",
+        type=_positive,
+        default=admission.MAX_VALUES,
+        help="values one cell or job submission may declare; more are refused before "
+        f"anything is opened (default {admission.MAX_VALUES})",
+    )
+    p.add_argument(
+        "--upload-timeout",
+        type=_seconds,
+        default=admission.UPLOAD_TIMEOUT,
+        help="drop a cell or job submission whose declared values go this many seconds "
+        f"without a frame, and remove its files (default {admission.UPLOAD_TIMEOUT:g})",
     )
     p.add_argument(
         "--job-ttl",
@@ -353,6 +375,26 @@ def mediator_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the runners' URL here (mode 0600) once listening",
     )
+    p.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=64,
+        help="open connections (clients, runner links, relays, jobs) beyond which new ones "
+        "are refused at once with 503 (default 64)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=None,
+        help="close a jobs connection that sends no request for this many seconds (default: none)",
+    )
+    p.add_argument(
+        "--max-message-size",
+        type=_size,
+        default=8 << 30,
+        help="the most bytes of values one job submission may send; larger ones are refused "
+        "before anything is allocated (default 8G)",
+    )
     return p
 
 
@@ -549,9 +591,13 @@ async def serve(args: argparse.Namespace) -> None:
         limits=limits,
         client_ca=_readable(args.client_ca),
         handshake_timeout=args.handshake_timeout,
+        max_values=args.max_values,
+        upload_timeout=args.upload_timeout,
+        max_handshakes=args.max_handshakes,
     )
     if args.name:
         settings.name = args.name
+    fdlimit.raise_nofile(logger, settings.max_connections, settings.max_handshakes)
     _remove_stale_work_dirs(Path(tempfile.gettempdir()))
     _remove_stale_work_dirs(MEMORY_BACKED)
     work_root = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
@@ -582,7 +628,12 @@ async def serve(args: argparse.Namespace) -> None:
             return await open_connection(own_url)
 
         server.jobs = JobService(
-            JobStore(state_dir / "jobs"), open_own_session, settings.name, args.job_ttl
+            JobStore(state_dir / "jobs"),
+            open_own_session,
+            settings.name,
+            args.job_ttl,
+            settings.requests,
+            settings.idle_timeout,
         )
         server.jobs.start()
         if args.mediator is not None:
@@ -621,12 +672,17 @@ async def mediate(args: argparse.Namespace) -> None:
         job_ttl=args.job_ttl,
         client_ca=_readable(args.client_ca),
         handshake_timeout=args.handshake_timeout,
+        max_connections=args.max_connections,
+        max_handshakes=args.max_handshakes,
+        idle_timeout=args.idle_timeout,
+        requests=RequestLimits(args.max_message_size, args.max_values, args.upload_timeout),
     )
     if settings.token == settings.runner_token:
         raise SystemExit(
             "didomagic-runner mediator: the client token and the runner token must differ, "
             "so that one role's credential cannot act as the other."
         )
+    fdlimit.raise_nofile(logger, settings.max_connections, settings.max_handshakes)
     mediator = Mediator(settings)
     stop = _stop_event()
     try:

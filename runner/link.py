@@ -25,7 +25,17 @@ from websockets.exceptions import ConnectionClosed
 
 from didomagic.client import dial
 from didomagic.errors import ConnectError, ProtocolError
-from didomagic.protocol import Dial, Error, Leave, Link, Load, Register, Registered, Role
+from didomagic.protocol import (
+    Dial,
+    Error,
+    Leave,
+    Link,
+    Load,
+    Register,
+    Registered,
+    Role,
+    expect,
+)
 from didomagic.urls import ConnectionURL
 from runner.server import RunnerServer
 from runner.wire import wait_set
@@ -95,7 +105,7 @@ class MediatorLink:
             reply = link.receive(await asyncio.wait_for(ws.recv(), self.heartbeat * 3))
             if isinstance(reply, Error):
                 raise ProtocolError(f"the mediator refused the registration: {reply.message}")
-            assert isinstance(reply, Registered)
+            reply = expect(reply, Registered)
             logger.info("registered with mediator %s at %s", reply.mediator, self.url.address)
             self.registered.set()
             reporter = asyncio.create_task(self._report(ws, link))

@@ -57,7 +57,10 @@ from didomagic.protocol import (
     Registered,
     Role,
     Session,
+    expect,
 )
+from runner import accept
+from runner.admission import RequestLimits
 from runner.jobs import JOBS_PATH, JobService
 from runner.jobstore import JobRecord, JobStore
 from runner.link import REGISTER_PATH, RELAY_PATH, TICKET_HEADER
@@ -92,6 +95,14 @@ class MediatorSettings:
     client_ca: Path | None = None
     """Clients and runners must present a certificate this CA signed (mutual TLS)."""
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    max_connections: int = 64
+    """Open websockets (any endpoint) beyond which new ones get a 503 at once."""
+    max_handshakes: int = accept.MAX_HANDSHAKES
+    """Connections still in their TLS or HTTP handshake; beyond it the oldest is dropped."""
+    idle_timeout: float | None = None
+    """A jobs connection with no request for this long is closed."""
+    requests: RequestLimits = field(default_factory=RequestLimits)
+    """What one job submission may declare, and how long its upload may stall."""
 
 
 @dataclass
@@ -147,10 +158,18 @@ class Mediator:
             "didomagic.mediator.websockets",
             settings.client_ca,
             settings.handshake_timeout,
+            settings.max_handshakes,
         )
         self._watchdog = asyncio.create_task(self._watch_heartbeats())
         store = JobStore(self.settings.state_dir / "jobs")
-        self.jobs = JobService(store, self._open_for_job, self.settings.name, self.settings.job_ttl)
+        self.jobs = JobService(
+            store,
+            self._open_for_job,
+            settings.name,
+            settings.job_ttl,
+            settings.requests,
+            settings.idle_timeout,
+        )
         self.jobs.start()
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
@@ -170,6 +189,11 @@ class Mediator:
         return request.path.split("?", 1)[0].strip("/")
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        full = accept.too_many(
+            connection, self._server, self.settings.max_connections, "mediator", logger
+        )
+        if full is not None:
+            return full
         endpoint = self._endpoint(request)
         if endpoint in ("", JOBS_PATH, REGISTER_PATH, RELAY_PATH):
             runner_side = endpoint in (REGISTER_PATH, RELAY_PATH)
@@ -291,7 +315,7 @@ class Mediator:
             )
             await ws.close()
             return
-        assert isinstance(first, Hello)
+        first = expect(first, Hello)
         entry = self._choose(first)
         if entry is None:
             views = [e.view() for e in self.runners.values()]

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import gc
 import hmac
-import json
 import logging
 import os
 import platform
@@ -42,7 +41,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 import didomagic
-from didomagic import serialize
 from didomagic.errors import ProtocolError, VersionMismatch
 from didomagic.protocol import (
     CHUNK_SIZE,
@@ -61,25 +59,23 @@ from didomagic.protocol import (
     Session,
     State,
     Status,
-    ValueHeader,
     Welcome,
     check_compatible,
     cloudpickle_version,
+    expect,
     python_version,
 )
-from runner import agent, resources
+from runner import accept, admission, agent, resources, results, safefiles
+from runner.admission import RequestLimits
 from runner.certs import server_context
 from runner.jobs import JOBS_PATH, JobService
 from runner.kernels import CellOutcome, Kernel, KernelPool
-from runner.limits import Limits, format_size
+from runner.limits import Limits
 from runner.sandbox import Sandbox
 from runner.uploads import Upload, ValueCache
-from runner.wire import peer_of, refuse
+from runner.wire import IDLE_CLOSE_REASON, peer_of, refuse
 
 logger = logging.getLogger("didomagic.runner")
-
-IDLE_CLOSE_REASON = "idle-timeout"
-"""The close reason of a session ended by --idle-timeout (the client tells the user)."""
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection has to finish its TLS and websocket handshakes."""
@@ -126,6 +122,17 @@ class RunnerSettings:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     limits: Limits = field(default_factory=Limits)
     """What each session's kernel may use (reported to clients; enforced by the sandbox)."""
+    max_values: int = admission.MAX_VALUES
+    """The most values one cell (or job submission) may declare."""
+    upload_timeout: float = admission.UPLOAD_TIMEOUT
+    """Seconds a cell's declared values may go without a frame before the cell is dropped."""
+    max_handshakes: int = accept.MAX_HANDSHAKES
+    """Connections still in their TLS or HTTP handshake; beyond it the oldest is dropped."""
+
+    @property
+    def requests(self) -> RequestLimits:
+        """The limits every cell and job submission is held to."""
+        return RequestLimits(self.max_message_size, self.max_values, self.upload_timeout)
 
 
 async def listen(
@@ -138,25 +145,33 @@ async def listen(
     logger_name: str,
     client_ca: Path | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_handshakes: int = accept.MAX_HANDSHAKES,
 ) -> Server:
     """A TLS websocket server as runners and mediators run it: compression off, sized limits.
 
     A connection that has not finished its TLS and websocket handshakes within
-    ``handshake_timeout`` seconds is closed. With ``client_ca``, clients must
-    present a certificate it signed (or the server's own, so that a runner
-    can open sessions to itself for its detached jobs).
+    ``handshake_timeout`` seconds is closed, and at most ``max_handshakes``
+    are in those handshakes at once (see :mod:`runner.accept`). With
+    ``client_ca``, clients must present a certificate it signed (or the
+    server's own, so that a runner can open sessions to itself for its
+    detached jobs).
     """
     context = server_context(certfile, keyfile, client_ca)
     if client_ca is not None:
         context.load_verify_locations(cafile=str(certfile))
+    pending = accept.Handshakes(max_handshakes, logging.getLogger(logger_name))
+
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        pending.finished(connection)  # from here on it counts as a connection
+        return authenticate(connection, request)
+
     return await serve(
         handler,
-        host,
-        port,
+        sock=accept.listening_socket(host, port, pending),
         ssl=context,
         ssl_handshake_timeout=handshake_timeout,
         open_timeout=handshake_timeout,
-        process_request=authenticate,
+        process_request=process_request,
         compression=None,  # no compression bombs, and values are mostly incompressible
         max_size=MAX_TEXT_SIZE,
         write_limit=4 * CHUNK_SIZE,
@@ -325,6 +340,7 @@ class RunnerServer:
             "didomagic.runner.websockets",
             settings.client_ca,
             settings.handshake_timeout,
+            settings.max_handshakes,
         )
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
@@ -340,20 +356,11 @@ class RunnerServer:
         await self.pool.close()
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
-        limit = self.settings.max_connections
-        # Server.connections counts those past the handshake, not this one.
-        if self._server is not None and len(self._server.connections) >= limit:
-            logger.warning(
-                "refused a connection from %s: %d open (--max-connections %d)",
-                peer_of(connection),
-                len(self._server.connections),
-                limit,
-            )
-            return connection.respond(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                f"didomagic runner: too many connections (--max-connections {limit}); "
-                "try again shortly.\n",
-            )
+        full = accept.too_many(
+            connection, self._server, self.settings.max_connections, "runner", logger
+        )
+        if full is not None:
+            return full
         if check_token(request, self.settings.token):
             return None
         logger.warning("refused a connection from %s: missing or wrong token", peer_of(connection))
@@ -464,7 +471,7 @@ class SessionHandler:
             )
             await self.ws.close()
             return False
-        assert isinstance(first, Hello)
+        first = expect(first, Hello)
         self.client_versions = {"python": first.python, "cloudpickle": first.cloudpickle}
         try:
             check_compatible(
@@ -572,7 +579,12 @@ class SessionHandler:
 
     async def _serve_cells(self) -> None:
         while True:
-            frame = await self._next_frame()
+            if self.upload is not None:
+                frame = await self._next_upload_frame()
+                if frame is None:
+                    return
+            else:
+                frame = await self._next_frame()
             if frame is None:
                 logger.info(
                     "session %s: idle for %g s (--idle-timeout); ending it",
@@ -582,8 +594,10 @@ class SessionHandler:
                 await self.ws.close(1000, IDLE_CLOSE_REASON)
                 return
             if isinstance(frame, bytes):
-                assert self.upload is not None
-                for chunk in self.protocol.receive_binary(frame):
+                chunks = self.protocol.receive_binary(frame)  # refuses one not expected now
+                if self.upload is None:
+                    raise ProtocolError("binary frame outside an upload")
+                for chunk in chunks:
                     self.upload.write(chunk.value, chunk.data)
                 if self.protocol.state is State.RUNNING:
                     self._start_cell()
@@ -601,24 +615,29 @@ class SessionHandler:
                 await self._interrupt()
 
     async def _within_size_limit(self, request: Execute) -> bool:
-        """Refuse (and end the session) a cell declaring more bytes than --max-message-size."""
-        limit = self.server.settings.max_message_size
-        size = sum(v.nbytes for v in request.values if not v.cached)
-        if size <= limit:
+        """Refuse (and end the session) a cell over --max-message-size or --max-values."""
+        why = admission.refusal(request.values, self.server.settings.requests, "cell")
+        if why is None:
             return True
-        logger.warning(
-            "session %s: refused a cell of %d bytes of values (--max-message-size %d)",
-            self.log_id,
-            size,
-            limit,
-        )
-        await refuse(
-            self.ws,
-            ErrorCode.BAD_REQUEST,
-            f"The cell declares {format_size(size)} of values; this runner accepts at most "
-            f"{format_size(limit)} per cell (--max-message-size). Nothing was allocated.",
-        )
+        logger.warning("session %s: refused a cell: %s", self.log_id, why)
+        await refuse(self.ws, ErrorCode.BAD_REQUEST, why)
         return False
+
+    async def _next_upload_frame(self) -> str | bytes | None:
+        """The next frame of an upload; None (and the cell dropped) after --upload-timeout."""
+        limits = self.server.settings.requests
+        try:
+            async with asyncio.timeout(limits.upload_timeout):
+                frame = await self.ws.recv()
+        except TimeoutError:
+            assert self.upload is not None
+            self.upload.close(keep=False)
+            self.upload = None
+            logger.warning("session %s: upload stalled (--upload-timeout)", self.log_id)
+            await refuse(self.ws, ErrorCode.BAD_REQUEST, admission.stalled(limits, "cell"))
+            return None
+        self.last_activity = time.monotonic()
+        return frame
 
     def _start_cell(self) -> None:
         assert self.upload is not None
@@ -658,8 +677,9 @@ class SessionHandler:
         assert self.kernel is not None
         kernel = self.kernel
         exchange = kernel.exchange
-        (exchange / agent.RESULT_FILE).unlink(missing_ok=True)
-        agent.write_json(
+        with contextlib.suppress(OSError):  # a directory planted there, say
+            (exchange / agent.RESULT_FILE).unlink()
+        safefiles.write_json(
             exchange / agent.CELL_FILE,
             {
                 "values": values,
@@ -714,11 +734,12 @@ class SessionHandler:
             and (outcome.error or {}).get("ename") == "KeyboardInterrupt"
         ):
             status = Status.INTERRUPTED
-        values, offsets, failures, deleted = self._collect(exchange)
+        values, offsets, failures, deleted = results.collect(exchange, self.log_id)
         out_path = exchange / agent.OUTPUT_FILE
         if status is Status.KERNEL_DIED:
             values, offsets = [], []
             await self._replace_kernel()
+        parts, values = results.output_parts(out_path, values, offsets, failures, self.log_id)
         logger.info(
             "session %s: cell %s %s in %.1f ms (%d values in, %d out)",
             self.log_id,
@@ -733,28 +754,11 @@ class SessionHandler:
         )
         await self.ws.send(self.protocol.send(result))
         try:
-            if values:
-                view = serialize.map_file(out_path)
-                parts = [
-                    serialize.slice_parts(view, offset, v.sizes)
-                    for offset, v in zip(offsets, values, strict=True)
-                ]
+            if parts:
                 for frame in self.protocol.frames(parts):
                     await self.ws.send(frame)
         finally:
             out_path.unlink(missing_ok=True)
-
-    def _collect(
-        self, exchange: Path
-    ) -> tuple[list[ValueHeader], list[int], dict[str, str], list[str]]:
-        path = exchange / agent.RESULT_FILE
-        if not path.exists():
-            return [], [], {}, []
-        body = json.loads(path.read_text())
-        path.unlink()
-        values = [ValueHeader(v["name"], tuple(v["sizes"])) for v in body["values"]]
-        offsets = [int(v["offset"]) for v in body["values"]]
-        return values, offsets, dict(body["failures"]), list(body["deleted"])
 
     async def _replace_kernel(self) -> None:
         old, self.kernel = self.kernel, None
