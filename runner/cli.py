@@ -378,9 +378,9 @@ def mediator_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-connections",
         type=_positive,
-        default=64,
-        help="open connections (clients, runner links, relays, jobs) beyond which new ones "
-        "are refused at once with 503 (default 64)",
+        default=256,
+        help="open connections (clients, runner links, relays, jobs; a relayed session "
+        "takes two) beyond which new ones are refused at once with 503 (default 256)",
     )
     p.add_argument(
         "--idle-timeout",

@@ -95,8 +95,8 @@ class MediatorSettings:
     client_ca: Path | None = None
     """Clients and runners must present a certificate this CA signed (mutual TLS)."""
     handshake_timeout: float = HANDSHAKE_TIMEOUT
-    max_connections: int = 64
-    """Open websockets (any endpoint) beyond which new ones get a 503 at once."""
+    max_connections: int = 256
+    """Open websockets (any endpoint; a relayed session takes two) beyond which: a 503."""
     max_handshakes: int = accept.MAX_HANDSHAKES
     """Connections still in their TLS or HTTP handshake; beyond it the oldest is dropped."""
     idle_timeout: float | None = None
