@@ -550,7 +550,13 @@ class _Upload:
         """Write the next bytes of value ``value`` (values arrive in order)."""
         if self._current is None or self._current[0] != value:
             self.close()
-            self._current = (value, safefiles.create_new(_in_file(self.directory, value)))
+            try:
+                created = safefiles.create_new(_in_file(self.directory, value))
+            except safefiles.UnsafeFile as exc:
+                raise ProtocolError(
+                    f"cannot store value {value} of the submission: {exc}"
+                ) from None
+            self._current = (value, created)
         self._current[1].write(data)
 
     def close(self) -> None:
