@@ -42,6 +42,7 @@ from didomagic.protocol import (
     Link,
     ListJobs,
     Load,
+    Message,
     Register,
     Result,
     Role,
@@ -689,20 +690,35 @@ def _feed(machine: Session | Link, frames: list[str | bytes]) -> None:
             pass  # the only error a peer's bytes may cause
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _advanced(role: Role, channel: Channel, depth: int) -> Session:
+    """A session moved ``depth`` legal steps on, so fuzzed frames reach later states."""
+    session = Session(role, channel)
+    hello_ = Hello(PROTOCOL_VERSION, python_version(), cloudpickle_version())
+    welcome = Welcome(PROTOCOL_VERSION, python_version(), cloudpickle_version(), "s")
+    client = role is Role.CLIENT
+    steps: list[tuple[bool, Message]] = [(client, hello_), (not client, welcome)]  # (we send, it)
+    if client and channel is Channel.CELLS:  # then the cell runs: a result may come
+        steps.append((True, Execute("c", "pass")))
+    for we_send, message in steps[:depth]:
+        if we_send:
+            session.send(message)
+        else:
+            session.receive(encode(message))
+    return session
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     role=st.sampled_from([Role.CLIENT, Role.RUNNER]),
     channel=st.sampled_from([Channel.CELLS, Channel.JOBS]),
+    depth=st.integers(0, 3),
     frames=st.lists(_frame, max_size=8),
 )
-def test_fuzzed_frames_into_a_session_raise_only_protocol_errors(role, channel, frames):
-    session = Session(role, channel)
-    if role is Role.CLIENT:  # start it past the hello, where most messages are legal
-        session.send(Hello(PROTOCOL_VERSION, python_version(), cloudpickle_version()))
-    _feed(session, frames)
+def test_fuzzed_frames_into_a_session_raise_only_protocol_errors(role, channel, depth, frames):
+    _feed(_advanced(role, channel, depth), frames)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(role=st.sampled_from([Role.RUNNER, Role.MEDIATOR]), frames=st.lists(_frame, max_size=8))
 def test_fuzzed_frames_into_a_link_raise_only_protocol_errors(role, frames):
     link = Link(role)
