@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -718,7 +719,12 @@ def _remove_stale_work_dirs(parent: Path) -> None:
     for path in parent.glob("didomagic-runner-*-*"):
         pid_text = path.name.split("-")[2]
         try:
-            if not pid_text.isdigit() or path.stat().st_uid != os.getuid():
+            info = path.lstat()  # a link planted under that name is never followed
+            if (
+                not pid_text.isdigit()
+                or not stat.S_ISDIR(info.st_mode)
+                or info.st_uid != os.getuid()
+            ):
                 continue
             os.kill(int(pid_text), 0)  # still running: not stale
         except ProcessLookupError:
@@ -727,7 +733,7 @@ def _remove_stale_work_dirs(parent: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
                 if not path.exists():
                     break
-        except (PermissionError, OSError):
+        except (OSError, OverflowError):  # not ours to look at, or no pid at all
             continue
 
 
