@@ -486,6 +486,38 @@ def test_a_thousand_declared_values_hold_no_descriptors(case, target):
         future.result(TIMEOUT)
 
 
+def test_a_submission_of_a_thousand_values_that_sends_nothing_holds_no_descriptors(
+    runner_factory,
+):
+    runner = runner_factory()
+    url = ConnectionURL.parse(runner.url)
+    submit = Submit(
+        "req-5", "pass", values=tuple(ValueHeader(f"v{i}", (1024,)) for i in range(1000))
+    )
+    opened = threading.Event()
+    release = asyncio.Event()
+
+    async def go() -> None:
+        connection = await detached._open(url)
+        await connection.ws.send(connection.session.send(submit))
+        opened.set()
+        await release.wait()
+        await connection.close()
+
+    before = fd_count(runner)
+    future = background_loop().submit(go())
+    try:
+        assert opened.wait(TIMEOUT)
+        time.sleep(0.5)  # the runner has read the declaration
+        assert fd_count(runner) < before + 20, "declared values hold descriptors"
+        assert legit_cell(url) == 42
+    finally:
+        background_loop().loop.call_soon_threadsafe(release.set)
+        future.result(TIMEOUT)
+    incoming = runner.state_dir / "jobs" / "incoming"
+    wait_until(lambda: not list(incoming.iterdir()), "the unfinished submission to be removed")
+
+
 def _lower_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (200, 400))
 
