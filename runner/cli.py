@@ -234,7 +234,8 @@ def serve_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=None,
         help="end a session that runs no cell for this many seconds and free its kernel "
-        "(default: none); its next cell starts a new session",
+        "(default: none); its next cell starts a new session. Jobs connections that send "
+        "no request this long are closed too",
     )
     p.add_argument(
         "--mediator",
