@@ -37,6 +37,7 @@ from didomagic.errors import (
     RunnerUnreachable,
     VersionMismatch,
 )
+from didomagic.inbound import Inbound
 from didomagic.protocol import (
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
@@ -59,6 +60,7 @@ from didomagic.protocol import (
     State,
     Welcome,
     cloudpickle_version,
+    expect,
     python_version,
 )
 from didomagic.resources import Responder
@@ -230,14 +232,13 @@ class RunnerConnection:
                 sent += frame.nbytes
                 on_transfer("sending", sent, total)
             result: Result | None = None
-            buffers: list[list[bytearray]] = []
+            inbound = Inbound()
             received = expected = 0
             while result is None or self.session.state is not State.IDLE:
                 frame = await self.ws.recv()
                 if isinstance(frame, bytes):
                     for chunk in self.session.receive_binary(frame):
-                        end = chunk.offset + chunk.data.nbytes
-                        buffers[chunk.value][chunk.part][chunk.offset : end] = chunk.data
+                        inbound.add(chunk)
                     received += len(frame)
                     on_transfer("receiving", received, expected)
                     continue
@@ -252,11 +253,11 @@ class RunnerConnection:
                     task.add_done_callback(answering.discard)
                 elif isinstance(message, Result):
                     result = message
-                    buffers = [[bytearray(n) for n in v.sizes] for v in message.values]
+                    inbound = Inbound(message.values)
                     expected = sum(v.nbytes for v in message.values)
                 elif isinstance(message, Error):
                     raise ProtocolError(f"the runner ended the session: {message.message}")
-            return result, buffers
+            return result, inbound.parts
         except ProtocolError:
             await self.ws.close(1002, "protocol error")
             raise
@@ -438,7 +439,7 @@ async def handshake(
     if isinstance(reply, Error):
         await ws.close()
         raise refusal(reply)
-    assert isinstance(reply, Welcome)
+    reply = expect(reply, Welcome)
     logger.debug("session opened with runner %s", reply.runner.get("name"))
     return RunnerConnection(ws, session, reply, url)
 
@@ -461,7 +462,7 @@ async def query(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> tuple[Info
         await ws.close()
     if isinstance(reply, Error):
         raise refusal(reply)
-    assert isinstance(reply, Info)
+    reply = expect(reply, Info)
     return reply, latency
 
 

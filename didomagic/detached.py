@@ -40,9 +40,11 @@ from didomagic.errors import (
     ConnectError,
     DidomagicError,
     JobError,
+    ProtocolError,
     RunnerUnreachable,
 )
 from didomagic.filebundle import FileOptions
+from didomagic.inbound import Inbound
 from didomagic.loop import background_loop
 from didomagic.namespace import transform_cell
 from didomagic.protocol import (
@@ -60,6 +62,7 @@ from didomagic.protocol import (
     Result,
     State,
     Submit,
+    expect,
 )
 from didomagic.urls import ConnectionURL
 
@@ -88,8 +91,7 @@ async def _request(url: ConnectionURL, message: Any) -> JobList:
         await connection.close()
     if isinstance(reply, Error):
         raise _job_error(reply)
-    assert isinstance(reply, JobList)
-    return reply
+    return expect(reply, JobList)
 
 
 async def submit_async(
@@ -106,7 +108,9 @@ async def submit_async(
         await connection.close()
     if isinstance(reply, Error):
         raise _job_error(reply)
-    assert isinstance(reply, JobList) and reply.jobs
+    reply = expect(reply, JobList)
+    if len(reply.jobs) != 1:
+        raise ProtocolError(f"a submission was answered with {len(reply.jobs)} jobs, not one")
     return reply.jobs[0]
 
 
@@ -117,7 +121,10 @@ async def list_async(url: ConnectionURL, ids: Sequence[str] = ()) -> list[dict[s
 
 async def cancel_async(url: ConnectionURL, job_id: str) -> dict[str, Any]:
     """Cancel a job; return its record as it is now."""
-    return (await _request(url, CancelJob(job_id))).jobs[0]
+    jobs = (await _request(url, CancelJob(job_id))).jobs
+    if len(jobs) != 1:
+        raise ProtocolError(f"a cancellation was answered with {len(jobs)} jobs, not one")
+    return jobs[0]
 
 
 async def delete_async(url: ConnectionURL, job_id: str) -> None:
@@ -132,21 +139,19 @@ async def pull_async(url: ConnectionURL, job_id: str) -> tuple[JobData, list[lis
     try:
         await connection.ws.send(session.send(Pull(job_id)))
         data: JobData | None = None
-        buffers: list[list[bytearray]] = []
+        inbound = Inbound()
         while data is None or session.state is not State.IDLE:
             frame = await connection.ws.recv()
             if isinstance(frame, bytes):
                 for chunk in session.receive_binary(frame):
-                    end = chunk.offset + chunk.data.nbytes
-                    buffers[chunk.value][chunk.part][chunk.offset : end] = chunk.data
+                    inbound.add(chunk)
                 continue
             message = session.receive(frame)
             if isinstance(message, Error):
                 raise _job_error(message)
-            assert isinstance(message, JobData)
-            data = message
-            buffers = [[bytearray(n) for n in v.sizes] for v in message.values]
-        return data, buffers
+            data = expect(message, JobData)
+            inbound = Inbound(data.values)
+        return data, inbound.parts
     finally:
         await connection.close()
 

@@ -50,12 +50,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum, StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from didomagic.errors import ProtocolError, VersionMismatch
 
@@ -80,6 +81,13 @@ are a JSON manifest and module sources, read by the runner kernel, never bound t
 
 MAX_OPEN_ASKS = 256
 """Asks a runner may have waiting for their answers at once, per session."""
+MAX_DEPTH = 64
+"""Deepest nesting of lists and objects accepted inside a message's free-form fields."""
+
+DIGEST_LENGTH = 32
+"""Hex digits of a value's digest (XXH3-128, as ``serialize.Digester`` writes it)."""
+
+_DIGEST = re.compile(f"[0-9a-f]{{{DIGEST_LENGTH}}}")
 
 
 def python_version() -> str:
@@ -532,6 +540,16 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
+M = TypeVar("M", bound=Message)
+
+
+def expect(message: Message, cls: type[M]) -> M:
+    """Return ``message`` if it is a ``cls``; else raise :class:`ProtocolError` naming both."""
+    if not isinstance(message, cls):
+        raise ProtocolError(f"expected a {cls.kind} message, got {message.kind}")
+    return message
+
+
 # --------------------------------------------------------------------------- encoding
 
 
@@ -559,6 +577,10 @@ def decode(text: str | bytes) -> Message:
         body = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"control message is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(
+            f"control message is nested too deeply (at most {MAX_DEPTH} levels)"
+        ) from None
     if not isinstance(body, dict):
         raise ProtocolError("control message must be a JSON object")
     kind = body.pop("type", None)
@@ -626,8 +648,22 @@ def _as_sizes(kind: str, name: str, v: Any) -> tuple[int, ...]:
     return tuple(v)
 
 
+def _check_depth(kind: str, name: str, v: Any) -> None:
+    """Raise unless ``v`` nests lists and objects at most :data:`MAX_DEPTH` deep."""
+    stack = [(v, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"{kind}.{name} is nested too deeply (at most {MAX_DEPTH} levels)")
+        if type(item) is dict:
+            stack.extend((x, depth + 1) for x in item.values())
+        elif type(item) is list:
+            stack.extend((x, depth + 1) for x in item)
+
+
 def _as_object(kind: str, name: str, v: Any) -> dict[str, Any]:
     _check(kind, name, isinstance(v, dict), "a JSON object", v)
+    _check_depth(kind, name, v)
     return dict(v)
 
 
@@ -644,6 +680,7 @@ def _as_str_map(kind: str, name: str, v: Any) -> dict[str, str]:
 def _as_object_tuple(kind: str, name: str, v: Any) -> tuple[dict[str, Any], ...]:
     ok = isinstance(v, list) and all(isinstance(x, dict) for x in v)
     _check(kind, name, ok, "a list of JSON objects", v)
+    _check_depth(kind, name, v)
     return tuple(dict(x) for x in v)
 
 
@@ -687,6 +724,11 @@ def _as_values(kind: str, name: str, v: Any) -> tuple[ValueHeader, ...]:
             'a list of {"name": str, "sizes": [int >= 0, ...], "digest"?: str, "cached"?: bool}',
             item,
         )
+        if digest and not _DIGEST.fullmatch(digest):
+            raise ProtocolError(
+                f"{kind}.{name}: value {value_name!r:.60} has the digest {digest!r:.60}; a "
+                f"digest is empty or exactly {DIGEST_LENGTH} lower-case hex digits"
+            )
         headers.append(ValueHeader(value_name, tuple(sizes), digest, cached))
     return tuple(headers)
 

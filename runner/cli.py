@@ -32,6 +32,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -44,7 +45,8 @@ from didomagic import eventloops
 from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
-from runner import certs, enrol, environment, slurm, slurm_options
+from runner import accept, admission, certs, enrol, environment, fdlimit, slurm, slurm_options
+from runner.admission import RequestLimits
 from runner.advertise import Advertiser
 from runner.configfile import add_config_flags, parse_with_config, render
 from runner.envs import EnvCache, InstallSettings
@@ -173,6 +175,27 @@ def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
         "within this many seconds (default 10)",
     )
     p.add_argument(
+        "--max-handshakes",
+        type=_positive,
+        default=accept.MAX_HANDSHAKES,
+        help="connections still in their TLS or HTTP handshake at once; beyond it the oldest "
+        f"is dropped, so idle ones cannot use up descriptors (default {accept.MAX_HANDSHAKES})",
+    )
+    p.add_argument(
+        "--max-values",
+        type=_positive,
+        default=admission.MAX_VALUES,
+        help="values one cell or job submission may declare; more are refused before "
+        f"anything is opened (default {admission.MAX_VALUES})",
+    )
+    p.add_argument(
+        "--upload-timeout",
+        type=_seconds,
+        default=admission.UPLOAD_TIMEOUT,
+        help="drop a cell or job submission whose declared values go this many seconds "
+        f"without a frame, and remove its files (default {admission.UPLOAD_TIMEOUT:g})",
+    )
+    p.add_argument(
         "--job-ttl",
         type=_seconds,
         default=None,
@@ -238,7 +261,8 @@ def serve_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=None,
         help="end a session that runs no cell for this many seconds and free its kernel "
-        "(default: none); its next cell starts a new session",
+        "(default: none); its next cell starts a new session. Jobs connections that send "
+        "no request this long are closed too",
     )
     p.add_argument(
         "--mediator",
@@ -498,6 +522,26 @@ def mediator_parser() -> argparse.ArgumentParser:
         help="seconds between two looks at the runner jobs' states (default 2)",
     )
     slurm_options.add_template_options(p)
+    p.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=256,
+        help="open connections (clients, runner links, relays, jobs; a relayed session "
+        "takes two) beyond which new ones are refused at once with 503 (default 256)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=None,
+        help="close a jobs connection that sends no request for this many seconds (default: none)",
+    )
+    p.add_argument(
+        "--max-message-size",
+        type=_size,
+        default=8 << 30,
+        help="the most bytes of values one job submission may send; larger ones are refused "
+        "before anything is allocated (default 8G)",
+    )
     return p
 
 
@@ -741,9 +785,13 @@ async def serve(args: argparse.Namespace) -> None:
         limits=limits,
         client_ca=_readable(args.client_ca),
         handshake_timeout=args.handshake_timeout,
+        max_values=args.max_values,
+        upload_timeout=args.upload_timeout,
+        max_handshakes=args.max_handshakes,
     )
     if args.name:
         settings.name = args.name
+    fdlimit.raise_nofile(logger, settings.max_connections, settings.max_handshakes)
     _remove_stale_work_dirs(Path(tempfile.gettempdir()))
     _remove_stale_work_dirs(MEMORY_BACKED)
     work_root = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
@@ -782,7 +830,12 @@ async def serve(args: argparse.Namespace) -> None:
             return await open_connection(own_url)
 
         server.jobs = JobService(
-            JobStore(state_dir / "jobs"), open_own_session, settings.name, args.job_ttl
+            JobStore(state_dir / "jobs"),
+            open_own_session,
+            settings.name,
+            args.job_ttl,
+            settings.requests,
+            settings.idle_timeout,
         )
         server.jobs.start()
         if args.mediator is not None:
@@ -831,12 +884,17 @@ async def mediate(args: argparse.Namespace) -> None:
         client_ca=_readable(args.client_ca),
         handshake_timeout=args.handshake_timeout,
         shared_runner_token=not args.no_shared_runner_token,
+        max_connections=args.max_connections,
+        max_handshakes=args.max_handshakes,
+        idle_timeout=args.idle_timeout,
+        requests=RequestLimits(args.max_message_size, args.max_values, args.upload_timeout),
     )
     if settings.token == settings.runner_token:
         raise SystemExit(
             "didomagic-runner mediator: the client token and the runner token must differ, "
             "so that one role's credential cannot act as the other."
         )
+    fdlimit.raise_nofile(logger, settings.max_connections, settings.max_handshakes)
     mediator = Mediator(settings)
     stop = _stop_event()
     advertiser: Advertiser | None = None
@@ -903,7 +961,12 @@ def _remove_stale_work_dirs(parent: Path) -> None:
     for path in parent.glob("didomagic-runner-*-*"):
         pid_text = path.name.split("-")[2]
         try:
-            if not pid_text.isdigit() or path.stat().st_uid != os.getuid():
+            info = path.lstat()  # a link planted under that name is never followed
+            if (
+                not pid_text.isdigit()
+                or not stat.S_ISDIR(info.st_mode)
+                or info.st_uid != os.getuid()
+            ):
                 continue
             os.kill(int(pid_text), 0)  # still running: not stale
         except ProcessLookupError:
@@ -912,7 +975,7 @@ def _remove_stale_work_dirs(parent: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
                 if not path.exists():
                     break
-        except (PermissionError, OSError):
+        except (OSError, OverflowError):  # not ours to look at, or no pid at all
             continue
 
 
@@ -967,7 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render(parser, margs), end="")
             return 0
         _configure_logging(margs.log_level)
-        eventloops.run(mediate(margs))
+        asyncio.run(mediate(margs))  # asyncio's loop: see runner.accept
         return 0
     parser = serve_parser()
     args = parse_with_config(parser, _from_environment("runner") + argv)
@@ -978,5 +1041,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report(limits_of(args), probe(use_cgroups=not args.no_cgroups)))
         return 0
     _configure_logging(args.log_level)
-    eventloops.run(serve(args))
+    asyncio.run(serve(args))  # asyncio's loop: see runner.accept
     return 0

@@ -35,6 +35,7 @@ from didomagic.protocol import (
     Register,
     Registered,
     Role,
+    expect,
 )
 from didomagic.urls import ConnectionURL
 from runner.server import RunnerServer
@@ -114,7 +115,7 @@ class MediatorLink:
                 raise RegistrationRefused(
                     f"mediator {self.url.address} refused this runner: {reply.message}"
                 )
-            assert isinstance(reply, Registered)
+            reply = expect(reply, Registered)
             logger.info("registered with mediator %s at %s", reply.mediator, self.url.address)
             self.registered.set()
             reporter = asyncio.create_task(self._report(ws, link))

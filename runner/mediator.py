@@ -69,7 +69,10 @@ from didomagic.protocol import (
     Registered,
     Role,
     Session,
+    expect,
 )
+from runner import accept
+from runner.admission import RequestLimits
 from runner.credentials import Identity, RunnerCredentials
 from runner.descriptions import (
     DescriptionError,
@@ -117,6 +120,14 @@ class MediatorSettings:
     """Opens the read-only status page at ``/status`` (no other token does)."""
     shared_runner_token: bool = True
     """Runners may join with the shared runner token (unverified), not only their own."""
+    max_connections: int = 256
+    """Open websockets (any endpoint; a relayed session takes two) beyond which: a 503."""
+    max_handshakes: int = accept.MAX_HANDSHAKES
+    """Connections still in their TLS or HTTP handshake; beyond it the oldest is dropped."""
+    idle_timeout: float | None = None
+    """A jobs connection with no request for this long is closed."""
+    requests: RequestLimits = field(default_factory=RequestLimits)
+    """What one job submission may declare, and how long its upload may stall."""
 
 
 @dataclass
@@ -182,10 +193,18 @@ class Mediator:
             "didomagic.mediator.websockets",
             settings.client_ca,
             settings.handshake_timeout,
+            settings.max_handshakes,
         )
         self._watchdog = asyncio.create_task(self._watch_heartbeats())
         store = JobStore(self.settings.state_dir / "jobs")
-        self.jobs = JobService(store, self._open_for_job, self.settings.name, self.settings.job_ttl)
+        self.jobs = JobService(
+            store,
+            self._open_for_job,
+            settings.name,
+            settings.job_ttl,
+            settings.requests,
+            settings.idle_timeout,
+        )
         self.jobs.start()
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
@@ -193,7 +212,7 @@ class Mediator:
         """What the status page shows: the pool, the jobs, the mediator's and runners' logs."""
         jobs = []
         if self.jobs is not None:
-            jobs = [r.public() for r in self.jobs.store.all()]
+            jobs = [r.public() for r in await self.jobs.records()]
         entries = list(self.runners.values())
         return PageData(
             f"didomagic mediator {self.settings.name}",
@@ -223,6 +242,11 @@ class Mediator:
         return request.path.split("?", 1)[0].strip("/")
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        full = accept.too_many(
+            connection, self._server, self.settings.max_connections, "mediator", logger
+        )
+        if full is not None:
+            return full
         endpoint = self._endpoint(request)
         if endpoint in ("", JOBS_PATH, REGISTER_PATH, RELAY_PATH):
             runner_side = endpoint in (REGISTER_PATH, RELAY_PATH)
@@ -441,7 +465,7 @@ class Mediator:
             )
             await ws.close()
             return
-        assert isinstance(first, Hello)
+        first = expect(first, Hello)
         entry = self._choose(first)
         if entry is None and self._can_launch(first.tags, first.os, first.runner):
             try:

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import gc
 import hmac
-import json
 import logging
 import os
 import platform
@@ -42,7 +41,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 import didomagic
-from didomagic import serialize
 from didomagic.errors import ProtocolError, VersionMismatch
 from didomagic.protocol import (
     CHUNK_SIZE,
@@ -63,13 +61,14 @@ from didomagic.protocol import (
     Session,
     State,
     Status,
-    ValueHeader,
     Welcome,
     check_compatible,
     cloudpickle_version,
+    expect,
     python_version,
 )
-from runner import agent, resources
+from runner import accept, admission, agent, resources, results, safefiles
+from runner.admission import RequestLimits
 from runner.broker import Broker
 from runner.certs import server_context
 from runner.envs import EnvCache
@@ -81,12 +80,9 @@ from runner.sandbox import Sandbox
 from runner.session_packages import SessionPackages
 from runner.status import PageData, log_buffer, with_status_page
 from runner.uploads import Upload, ValueCache
-from runner.wire import peer_of, refuse
+from runner.wire import IDLE_CLOSE_REASON, peer_of, refuse
 
 logger = logging.getLogger("didomagic.runner")
-
-IDLE_CLOSE_REASON = "idle-timeout"
-"""The close reason of a session ended by --idle-timeout (the client tells the user)."""
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection has to finish its TLS and websocket handshakes."""
@@ -135,6 +131,17 @@ class RunnerSettings:
     """Opens the read-only status page at ``/status`` (no other token does)."""
     limits: Limits = field(default_factory=Limits)
     """What each session's kernel may use (reported to clients; enforced by the sandbox)."""
+    max_values: int = admission.MAX_VALUES
+    """The most values one cell (or job submission) may declare."""
+    upload_timeout: float = admission.UPLOAD_TIMEOUT
+    """Seconds a cell's declared values may go without a frame before the cell is dropped."""
+    max_handshakes: int = accept.MAX_HANDSHAKES
+    """Connections still in their TLS or HTTP handshake; beyond it the oldest is dropped."""
+
+    @property
+    def requests(self) -> RequestLimits:
+        """The limits every cell and job submission is held to."""
+        return RequestLimits(self.max_message_size, self.max_values, self.upload_timeout)
 
 
 async def listen(
@@ -149,25 +156,37 @@ async def listen(
     logger_name: str,
     client_ca: Path | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_handshakes: int = accept.MAX_HANDSHAKES,
 ) -> Server:
     """A TLS websocket server as runners and mediators run it: compression off, sized limits.
 
     A connection that has not finished its TLS and websocket handshakes within
-    ``handshake_timeout`` seconds is closed. With ``client_ca``, clients must
-    present a certificate it signed (or the server's own, so that a runner
-    can open sessions to itself for its detached jobs).
+    ``handshake_timeout`` seconds is closed, and at most ``max_handshakes``
+    are in those handshakes at once (see :mod:`runner.accept`). With
+    ``client_ca``, clients must present a certificate it signed (or the
+    server's own, so that a runner can open sessions to itself for its
+    detached jobs).
     """
     context = server_context(certfile, keyfile, client_ca)
     if client_ca is not None:
         context.load_verify_locations(cafile=str(certfile))
+    pending = accept.Handshakes(max_handshakes, logging.getLogger(logger_name))
+
+    checked = with_health(authenticate)  # /healthz needs no token
+
+    def process_request(
+        connection: ServerConnection, request: Request
+    ) -> Response | Awaitable[Response | None] | None:
+        pending.finished(connection)  # from here on it counts as a connection
+        return checked(connection, request)
+
     return await serve(
         handler,
-        host,
-        port,
+        sock=accept.listening_socket(host, port, pending),
         ssl=context,
         ssl_handshake_timeout=handshake_timeout,
         open_timeout=handshake_timeout,
-        process_request=with_health(authenticate),  # /healthz needs no token
+        process_request=process_request,
         compression=None,  # no compression bombs, and values are mostly incompressible
         max_size=MAX_TEXT_SIZE,
         write_limit=4 * CHUNK_SIZE,
@@ -340,6 +359,7 @@ class RunnerServer:
             "didomagic.runner.websockets",
             settings.client_ca,
             settings.handshake_timeout,
+            settings.max_handshakes,
         )
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
@@ -347,7 +367,7 @@ class RunnerServer:
         """What the status page shows: this runner, its detached jobs, its log."""
         jobs = []
         if self.jobs is not None:
-            jobs = [r.public() for r in self.jobs.store.all()]
+            jobs = [r.public() for r in await self.jobs.records()]
         name = self.settings.name
         return PageData(
             f"didomagic runner {name}",
@@ -368,20 +388,11 @@ class RunnerServer:
         await self.pool.close()
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
-        limit = self.settings.max_connections
-        # Server.connections counts those past the handshake, not this one.
-        if self._server is not None and len(self._server.connections) >= limit:
-            logger.warning(
-                "refused a connection from %s: %d open (--max-connections %d)",
-                peer_of(connection),
-                len(self._server.connections),
-                limit,
-            )
-            return connection.respond(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                f"didomagic runner: too many connections (--max-connections {limit}); "
-                "try again shortly.\n",
-            )
+        full = accept.too_many(
+            connection, self._server, self.settings.max_connections, "runner", logger
+        )
+        if full is not None:
+            return full
         if check_token(request, self.settings.token):
             return None
         logger.warning("refused a connection from %s: missing or wrong token", peer_of(connection))
@@ -435,9 +446,8 @@ class SessionHandler:
         """When the session last received a frame or was busy with a cell."""
         self.client_versions: dict[str, str] = {}
         """The Python and cloudpickle versions the client says it pickles with."""
-        self.cache = ValueCache(
-            (server.pool.private_root or server.pool.root) / f"cache-{self.id[:12]}"
-        )
+        self.cache: ValueCache | None = None
+        """The large values the session holds, in its kernel's cache directory."""
         self.packages = SessionPackages(server.envs)
 
     @property
@@ -449,6 +459,7 @@ class SessionHandler:
         """Serve the session until the client leaves or breaks the protocol."""
         try:
             if await self._handshake():
+                self.last_activity = time.monotonic()  # idle from the welcome, not the accept
                 self.writer = asyncio.create_task(self._write_outbox())
                 await self._serve_cells()
         except ProtocolError as exc:
@@ -495,7 +506,7 @@ class SessionHandler:
             )
             await self.ws.close()
             return False
-        assert isinstance(first, Hello)
+        first = expect(first, Hello)
         self.client_versions = {"python": first.python, "cloudpickle": first.cloudpickle}
         try:
             check_compatible(
@@ -606,7 +617,12 @@ class SessionHandler:
 
     async def _serve_cells(self) -> None:
         while True:
-            frame = await self._next_frame()
+            if self.upload is not None:
+                frame = await self._next_upload_frame()
+                if frame is None:
+                    return
+            else:
+                frame = await self._next_frame()
             if frame is None:
                 logger.info(
                     "session %s: idle for %g s (--idle-timeout); ending it",
@@ -617,12 +633,14 @@ class SessionHandler:
                 return
             if isinstance(frame, bytes):
                 answering = self.protocol.state is State.ANSWER
-                chunks = self.protocol.receive_binary(frame)
+                chunks = self.protocol.receive_binary(frame)  # refuses one not expected now
                 if answering:
-                    assert self.broker is not None
+                    if self.broker is None:
+                        raise ProtocolError("binary frame of an answer with no ask open")
                     await self.broker.on_parts(chunks)
                     continue
-                assert self.upload is not None
+                if self.upload is None:
+                    raise ProtocolError("binary frame outside an upload")
                 for chunk in chunks:
                     self.upload.write(chunk.value, chunk.data)
                 if self.protocol.state is State.RUNNING:
@@ -646,30 +664,39 @@ class SessionHandler:
                 await self.broker.on_answer(message)
 
     async def _within_size_limit(self, request: Execute | Answer) -> bool:
-        """Refuse (and end the session) a cell or answer declaring more than --max-message-size."""
-        limit = self.server.settings.max_message_size
+        """Refuse (and end the session) a cell or answer over --max-message-size or --max-values."""
         if isinstance(request, Answer):
-            size = request.nbytes
+            limit = self.server.settings.max_message_size
+            why = None
+            if request.nbytes > limit:
+                why = (
+                    f"An answer of the notebook side declares {format_size(request.nbytes)}; "
+                    f"this runner accepts at most {format_size(limit)} per cell "
+                    "(--max-message-size). Nothing was allocated."
+                )
         else:
-            size = sum(v.nbytes for v in request.values if not v.cached)
-        if size <= limit:
+            why = admission.refusal(request.values, self.server.settings.requests, "cell")
+        if why is None:
             return True
-        what = "an answer of the notebook side" if isinstance(request, Answer) else "the cell"
-        of_values = "" if isinstance(request, Answer) else " of values"
-        logger.warning(
-            "session %s: refused %s of %d bytes (--max-message-size %d)",
-            self.log_id,
-            what,
-            size,
-            limit,
-        )
-        await refuse(
-            self.ws,
-            ErrorCode.BAD_REQUEST,
-            f"{what.capitalize()} declares {format_size(size)}{of_values}; this runner accepts "
-            f"at most {format_size(limit)} per cell (--max-message-size). Nothing was allocated.",
-        )
+        logger.warning("session %s: refused a cell: %s", self.log_id, why)
+        await refuse(self.ws, ErrorCode.BAD_REQUEST, why)
         return False
+
+    async def _next_upload_frame(self) -> str | bytes | None:
+        """The next frame of an upload; None (and the cell dropped) after --upload-timeout."""
+        limits = self.server.settings.requests
+        try:
+            async with asyncio.timeout(limits.upload_timeout):
+                frame = await self.ws.recv()
+        except TimeoutError:
+            assert self.upload is not None
+            self.upload.close(keep=False)
+            self.upload = None
+            logger.warning("session %s: upload stalled (--upload-timeout)", self.log_id)
+            await refuse(self.ws, ErrorCode.BAD_REQUEST, admission.stalled(limits, "cell"))
+            return None
+        self.last_activity = time.monotonic()
+        return frame
 
     def _start_cell(self) -> None:
         assert self.upload is not None
@@ -716,8 +743,9 @@ class SessionHandler:
                 self.protocol.send(Installing(request.cell, count, line[-500:], done))
             ),
         )
-        (exchange / agent.RESULT_FILE).unlink(missing_ok=True)
-        agent.write_json(
+        with contextlib.suppress(OSError):  # a directory planted there, say
+            (exchange / agent.RESULT_FILE).unlink()
+        safefiles.write_json(
             exchange / agent.CELL_FILE,
             {
                 "values": values,
@@ -780,11 +808,12 @@ class SessionHandler:
             and (outcome.error or {}).get("ename") == "KeyboardInterrupt"
         ):
             status = Status.INTERRUPTED
-        values, offsets, failures, deleted = self._collect(exchange)
+        values, offsets, failures, deleted = results.collect(exchange, self.log_id)
         out_path = exchange / agent.OUTPUT_FILE
         if status is Status.KERNEL_DIED:
             values, offsets = [], []
             await self._replace_kernel()
+        parts, values = results.output_parts(out_path, values, offsets, failures, self.log_id)
         logger.info(
             "session %s: cell %s %s in %.1f ms (%d values in, %d held, %d out)",
             self.log_id,
@@ -800,28 +829,11 @@ class SessionHandler:
         )
         await self.ws.send(self.protocol.send(result))
         try:
-            if values:
-                view = serialize.map_file(out_path)
-                parts = [
-                    serialize.slice_parts(view, offset, v.sizes)
-                    for offset, v in zip(offsets, values, strict=True)
-                ]
+            if parts:
                 for frame in self.protocol.frames(parts):
                     await self.ws.send(frame)
         finally:
             out_path.unlink(missing_ok=True)
-
-    def _collect(
-        self, exchange: Path
-    ) -> tuple[list[ValueHeader], list[int], dict[str, str], list[str]]:
-        path = exchange / agent.RESULT_FILE
-        if not path.exists():
-            return [], [], {}, []
-        body = json.loads(path.read_text())
-        path.unlink()
-        values = [ValueHeader(v["name"], tuple(v["sizes"])) for v in body["values"]]
-        offsets = [int(v["offset"]) for v in body["values"]]
-        return values, offsets, dict(body["failures"]), list(body["deleted"])
 
     async def _replace_kernel(self) -> None:
         old, self.kernel = self.kernel, await self.server.pool.take()
@@ -859,7 +871,6 @@ class SessionHandler:
             self.upload.close(keep=False)
         if self.cache is not None:
             self.cache.clear()
-        self.cache.clear()
         self.packages.close()
         if self.has_slot:  # the client is gone: the next session may start while this
             self.has_slot = False  # kernel shuts down

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -70,8 +70,16 @@ class RunnerProcess:
                 self.process.stdout.close()
 
 
-def start_runner(tmp: Path, *args: str, env: dict[str, str] | None = None) -> RunnerProcess:
-    """Start ``didomagic-runner --port 0`` and wait for the connection URL it prints."""
+def start_runner(
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> RunnerProcess:
+    """Start ``didomagic-runner --port 0`` and wait for the connection URL it prints.
+
+    ``preexec_fn`` runs in the child before the runner starts (e.g. to lower an rlimit).
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     state = tmp / "state"
     log_path = tmp / "runner.log"
@@ -83,6 +91,7 @@ def start_runner(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Ru
             stderr=log,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec_fn,
         )
     assert process.stdout is not None
     line = process.stdout.readline().decode().strip()  # printed once listening
@@ -203,7 +212,7 @@ def runner_factory(tmp_path: Path) -> Iterator[Callable[..., RunnerProcess]]:
     """Start runners on demand; every one is stopped (and must exit 0) at teardown."""
     started: list[RunnerProcess] = []
 
-    def factory(*args: str, name: str = "r", **kw: dict[str, str]) -> RunnerProcess:
+    def factory(*args: str, name: str = "r", **kw: Any) -> RunnerProcess:
         runner = start_runner(tmp_path / f"{name}{len(started)}", "--name", name, *args, **kw)
         started.append(runner)
         return runner

@@ -30,12 +30,16 @@ def test_uvloop_is_used_where_installed(monkeypatch):
     assert eventloops.run(asyncio.sleep(0, result=7)) == 7
 
 
-@pytest.mark.parametrize(("disable", "expected"), [("1", "asyncio"), ("", "uvloop")])
-def test_a_runner_serves_cells_on_either_loop(runner_factory, disable, expected):
-    if expected == "uvloop":
-        pytest.importorskip("uvloop")
-    runner = runner_factory(env={eventloops.DISABLE_ENV: disable})
-    assert f"(event loop: {expected})" in runner.log
+def test_the_notebook_side_runs_on_uvloop_and_runners_on_asyncio(runner_factory):
+    pytest.importorskip("uvloop")
+    from didomagic.loop import background_loop
+
+    async def kind() -> str:
+        return eventloops.loop_name(asyncio.get_running_loop())
+
+    assert background_loop().run(kind()) == "uvloop"
+    runner = runner_factory()
+    assert "(event loop: asyncio)" in runner.log  # runner.accept counts accepts in Python
     session = api.SessionPool()
     try:
         api.run_cell(api.CellSpec("y = 6 * 7"), ns := {}, runner=runner.url, pool=session)
