@@ -90,6 +90,7 @@ class FakeRunners:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def register(self, index: int) -> None:
+        """Dial in as runner ``index`` and register; then serve its link in the background."""
         ws = await dial(self.url, REGISTER_PATH)
         link = Link(Role.RUNNER)
         description = {
