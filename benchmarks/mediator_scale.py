@@ -20,6 +20,9 @@ Measured:
   quiet (the figure the target, p99 under 10 ms, is about);
 - **mediator memory**: its resident set after the storm and with every
   session waiting.
+
+The mediator's connection and handshake limits (``--max-connections``,
+``--max-handshakes``, where it has them) are raised to fit the run.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class FakeRunners:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def register(self, index: int) -> None:
+        """Dial in as runner ``index`` and register; then serve its link in the background."""
         ws = await dial(self.url, REGISTER_PATH)
         link = Link(Role.RUNNER)
         description = {
@@ -195,13 +199,39 @@ async def measure(
     }
 
 
+def _room(runners: int, sessions: int) -> list[str]:
+    """Connection limits raised for the run, where this mediator has such flags."""
+    flags = subprocess.run(
+        [sys.executable, "-m", "runner", "mediator", "--help"], capture_output=True, text=True
+    ).stdout
+    room = []
+    for flag, value in (
+        ("--max-connections", 2 * sessions + runners + 100),
+        ("--max-handshakes", runners + 100),
+    ):
+        if flag in flags:
+            room += [flag, str(value)]
+    return room
+
+
 def run(runners: int, sessions: int) -> dict[str, Any]:
     """Start a mediator, measure, stop it; the figures as a dict."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the mediator inherits it
+    room = _room(runners, sessions)
     with tempfile.TemporaryDirectory() as state:
         process = subprocess.Popen(
-            [sys.executable, "-m", "runner", "mediator", "--port", "0", "--state-dir", state],
+            [
+                sys.executable,
+                "-m",
+                "runner",
+                "mediator",
+                "--port",
+                "0",
+                "--state-dir",
+                state,
+                *room,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from didomagic import matching
@@ -67,7 +67,6 @@ class Launched:
     state: JobState
     registered: bool = False
     """Its runner has registered with the mediator."""
-    submitted: float = field(default_factory=time.monotonic)
 
     def text(self) -> str:
         """``Slurm job 12, pending (Resources)``."""

@@ -12,6 +12,7 @@ holder processes removes the namespaces and their links.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
@@ -57,8 +58,6 @@ class Network:
 
 def require_namespaces() -> None:
     """Skip (fail under CI) without unshare, nsenter and ip."""
-    import shutil
-
     missing = [c for c in ("unshare", "nsenter", "ip") if shutil.which(c) is None]
     if missing:
         skip_missing(f"{', '.join(missing)} not found (Debian packages util-linux, iproute2)")

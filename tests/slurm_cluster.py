@@ -193,7 +193,7 @@ def start_cluster(
         devices = root / "dev" / f"{node.name}-gpu[0-{node.gpus - 1}]"
         gres.append(f"NodeName={node.name} Name=gpu Type=fake File={devices}")
     names = ",".join(n.name for n in nodes)
-    lines.append(f"PartitionName=gpu Nodes={names} Default=YES MaxTime=INFINITE State=UP")
+    lines.append(f"PartitionName=batch Nodes={names} Default=YES MaxTime=INFINITE State=UP")
     conf.write_text("\n".join(lines) + "\n")
     (root / "etc" / "gres.conf").write_text("\n".join(gres) + "\n")
     env = {**os.environ, "SLURM_CONF": str(conf)}

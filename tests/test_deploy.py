@@ -8,6 +8,7 @@ strict mode, against a recent Kubernetes API.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -231,3 +232,26 @@ def test_every_manifest_validates_strictly(variant, renderer):
         assert "gpu" in tags.split(",")
     else:
         assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+
+
+def test_the_containerfile_builds_from_files_that_exist_and_runs_as_non_root():
+    import shlex
+    import tomllib
+
+    root = DEPLOY.parent.parent
+    lines = (root / "Containerfile").read_text().replace("\\\n", " ").splitlines()
+    instructions = [line.split(None, 1) for line in lines if line.strip() and line[0] != "#"]
+    for word, rest in instructions:
+        if word == "COPY":
+            *sources, _ = rest.split()
+            assert all((root / source).exists() for source in sources), rest
+    (entry,) = [json.loads(rest) for word, rest in instructions if word == "ENTRYPOINT"]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert entry == ["didomagic-runner"] and "didomagic-runner" in scripts
+    (user,) = [rest for word, rest in instructions if word == "USER"]
+    assert user.strip() not in ("root", "0")
+    known = {environment.variable_of(f) for f in environment.flags("runner")}
+    for word, rest in instructions:
+        if word == "ENV":
+            names = {pair.split("=", 1)[0] for pair in shlex.split(rest)}
+            assert names - {"PYTHONUNBUFFERED"} <= known, names

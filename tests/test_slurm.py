@@ -150,7 +150,9 @@ def test_gpu_sessions_get_launched_runners_and_the_jobs_end(shell, ns, cluster, 
         with capture_output() as cap:
             shell.run_line_magic("runners", "")
         assert f"slurm-{job_c}" in cap.stdout and "pending" in cap.stdout
-        assert listing(mediator.url)[runner_b]["reason"].startswith("Slurm job")
+        launched = listing(mediator.url)[runner_b]
+        assert launched["reason"].startswith("Slurm job") and launched["slurm_state"] == "RUNNING"
+        assert {"gpu", "batch"} <= set(launched["tags"])  # what the job got, and its partition
 
         second.close()  # its runner is free again: the waiting session takes it
         waiting.join(TIMEOUT)
@@ -266,7 +268,8 @@ def test_slurm_script_prints_the_batch_script_a_hand_submitted_runner_uses(
         runner = wait_until(
             lambda: listing(mediator.url).get(f"slurm-{job}"), "the hand-submitted runner"
         )
-        assert set(runner["tags"]) == {"by-hand", "gpu"} and runner["slurm_job"] == job
+        assert set(runner["tags"]) == {"by-hand", "gpu", "batch"}  # batch: the partition
+        assert runner["slurm_job"] == job
         cluster.run("scancel", job)
     finally:
         assert mediator.stop() == 0, mediator.log
