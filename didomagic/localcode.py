@@ -521,6 +521,11 @@ def bundle_for(
     return Bundle(header, parts, manifest, tuple(digests), len(sources))
 
 
+def warm_up() -> None:
+    """Classify, stat and hash the notebook's modules now, so the next bundle is quick."""
+    bundle_for(CodeState())
+
+
 def imports_of(code: str) -> list[str]:
     """The absolute module names a piece of code imports (for a detached job's bundle)."""
     try:

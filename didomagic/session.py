@@ -114,6 +114,8 @@ class RemoteSession:
     ) -> tuple[Result, list[list[bytearray]]]:
         """Open the session if needed and run one cell (on the I/O loop); report to ``events``."""
         async with self._busy:
+            if not self.connected:  # the slow first look, before the runner's idle clock runs
+                await asyncio.to_thread(localcode.warm_up)
             connection = await self.connect_async(events)
             code = localcode.state_of(self.responder.state)
             bundle = None
