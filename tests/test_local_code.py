@@ -461,3 +461,21 @@ def test_a_namespace_package_and_a_kernel_that_died(shell, ns, notebook, runner_
     # The fresh kernel gets every module again, though none of them changed.
     ok(*remote(shell, runner.url, "import nspkg.mod\nv = (nspkg.mod.VALUE, helpers.double(3))"))
     assert ns["v"] == ("namespace", 6)
+
+
+def test_modules_under_bwrap_without_network(shell, ns, notebook, runner_factory):
+    from runner.sandbox import probe_bwrap, probe_network
+
+    from .conftest import skip_missing
+
+    why = probe_bwrap() or probe_network()
+    if why is not None:
+        skip_missing(f"bwrap and network namespaces: {why}")
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    write(notebook / "pkg" / "__init__.py", "from .sub import f\n")
+    write(notebook / "pkg" / "sub.py", "def f(x):\n    return x + 1\n")
+    runner = runner_factory("--sandbox", "bwrap", "--no-network", name="boxed")
+    local(shell, "import helpers\nx = 4")
+    ok(*remote(shell, runner.url, "import pkg\ny = (helpers.triple(x), pkg.f(x))"))
+    assert ns["y"] == (12, 5)
