@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from IPython.utils.capture import capture_output
 
-from didomagic import localcode
+from didomagic import firstparty, localcode
 
 from .conftest import TIMEOUT, start_mediator, wait_until
 
@@ -226,7 +226,7 @@ def test_runner_environment_modules_are_never_shipped(shell, ns, notebook, runne
     write(notebook / "helpers.py", HELPERS)
     write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
     local(shell, "import helpers, json, numpy, didomagic")
-    imported = localcode.index().imported()
+    imported = firstparty.index().imported()
     assert {"helpers", "other"} <= set(imported)
     assert not {"json", "numpy", "didomagic", "runner.agent"} & set(imported)
     state = localcode.CodeState()
@@ -299,7 +299,7 @@ def test_an_editable_install_of_the_project(
     ok(*remote(shell, runner.url, "import edpkg\nh = edpkg.hello()\nwhere = edpkg.__file__"))
     assert ns["h"] == "hi from edpkg"
     local(shell, "import edpkg.core")
-    assert "edpkg.core" in localcode.index().imported()
+    assert "edpkg.core" in firstparty.index().imported()
     write(project / "edpkg" / "core.py", "def hello():\n    return 'edited'\n")
     ok(*remote(shell, runner.url, "h = edpkg.hello()"))
     assert ns["h"] == "edited"
