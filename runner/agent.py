@@ -86,7 +86,10 @@ class Agent:
                 os.unlink(path)
         failures.update(serialize.unpack_into(ns, pairs))
         where = _versions(request.get("origin", {}))
-        self._failures = {name: f"{reason} ({where})" for name, reason in failures.items()}
+        self._failures = {
+            name: codeimport.explain(reason) or f"{reason} ({where})"
+            for name, reason in failures.items()
+        }
         self._failures.update(code_failures)
         self._before = serialize.snapshot(ns, request["fetch"])
         self._request = request

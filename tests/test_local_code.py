@@ -199,6 +199,17 @@ def test_a_syntax_error_points_at_the_file_and_line(shell, ns, notebook, runner_
     write(notebook / "helpers.py", "def double(x):\n    return 3 * x\n")
     ok(*remote(shell, runner.url, "y = helpers.double(2)"))
     assert ns["y"] == 6
+    # A value whose module first loads on the runner, broken since: the cause, not a pickle.
+    write(notebook / "fine.py", "def g(x):\n    return x\n")
+    local(shell, "from fine import g")
+    write(notebook / "fine.py", "def g(x):\n    return x +\n")
+    result, cap = remote(shell, runner.url, "r = g(1)")
+    assert not result.success
+    assert (
+        "'g' was not synced: needs the notebook's module fine, which failed on the runner: "
+        "SyntaxError: invalid syntax (fine.py, line 2)" in cap.stderr
+    ), cap.stderr
+    assert "unpickl" not in cap.stderr
 
 
 def test_sys_path_built_from_the_cwd(shell, ns, notebook, runner_factory):
