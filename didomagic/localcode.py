@@ -29,6 +29,7 @@ from didomagic.protocol import CODE_VALUE, ValueHeader
 from didomagic.resources import Reply, Request, register_handler
 
 __all__ = [
+    "PUSH_BUDGET",
     "RESOURCE",
     "SAFE_RESULTS",
     "Bundle",
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("didomagic.client")
+
+PUSH_BUDGET = 4 << 20
+"""Source bytes a cell's bundle carries at most; the runner asks for the rest as needed."""
 
 RESOURCE = "module"
 """The request channel's resource name for module sources."""
@@ -101,7 +105,11 @@ class Bundle:
 
 
 def bundle_for(
-    state: CodeState, include: Iterable[str] = (), *, names_only: bool = False
+    state: CodeState,
+    include: Iterable[str] = (),
+    *,
+    names_only: bool = False,
+    budget: int | None = None,
 ) -> Bundle | None:
     """The code bundle for the next cell of a session, or None when nothing changed.
 
@@ -109,6 +117,8 @@ def bundle_for(
     job's own imports); a package comes with everything under it.
     ``names_only`` (an untrusted runner) sends only the top-level names, so
     that importing one fails there with the reason, and no module.
+    ``budget`` caps the source bytes sent: the manifest still lists every
+    module, and the runner asks for one beyond the budget when it needs it.
     """
     code = index()
     with code.lock:
@@ -130,13 +140,14 @@ def bundle_for(
         manifest = (tuple((e.name, e.digest) for e in entries), roots, str(code.root))
         if manifest == state.last:
             return None
-        sources, digests = [], []
+        sources, digests, total = [], [], 0
         for entry in entries:
             if entry.digest in state.digests or entry.digest in digests:
                 continue
             data = code.source(entry.path, entry.digest)
-            if data is None:
+            if data is None or (budget is not None and total + len(data) > budget):
                 continue
+            total += len(data)
             sources.append(memoryview(data))
             digests.append(entry.digest)
     head = json.dumps(

@@ -121,7 +121,10 @@ class RemoteSession:
             bundle = None
             if not localcode.shipped(request.values):  # stats and reads: off the I/O loop
                 bundle = await asyncio.to_thread(
-                    localcode.bundle_for, code, names_only=self.url.safe_results
+                    localcode.bundle_for,
+                    code,
+                    names_only=self.url.safe_results,
+                    budget=localcode.PUSH_BUDGET,
                 )
             if bundle is not None:  # the notebook's modules go first, before any value
                 request = replace(request, values=(bundle.header, *request.values))

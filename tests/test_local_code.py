@@ -7,6 +7,7 @@ runs cells under ``%%remote`` on runners that have none of its files.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -243,7 +244,7 @@ def test_runner_environment_modules_are_never_shipped(shell, ns, notebook, runne
     state = localcode.CodeState()
     bundle = localcode.bundle_for(state)
     assert bundle is not None
-    names = {m["name"] for m in __import__("json").loads(bytes(bundle.parts[0]))["modules"]}
+    names = {m["name"] for m in json.loads(bytes(bundle.parts[0]))["modules"]}
     assert {"helpers", "other"} <= names and "numpy" not in names
     bundle.commit(state)
     assert localcode.bundle_for(state) is None  # unchanged: nothing at all goes
@@ -490,3 +491,26 @@ def test_modules_under_bwrap_without_network(shell, ns, notebook, runner_factory
     local(shell, "import helpers\nx = 4")
     ok(*remote(shell, runner.url, "import pkg\ny = (helpers.triple(x), pkg.f(x))"))
     assert ns["y"] == (12, 5)
+
+
+def test_sources_beyond_the_budget_are_asked_for(shell, ns, notebook, runner_factory, monkeypatch):
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    local(shell, "import helpers")
+    bundle = localcode.bundle_for(localcode.CodeState(), budget=1)
+    assert bundle is not None and sum(p.nbytes for p in bundle.parts[1:]) <= 1
+    listed = {m["name"] for m in json.loads(bytes(bundle.parts[0]))["modules"]}
+    assert {"helpers", "other"} <= listed  # listed, not sent
+    monkeypatch.setattr(localcode, "PUSH_BUDGET", 1)
+    runner = runner_factory()
+    ok(
+        *remote(
+            shell,
+            runner.url,
+            "from runner.codeimport import store\ny = helpers.triple(2)\nasked = store().asked",
+        )
+    )
+    assert ns["y"] == 6 and ns["asked"] >= 1
+    write(notebook / "other.py", "def times(k, x):\n    return k * x + 1\n")
+    ok(*remote(shell, runner.url, "y = helpers.triple(2)"))
+    assert ns["y"] == 7
