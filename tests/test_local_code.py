@@ -343,6 +343,10 @@ def test_map_over_a_local_function_across_two_runners(
         assert [r[0] for r in results] == [i * i for i in range(8)]
         assert {r[1] for r in results} == {"a", "b"}
         assert didomagic.run(work.square, 5, runner=a.url) == (25, "a")
+        # A detached job has no notebook to ask: the module went with the submission.
+        job = didomagic.submit(work.square, 3, runner=b.url)
+        assert job.wait(timeout=TIMEOUT)["state"] == "done"
+        assert job.result() == (9, "b")
     finally:
         private_config.unlink(missing_ok=True)
 
