@@ -125,6 +125,8 @@ class RemoteSession:
         value the remote kernel holds at that version is not sent.
         """
         async with self._busy:
+            if not self.connected:  # the slow first look, before the runner's idle clock runs
+                await asyncio.to_thread(localcode.warm_up)
             connection = await self.connect_async(events)
             if versions is not None:
                 values, parts, names = self.versions.hold(request.values, parts, versions)
@@ -133,7 +135,10 @@ class RemoteSession:
             bundle = None
             if not localcode.shipped(request.values):  # stats and reads: off the I/O loop
                 bundle = await asyncio.to_thread(
-                    localcode.bundle_for, code, names_only=self.url.safe_results
+                    localcode.bundle_for,
+                    code,
+                    names_only=self.url.safe_results,
+                    budget=localcode.PUSH_BUDGET,
                 )
             if bundle is not None:  # the notebook's modules go first, before any value
                 request = replace(request, values=(bundle.header, *request.values))

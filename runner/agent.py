@@ -111,7 +111,10 @@ class Agent:
             if name not in failures:
                 self._versions.loaded(ns, name)
         where = _versions(request.get("origin", {}))
-        self._failures = {name: f"{reason} ({where})" for name, reason in failures.items()}
+        self._failures = {
+            name: codeimport.explain(reason) or f"{reason} ({where})"
+            for name, reason in failures.items()
+        }
         held = request.get("held", [])
         for name in self._versions.start(ns, [*(name for name, _ in pairs), *held]):
             if name in held:

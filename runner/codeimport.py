@@ -36,16 +36,12 @@ from collections.abc import Iterable, MutableMapping, Sequence
 from types import FunctionType, ModuleType
 from typing import Any
 
+from didomagic.serialize import describe
 from runner import asking
 
 logger = logging.getLogger("didomagic.kernel")
 
 RESOURCE = "module"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class CodeStore:
@@ -65,6 +61,8 @@ class CodeStore:
         """Names the notebook did not have, during this cell (asked again next cell)."""
         self.asked = 0
         """Asks sent to the notebook (tests and the benchmark read it)."""
+        self.failed: dict[str, str] = {}
+        """This cell's failed imports of notebook modules: the error, as described, → module."""
 
     def filename(self, entry: dict[str, Any]) -> str:
         """How a module's file is named here: under :attr:`base` when it is project-relative."""
@@ -152,9 +150,13 @@ class NotebookLoader(importlib.abc.Loader):
         filename = spec.origin or self.store.filename(entry)
         text = source.decode("utf-8", "replace")
         linecache.cache[filename] = (len(source), None, text.splitlines(True), filename)
-        code = compile(source, filename, "exec", dont_inherit=True)
-        self.store.loaded[spec.name] = entry["digest"]
-        exec(code, module.__dict__)
+        try:
+            code = compile(source, filename, "exec", dont_inherit=True)
+            self.store.loaded[spec.name] = entry["digest"]
+            exec(code, module.__dict__)
+        except Exception as exc:
+            self.store.failed[describe(exc)] = spec.name
+            raise
 
     def get_source(self, name: str) -> str | None:
         """The module's source, for tracebacks and ``inspect``."""
@@ -219,6 +221,15 @@ def new_cell() -> None:
     """A cell starts: names the notebook lacked may exist now."""
     if _store is not None:
         _store.misses.clear()
+        _store.failed.clear()
+
+
+def explain(reason: str) -> str | None:
+    """Why a value did not load, when a notebook module it needs failed to import here."""
+    for text, module in store().failed.items():
+        if reason.endswith(text):
+            return f"needs the notebook's module {module}, which failed on the runner: {text}"
+    return None
 
 
 def apply_bundle(
@@ -254,7 +265,7 @@ def _reload(name: str, namespace: MutableMapping[str, Any]) -> str | None:
         module.__dict__.clear()  # a half-run new version leaves nothing behind
         module.__dict__.update(old)
         sys.modules[name] = module
-        return f"kept its previous version: the new one failed on the runner with {_describe(exc)}"
+        return f"kept its previous version: the new one failed on the runner with {describe(exc)}"
     classes: dict[int, type] = {}
     for attr, before in old.items():
         after = module.__dict__.get(attr)

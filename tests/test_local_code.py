@@ -7,6 +7,7 @@ runs cells under ``%%remote`` on runners that have none of its files.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from IPython.utils.capture import capture_output
 
-from didomagic import localcode
+from didomagic import firstparty, localcode
 
 from .conftest import TIMEOUT, start_mediator, wait_until
 
@@ -199,6 +200,17 @@ def test_a_syntax_error_points_at_the_file_and_line(shell, ns, notebook, runner_
     write(notebook / "helpers.py", "def double(x):\n    return 3 * x\n")
     ok(*remote(shell, runner.url, "y = helpers.double(2)"))
     assert ns["y"] == 6
+    # A value whose module first loads on the runner, broken since: the cause, not a pickle.
+    write(notebook / "fine.py", "def g(x):\n    return x\n")
+    local(shell, "from fine import g")
+    write(notebook / "fine.py", "def g(x):\n    return x +\n")
+    result, cap = remote(shell, runner.url, "r = g(1)")
+    assert not result.success
+    assert (
+        "'g' was not synced: needs the notebook's module fine, which failed on the runner: "
+        "SyntaxError: invalid syntax (fine.py, line 2)" in cap.stderr
+    ), cap.stderr
+    assert "unpickl" not in cap.stderr
 
 
 def test_sys_path_built_from_the_cwd(shell, ns, notebook, runner_factory):
@@ -226,13 +238,13 @@ def test_runner_environment_modules_are_never_shipped(shell, ns, notebook, runne
     write(notebook / "helpers.py", HELPERS)
     write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
     local(shell, "import helpers, json, numpy, didomagic")
-    imported = localcode.index().imported()
+    imported = firstparty.index().imported()
     assert {"helpers", "other"} <= set(imported)
     assert not {"json", "numpy", "didomagic", "runner.agent"} & set(imported)
     state = localcode.CodeState()
     bundle = localcode.bundle_for(state)
     assert bundle is not None
-    names = {m["name"] for m in __import__("json").loads(bytes(bundle.parts[0]))["modules"]}
+    names = {m["name"] for m in json.loads(bytes(bundle.parts[0]))["modules"]}
     assert {"helpers", "other"} <= names and "numpy" not in names
     bundle.commit(state)
     assert localcode.bundle_for(state) is None  # unchanged: nothing at all goes
@@ -299,7 +311,7 @@ def test_an_editable_install_of_the_project(
     ok(*remote(shell, runner.url, "import edpkg\nh = edpkg.hello()\nwhere = edpkg.__file__"))
     assert ns["h"] == "hi from edpkg"
     local(shell, "import edpkg.core")
-    assert "edpkg.core" in localcode.index().imported()
+    assert "edpkg.core" in firstparty.index().imported()
     write(project / "edpkg" / "core.py", "def hello():\n    return 'edited'\n")
     ok(*remote(shell, runner.url, "h = edpkg.hello()"))
     assert ns["h"] == "edited"
@@ -338,6 +350,10 @@ def test_map_over_a_local_function_across_two_runners(
         assert [r[0] for r in results] == [i * i for i in range(8)]
         assert {r[1] for r in results} == {"a", "b"}
         assert didomagic.run(work.square, 5, runner=a.url) == (25, "a")
+        # A detached job has no notebook to ask: the module went with the submission.
+        job = didomagic.submit(work.square, 3, runner=b.url)
+        assert job.wait(timeout=TIMEOUT)["state"] == "done"
+        assert job.result() == (9, "b")
     finally:
         private_config.unlink(missing_ok=True)
 
@@ -468,3 +484,44 @@ def test_a_namespace_package_and_a_kernel_that_died(shell, ns, notebook, runner_
     # The fresh kernel gets every module again, though none of them changed.
     ok(*remote(shell, runner.url, "import nspkg.mod\nv = (nspkg.mod.VALUE, helpers.double(3))"))
     assert ns["v"] == ("namespace", 6)
+
+
+def test_modules_under_bwrap_without_network(shell, ns, notebook, runner_factory):
+    from runner.sandbox import probe_bwrap, probe_network
+
+    from .conftest import skip_missing
+
+    why = probe_bwrap() or probe_network()
+    if why is not None:
+        skip_missing(f"bwrap and network namespaces: {why}")
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    write(notebook / "pkg" / "__init__.py", "from .sub import f\n")
+    write(notebook / "pkg" / "sub.py", "def f(x):\n    return x + 1\n")
+    runner = runner_factory("--sandbox", "bwrap", "--no-network", name="boxed")
+    local(shell, "import helpers\nx = 4")
+    ok(*remote(shell, runner.url, "import pkg\ny = (helpers.triple(x), pkg.f(x))"))
+    assert ns["y"] == (12, 5)
+
+
+def test_sources_beyond_the_budget_are_asked_for(shell, ns, notebook, runner_factory, monkeypatch):
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    local(shell, "import helpers")
+    bundle = localcode.bundle_for(localcode.CodeState(), budget=1)
+    assert bundle is not None and sum(p.nbytes for p in bundle.parts[1:]) <= 1
+    listed = {m["name"] for m in json.loads(bytes(bundle.parts[0]))["modules"]}
+    assert {"helpers", "other"} <= listed  # listed, not sent
+    monkeypatch.setattr(localcode, "PUSH_BUDGET", 1)
+    runner = runner_factory()
+    ok(
+        *remote(
+            shell,
+            runner.url,
+            "from runner.codeimport import store\ny = helpers.triple(2)\nasked = store().asked",
+        )
+    )
+    assert ns["y"] == 6 and ns["asked"] >= 1
+    write(notebook / "other.py", "def times(k, x):\n    return k * x + 1\n")
+    ok(*remote(shell, runner.url, "y = helpers.triple(2)"))
+    assert ns["y"] == 7
