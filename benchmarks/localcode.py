@@ -80,7 +80,9 @@ def local_code_measures(
                 for name in package:
                     del sys.modules[name]
                 trivial_fresh.append(fresh("x = 1"))
-                asked.append(fresh("import bigpkg\ny = bigpkg.f(1)"))
+                # Bound to no name: a module bound by the cell would come back and be
+                # imported in the notebook too, which is not what this measures.
+                asked.append(fresh("y = __import__('bigpkg').f(1)"))
                 sys.modules.update(package)
                 pushed.append(fresh("y = bigpkg.f(1)"))
             for _ in range(3):

@@ -123,6 +123,8 @@ class RemoteSession:
         value the remote kernel holds at that version is not sent.
         """
         async with self._busy:
+            if not self.connected:  # the slow first look, before the runner's idle clock runs
+                await asyncio.to_thread(localcode.warm_up)
             connection = await self.connect_async(events)
             if versions is not None:
                 values, parts, names = self.versions.hold(request.values, parts, versions)

@@ -14,8 +14,9 @@ kept by digest, and a module already imported whose digest changed is
 reloaded, the way IPython's ``autoreload`` does it (a new version that fails to
 run is reported and the old one kept until the next cell tries again): the module object is
 re-executed in place (so ``helpers.f`` is the new code), functions of the old
-version get the new code (so ``from helpers import f`` done earlier, or a
-value holding ``f``, runs the new code too), methods of its old classes are
+version get the new code and stay the module's (so ``from helpers import f``
+done earlier, or a value holding ``f``, runs the new code too, and ``f`` still
+pickles by reference), methods of its old classes are
 updated, and names in the namespace bound to its old classes are rebound.
 """
 
@@ -110,8 +111,8 @@ class CodeStore:
             self.misses.add(name)
             return False
         entries = list(reply.meta.get("modules") or [])
-        pairs = zip(entries, reply.parts, strict=False)
-        self.take(entries, [(entry.get("digest"), part) for entry, part in pairs])
+        digests = list(reply.meta.get("sources") or [])
+        self.take(entries, zip(digests, reply.parts, strict=False))
         return name in self.entries
 
     def namespace_parent(self, name: str) -> bool:
@@ -250,6 +251,8 @@ def _reload(name: str, namespace: MutableMapping[str, Any]) -> str | None:
     try:
         importlib.reload(module)
     except Exception as exc:  # as autoreload does: keep the old code, say why, retry next cell
+        module.__dict__.clear()  # a half-run new version leaves nothing behind
+        module.__dict__.update(old)
         sys.modules[name] = module
         return f"kept its previous version: the new one failed on the runner with {_describe(exc)}"
     classes: dict[int, type] = {}
@@ -261,8 +264,9 @@ def _reload(name: str, namespace: MutableMapping[str, Any]) -> str | None:
             isinstance(before, FunctionType)
             and isinstance(after, FunctionType)
             and before.__module__ == name
+            and _update_function(before, after)
         ):
-            _update_function(before, after)
+            module.__dict__[attr] = before  # one object, new code: pickles by reference
         elif isinstance(before, type) and isinstance(after, type) and before.__module__ == name:
             _update_class(before, after)
             classes[id(before)] = after
@@ -274,15 +278,17 @@ def _reload(name: str, namespace: MutableMapping[str, Any]) -> str | None:
     return None
 
 
-def _update_function(old: FunctionType, new: FunctionType) -> None:
-    """Give the old function the new one's code (skipped when their closures differ)."""
+def _update_function(old: FunctionType, new: FunctionType) -> bool:
+    """Give the old function the new one's code; False when their closures differ."""
     try:
         old.__code__ = new.__code__
     except ValueError:
-        return
+        return False
     old.__defaults__ = new.__defaults__
     old.__kwdefaults__ = new.__kwdefaults__
     old.__doc__ = new.__doc__
+    old.__dict__.update(new.__dict__)
+    return True
 
 
 def _update_class(old: type, new: type) -> None:

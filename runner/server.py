@@ -422,6 +422,7 @@ class SessionHandler:
         """Serve the session until the client leaves or breaks the protocol."""
         try:
             if await self._handshake():
+                self.last_activity = time.monotonic()  # idle from the welcome on, not the hello
                 self.writer = asyncio.create_task(self._write_outbox())
                 await self._serve_cells()
         except ProtocolError as exc:

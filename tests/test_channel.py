@@ -182,3 +182,23 @@ def test_asks_under_bwrap_without_network(shell, ns, runner_factory, greeting):
     )
     assert result.success, cap.stdout + cap.stderr
     assert ns["got"] == b"there"
+
+
+def test_garbage_on_the_socket_drops_that_connection_only(shell, ns, module_runner, greeting):
+    result, cap = remote(
+        shell,
+        module_runner.url,
+        ASK + "import socket, struct\nfrom runner import asking\n"
+        "bad = []\n"
+        "for junk in (b'\\xff\\xff\\xff\\xff', struct.pack('>I', 4) + b'[1]]',"
+        " struct.pack('>I', 2) + b'[]', asking.frame({'resource': 1})):\n"
+        "    s = socket.socket(socket.AF_UNIX); s.connect(asking._socket_path)\n"
+        "    s.sendall(junk); s.settimeout(10)\n"
+        "    bad.append(s.recv(1 << 16)); s.close()\n"
+        "r = bytes(ask('greeting', 'hello').parts[1])",
+    )
+    assert result.success, cap.stdout + cap.stderr
+    first, second, third, fourth = ns["bad"]
+    assert first == second == third == b""  # closed at once
+    assert b"refused" in fourth and b"resource and a name" in fourth
+    assert ns["r"] == b"there"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from IPython.utils.capture import capture_output
 
-from didomagic import localcode
+from didomagic import firstparty, localcode
 
 from .conftest import TIMEOUT, start_mediator, wait_until
 
@@ -90,6 +90,18 @@ def test_import_helpers_and_from_pkg_sub(shell, ns, notebook, runner_factory):
     # Not imported in the notebook: asked for by the runner's import hook.
     ok(*remote(shell, runner.url, "from pkg.sub import f\nfrom pkg import deep\nw = f(2)"))
     assert ns["w"] == 21
+    # One ask per module the notebook never imported, whatever it imports in turn.
+    write(notebook / "uses.py", "import tool\nfrom tool import k\n")
+    write(notebook / "tool.py", "k = 7\n")
+    ok(
+        *remote(
+            shell,
+            runner.url,
+            "from runner.codeimport import store\nbefore = store().asked\n"
+            "import uses\nasks = (store().asked - before, before, uses.k)",
+        )
+    )
+    assert ns["asks"] == (1, 1, 7)  # pkg took one ask (all of it), uses and tool one
     ok(
         *remote(
             shell,
@@ -126,9 +138,10 @@ def test_edits_are_picked_up_and_unchanged_modules_are_not_resent(
     ok(*remote(shell, runner.url, "y = helpers.double(x) + d(x)"))
     assert ns["y"] == 20 and state.sent == sent  # nothing sent again
     write(notebook / "helpers.py", HELPERS.replace("2 * x", "100 * x"))
-    ok(*remote(shell, runner.url, "y = (helpers.double(x), d(x))"))
-    # Reloaded before the cell: the module's attribute and the name bound earlier both.
-    assert ns["y"] == (500, 500)
+    ok(*remote(shell, runner.url, "y = (helpers.double(x), d(x), d is helpers.double)"))
+    # Reloaded before the cell: the module's attribute and the name bound earlier both,
+    # still one function (so it pickles by reference).
+    assert ns["y"] == (500, 500, True)
     assert state.sent == sent + 1  # only the changed module went
     # A module first imported on the runner (asked for) is watched for edits as well.
     write(notebook / "late.py", "K = 1\n")
@@ -213,7 +226,7 @@ def test_runner_environment_modules_are_never_shipped(shell, ns, notebook, runne
     write(notebook / "helpers.py", HELPERS)
     write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
     local(shell, "import helpers, json, numpy, didomagic")
-    imported = localcode.index().imported()
+    imported = firstparty.index().imported()
     assert {"helpers", "other"} <= set(imported)
     assert not {"json", "numpy", "didomagic", "runner.agent"} & set(imported)
     state = localcode.CodeState()
@@ -286,7 +299,7 @@ def test_an_editable_install_of_the_project(
     ok(*remote(shell, runner.url, "import edpkg\nh = edpkg.hello()\nwhere = edpkg.__file__"))
     assert ns["h"] == "hi from edpkg"
     local(shell, "import edpkg.core")
-    assert "edpkg.core" in localcode.index().imported()
+    assert "edpkg.core" in firstparty.index().imported()
     write(project / "edpkg" / "core.py", "def hello():\n    return 'edited'\n")
     ok(*remote(shell, runner.url, "h = edpkg.hello()"))
     assert ns["h"] == "edited"
@@ -448,3 +461,21 @@ def test_a_namespace_package_and_a_kernel_that_died(shell, ns, notebook, runner_
     # The fresh kernel gets every module again, though none of them changed.
     ok(*remote(shell, runner.url, "import nspkg.mod\nv = (nspkg.mod.VALUE, helpers.double(3))"))
     assert ns["v"] == ("namespace", 6)
+
+
+def test_modules_under_bwrap_without_network(shell, ns, notebook, runner_factory):
+    from runner.sandbox import probe_bwrap, probe_network
+
+    from .conftest import skip_missing
+
+    why = probe_bwrap() or probe_network()
+    if why is not None:
+        skip_missing(f"bwrap and network namespaces: {why}")
+    write(notebook / "helpers.py", HELPERS)
+    write(notebook / "other.py", "def times(k, x):\n    return k * x\n")
+    write(notebook / "pkg" / "__init__.py", "from .sub import f\n")
+    write(notebook / "pkg" / "sub.py", "def f(x):\n    return x + 1\n")
+    runner = runner_factory("--sandbox", "bwrap", "--no-network", name="boxed")
+    local(shell, "import helpers\nx = 4")
+    ok(*remote(shell, runner.url, "import pkg\ny = (helpers.triple(x), pkg.f(x))"))
+    assert ns["y"] == (12, 5)
