@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pathspec
 
-from didomagic import localcode
+from didomagic import firstparty
 from didomagic.errors import FileRefused
 
 ROOT_ENV = "DIDOMAGIC_PROJECT_ROOT"
@@ -37,13 +37,13 @@ ALWAYS_EXCLUDED = frozenset({".git", "__pycache__", ".ipynb_checkpoints", ".venv
 def find_root(cwd: Path | None = None) -> Path:
     """The project root for a notebook working in ``cwd`` (see the module docstring).
 
-    The same root the notebook's code is shipped from (:func:`localcode.project_root`),
+    The same root the notebook's code is shipped from (:func:`firstparty.project_root`),
     unless ``DIDOMAGIC_PROJECT_ROOT`` names one.
     """
     explicit = os.environ.get(ROOT_ENV)
     if explicit:
         return Path(explicit).expanduser().resolve()
-    return localcode.project_root(cwd)
+    return firstparty.project_root(cwd)
 
 
 def clean_relative(name: str) -> str:

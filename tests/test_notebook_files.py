@@ -356,3 +356,19 @@ def test_an_untrusted_session_is_served_only_listed_files_whatever_the_cell_says
     assert other.status.value == "refused" and "--safe-results" in other.message
     trusted = files.serve(Request("file", "data/train.csv", {"op": "read"}, {}))
     assert trusted.status.value == "found"
+
+
+def test_temporary_files_left_in_the_scratch_do_not_come_back(shell, ns, module_runner, project):
+    cap = run(
+        shell,
+        module_runner.url,
+        "import os, tempfile\n"
+        "handle = tempfile.NamedTemporaryFile(dir=os.getcwd() + '/..', delete=False)\n"
+        "handle.write(b'scratch')\n"
+        "handle.close()\n"
+        "leftover = os.path.basename(handle.name)\n"
+        "del handle\n"
+        "n = open('kept.txt', 'w').write('output')\n",
+    )
+    assert (project / "nb" / "kept.txt").read_text() == "output"
+    assert not (project / ns["leftover"]).exists() and ns["leftover"] not in cap.stderr
