@@ -6,6 +6,7 @@ the runners get as ``--find-links DIR --no-index``: nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
@@ -173,9 +174,10 @@ def test_the_cache_size_is_a_count_or_a_size_and_progress_names_the_installs():
     progress = Progress()
     progress.installing(0, "Resolved 3 packages")
     assert progress.install_text().startswith("resolving packages, ")
-    progress.installing(3, "+ dmtbase==1.0")
+    progress.installing(3, "Installed 3 packages in 4ms")
+    progress.installing(3, "+ dmtbase==1.0")  # the list after it says less
     assert progress.install_text().startswith("installing 3 packages, 0.")
-    assert progress.install_text().endswith(": + dmtbase==1.0")
+    assert progress.install_text().endswith(": Installed 3 packages in 4ms")
     assert "installing 3 packages" in progress.summary()
     progress.installing(3, "installed in 0.1 s", done=True)
     assert progress.state == "running" and progress.install_seconds > 0
@@ -238,6 +240,32 @@ def test_installing_messages_and_package_fields_round_trip():
         client.send(message)
     submit = Submit("r1", "x = 1", packages=("dmtapp",))
     assert decode(encode(submit)) == submit
+
+
+def test_an_editable_project_is_not_pinned_only_its_dependencies(
+    notebook_has, tmp_path, monkeypatch
+):
+    notebook_has("dmtbase-1.0-py3-none-any.whl")
+    project = tmp_path / "project"
+    (project / "dmtproj").mkdir(parents=True)
+    (project / "dmtproj" / "__init__.py").write_text("import dmtbase\n")
+    site = tmp_path / "editable-site"
+    info = site / "dmtproj-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: dmtproj\nVersion: 0.1\nRequires-Dist: dmtbase>=1\n"
+    )
+    (info / "RECORD").write_text("__editable__.dmtproj-0.1.pth,,\n")  # no module listed
+    (info / "direct_url.json").write_text(
+        json.dumps({"url": project.as_uri(), "dir_info": {"editable": True}})
+    )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(project))  # what the editable .pth does
+    import dmtproj  # noqa: F401
+
+    pins = packages.match("import dmtproj\n", [], packages.transform_cell)
+    assert pins == ["dmtbase==1.0"]  # the project's code travels; its dependency installs
+    assert packages.notebook_version("dmtproj") is None  # and no hint to --pip it
 
 
 # --------------------------------------------------------------------------- one runner
