@@ -342,7 +342,8 @@ class EnvCache:
         started = time.perf_counter()
         work = self.root / f".{key}-{os.getpid()}"
         try:
-            self._broadcast(key, 0, f"resolving {len(requirements)} requirements")
+            note = f" ({self.note})" if self.note else ""
+            self._broadcast(key, 0, f"resolving {len(requirements)} requirements{note}")
             plan = await self.installer.plan(
                 requirements, self._options(), lambda line: self._broadcast(key, 0, line)
             )
