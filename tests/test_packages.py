@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import sys
 import threading
@@ -582,7 +583,9 @@ def test_a_sandboxed_kernel_sees_its_environment_read_only(runner_factory, wheel
         session.close()
 
 
-def test_a_runner_that_refuses_installs_says_so(runner_factory, wheelhouse, shell, ns):
+def test_a_runner_that_refuses_installs_says_so_and_the_listing_shows_both(
+    runner_factory, wheelhouse, pk_runner
+):
     runner = runner_factory("--no-install", "--find-links", str(wheelhouse), name="noinst")
     session = api.RemoteSession(ConnectionURL.parse(runner.url))
     try:
@@ -603,29 +606,24 @@ def test_a_runner_that_refuses_installs_says_so(runner_factory, wheelhouse, shel
         "environments": 0,
         "builds": 0,
     }
-
-
-def test_runners_listing_shows_installs_and_cached_environments(runner_factory, wheelhouse):
-    installs = runner_factory("--find-links", str(wheelhouse), "--no-index", name="inst")
-    refuses = runner_factory("--no-install", name="noinst")
-    session = api.RemoteSession(ConnectionURL.parse(installs.url))
+    installs = api.RemoteSession(ConnectionURL.parse(pk_runner.url))
     try:
-        execute(session, "import dmtbase", ["dmtbase==1.0"])
+        execute(installs, "import dmtbase", ["dmtbase==1.0"])
     finally:
-        session.close()
-    api.add_runner(installs.url, "inst")
-    api.add_runner(refuses.url, "noinst")
+        installs.close()
+    envs = describe(pk_runner.url)["packages"]["environments"]
+    assert envs >= 1
+    api.add_runner(pk_runner.url, "pk")
+    api.add_runner(runner.url, "noinst")
     try:
         table = text_table(api.runners())
     finally:
-        api.remove_runner("inst")
+        api.remove_runner("pk")
         api.remove_runner("noinst")
-    assert "PACKAGES" in table
-    inst_line = next(line for line in table.splitlines() if line.strip().startswith("inst"))
-    assert "installs (uv " in inst_line and "1 envs" in inst_line
-    assert "no installs" in next(
-        line for line in table.splitlines() if line.strip().startswith("noinst")
-    )
+    lines = {line.split()[0]: line for line in table.splitlines()[1:] if line.strip()}
+    assert "PACKAGES" in table.splitlines()[0]
+    assert re.search(rf"installs \(uv [^)]+\), {envs} envs", lines["pk"])
+    assert "no installs" in lines["noinst"]
 
 
 def test_pip_is_the_fallback_installer(runner_factory, wheelhouse):
