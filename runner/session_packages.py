@@ -79,11 +79,11 @@ class SessionPackages:
             if shown:
                 seconds = time.perf_counter() - started
                 report(len(env.installed), f"installed in {seconds:.1f} s", True)
-        if env.site is not None:
-            previous = None
-            if self.env is not None and self.env.site is not None and self._kernel_id == kernel.id:
-                previous = kernel.path_inside(self.env.site)
-            site = kernel.path_inside(env.site)
+        previous = None  # the layer this kernel sees now, if any
+        if self.env is not None and self.env.site is not None and self._kernel_id == kernel.id:
+            previous = kernel.path_inside(self.env.site)
+        if env.site is not None or previous is not None:  # the kernel's sys.path changes
+            site = kernel.path_inside(env.site) if env.site is not None else None
             reply = await kernel.run_silently(
                 f"__import__('runner.agent').agent.use_packages({site!r}, {previous!r})"
             )

@@ -81,6 +81,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     write_wheel(folder, "dmtframe", "1.0", {"dmtframe/__init__.py": FRAME})
     write_wheel(folder, "dmtextra", "1.0")
+    write_wheel(folder, "cycler", "0.0.1")  # an old version of one the runner has itself
     return folder
 
 
@@ -392,6 +393,33 @@ def test_a_replaced_kernel_gets_the_sessions_environment_again(shell, ns, pk_run
     result, cap = remote(shell, pk_runner.url, "import dmtbase\nv = dmtbase.__version__")
     assert result.success, cap.stdout + cap.stderr
     assert ns["v"] == "1.0"
+
+
+def test_going_back_to_the_runners_own_version_takes_the_layer_away(shell, ns, pk_runner):
+    import cycler
+
+    own = cycler.__version__
+    result, cap = remote(
+        shell,
+        pk_runner.url,
+        "import importlib.metadata\nv = importlib.metadata.version('cycler')",
+        "--new-session --pip cycler==0.0.1",
+    )
+    assert result.success, cap.stdout + cap.stderr
+    assert ns["v"] == "0.0.1"
+    result, cap = remote(
+        shell,
+        pk_runner.url,
+        "import cycler\nv = cycler.__version__",
+        f"--pip cycler=={own}",
+    )
+    assert result.success, cap.stdout + cap.stderr
+    assert ns["v"] == own  # not imported before: the runner's own version, in place
+    result, cap = remote(shell, pk_runner.url, "import cycler", "--new-session --pip cycler==0.0.1")
+    result, cap = remote(shell, pk_runner.url, "x = 1", f"--pip cycler=={own}")
+    error = result.error_in_exec  # imported in 0.0.1: it cannot become the runner's own
+    assert isinstance(error, PackageError) and error.ename == "PackageVersionConflict"
+    assert f"cycler 0.0.1 (imported as cycler) → {own}" in str(error)
 
 
 def test_packages_match_mirrors_the_notebooks_version(shell, ns, pk_runner, notebook_has):
