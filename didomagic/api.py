@@ -109,7 +109,7 @@ def run_cell(
     shown: list[display.RemoteResult] = []
 
     def on_output(output: Output) -> None:
-        result = display.show(output)
+        result = display.show(output, session.url.safe_results)
         if result is not None:
             shown.append(result)
 
@@ -118,7 +118,11 @@ def run_cell(
     )
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
     failures = packages.hint_failures(result.failures, session.runner_name)
-    failures.update(apply_values(namespace, returned, result.deleted, session.url.safe_results))
+    failures.update(
+        apply_values(
+            namespace, returned, result.deleted, session.url.safe_results, transfer.expected()
+        )
+    )
     report_failures(failures, "synced")
     raise_for_status(result, session.runner_name)
     return shown[-1] if shown else None
@@ -175,7 +179,12 @@ def _run_local(
     outcome = session.execute(transform(spec.code), spec.code, sent, transfer)
     failures = dict(outcome.failures)
     failures.update(
-        apply_values(namespace, [(p.name, p.parts) for p in outcome.values], outcome.deleted)
+        apply_values(
+            namespace,
+            [(p.name, p.parts) for p in outcome.values],
+            outcome.deleted,
+            expected=transfer.expected(),
+        )
     )
     report_failures(failures, "synced")
     if outcome.error is not None:

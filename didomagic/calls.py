@@ -84,8 +84,8 @@ def _outcome(
     return unwrap(values[RESULT_NAME], runner)
 
 
-def _show(output: Output) -> None:
-    display.show(output)
+def _show(output: Output, safe: bool = False) -> None:
+    display.show(output, safe)
 
 
 # --------------------------------------------------------------------------- run
@@ -117,7 +117,10 @@ def run(
     mode = packages or default_mode()
     pins = requested(pip, mode, "", (p.parts[0] for p in packed if p.parts))
     result, buffers = session.execute(
-        _request(packed, timeout, pins), [p.parts for p in packed], _show, NoProgress()
+        _request(packed, timeout, pins),
+        [p.parts for p in packed],
+        lambda output: _show(output, session.url.safe_results),
+        NoProgress(),
     )
     return _outcome(result, buffers, session.runner_name, session.url.safe_results)
 
@@ -192,7 +195,7 @@ async def run_async(
     progress = NoProgress()
     try:
         while (event := await sink.queue.get()) is not None:
-            dispatch(event, _show, progress)
+            dispatch(event, lambda output: _show(output, session.url.safe_results), progress)
     except asyncio.CancelledError:
         session.cancel()
         raise
@@ -298,7 +301,7 @@ def map(
             if event is None:
                 break
             if event[0] == "output":
-                _show(event[1])
+                _show(event[1], any(w.session.url.safe_results for w in workers))
             elif event[0] == "item":
                 done += 1
                 failed += 0 if event[2] else 1

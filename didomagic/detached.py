@@ -356,7 +356,9 @@ def pull_into(
     data, buffers = handle.pull()
     shown = None
     for output in data.outputs:
-        result = display.show(Output(job_id, output["msg_type"], output["content"]))
+        result = display.show(
+            Output(job_id, output["msg_type"], output["content"]), handle.holder.safe_results
+        )
         if result is not None:
             shown = result
     failures = dict(data.failures)

@@ -1,11 +1,12 @@
 """The ``%runners`` listing: a plain-text table, and a widget table with the runner choice.
 
-Both show, for each runner: name, address, tags, status (with the reason when
-it is not up), latency, OS and architecture, Python, CPUs, memory free/total,
-GPUs, sessions active/max, queue length, the limits each session runs
-under, and whether it installs packages (with how many cached
-environments). The widget adds a "Use" button per runner that makes it the
-notebook's default.
+Both show, for each runner: name, address, the identity that was verified
+(the credential its mediator checked, or the certificate this notebook
+pinned), tags, status (with the reason when it is not up), latency, OS and
+architecture, Python, CPUs, memory free/total, GPUs, sessions active/max,
+queue length, the limits each session runs under, and whether it installs
+packages (with how many cached environments). The widget adds a "Use" button
+per runner that makes it the notebook's default.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from didomagic.progress import format_bytes
 COLUMNS = (
     "name",
     "address",
+    "identity",
     "tags",
     "status",
     "latency",
@@ -76,6 +78,7 @@ def row(view: RunnerView) -> dict[str, str]:
     return {
         "name": view.name,
         "address": view.address,
+        "identity": str(d.get("identity") or "-"),
         "tags": ",".join(d.get("tags") or ()) or "-",
         "status": status,
         "latency": latency,

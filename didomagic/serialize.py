@@ -18,11 +18,12 @@ import pickle
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cloudpickle
 import xxhash
 
+from didomagic.budget import DecodeBudget, DecodeTooLarge
 from didomagic.protocol import ValueHeader
 
 PICKLE_PROTOCOL = 5
@@ -126,10 +127,12 @@ def pack_names(
 def unpack(parts: Sequence[bytes | bytearray | memoryview], safe: bool = False) -> Any:
     """Rebuild a value from its parts (pickle stream first, then its buffers).
 
-    With ``safe``, only plain data is accepted (see :class:`PlainDataUnpickler`).
+    With ``safe``, only plain data is accepted (see :class:`PlainDataUnpickler`),
+    of a size bounded by the bytes received (see :mod:`didomagic.budget`).
     """
     if safe:
-        return PlainDataUnpickler(io.BytesIO(parts[0]), buffers=parts[1:]).load()
+        budget = DecodeBudget(sum(memoryview(p).nbytes for p in parts))
+        return PlainDataUnpickler(io.BytesIO(parts[0]), budget, buffers=parts[1:]).load()
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
@@ -143,7 +146,7 @@ def unpack_into(
     for name, parts in values:
         try:
             namespace[name] = unpack(parts, safe)
-        except NotPlainData as exc:
+        except (NotPlainData, DecodeTooLarge) as exc:
             failures[name] = str(exc)
         except Exception as exc:
             failures[name] = f"could not be unpickled: {describe(exc)}"
@@ -183,14 +186,19 @@ class PlainDataUnpickler(pickle.Unpickler):
 
     Any other global (a class, a function: anything whose call could run code)
     is refused before it is looked up, so a hostile runner cannot make the
-    notebook run code by returning a crafted pickle.
+    notebook run code by returning a crafted pickle; and the constructors that
+    can build more than they were given are charged to ``budget`` first.
     """
+
+    def __init__(self, file: IO[bytes], budget: DecodeBudget, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.budget = budget
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in PLAIN_DATA or (
             module.startswith("numpy") and name.endswith("DType") and "dtypes" in module
         ):
-            return super().find_class(module, name)
+            return self.budget.guard(module, name, super().find_class(module, name))
         raise NotPlainData(
             f"refused by safe-results: unpickling it needs {module}.{name}, which is not plain "
             "data (numbers, strings, bytes, containers of them, numpy arrays); return plain "

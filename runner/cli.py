@@ -4,6 +4,7 @@
 
     didomagic-runner [--host H] [--port P] [--tags a,b] ...   serve cells
     didomagic-runner mediator [--host H] [--port P] ...        match cells to runners
+    didomagic-runner mediator add-runner NAME [--state-dir D]  a runner's own credential
     didomagic-runner gen-cert --out DIR [--host NAME]          write a certificate
     didomagic-runner gen-client-cert --ca-dir D --name N --out DIR   a client certificate
     didomagic-runner --check-sandbox [limit flags]             what this host can enforce
@@ -35,10 +36,11 @@ from pathlib import Path
 
 import platformdirs
 
+from didomagic import eventloops
 from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
-from runner import certs
+from runner import certs, enrol
 from runner.advertise import Advertiser
 from runner.configfile import add_config_flags, parse_with_config, render
 from runner.envs import EnvCache, InstallSettings
@@ -455,6 +457,13 @@ def mediator_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the runners' URL here (mode 0600) once listening",
     )
+    p.add_argument(
+        "--no-shared-runner-token",
+        action="store_true",
+        help="accept only runners with a credential of their own ('didomagic-runner mediator "
+        "add-runner NAME'); by default the shared runner token also works, for names "
+        "without a credential, and such runners are listed as unverified",
+    )
     return p
 
 
@@ -614,7 +623,12 @@ def _announce(
         token=token,
         fingerprint=fingerprint,
     )
-    logger.info("%s listening on %s", what, url.address)
+    logger.info(
+        "%s listening on %s (event loop: %s)",
+        what,
+        url.address,
+        eventloops.loop_name(asyncio.get_running_loop()),
+    )
     logger.info("certificate SHA-256 fingerprint: %s", fingerprint)
     return url
 
@@ -700,6 +714,9 @@ async def serve(args: argparse.Namespace) -> None:
     _remove_stale_work_dirs(MEMORY_BACKED)
     work_root = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
     private_root = _memory_backed_dir()
+    sandbox.hide = tuple(p for p in (state_dir, work_root, private_root) if p is not None)
+    if limits.sandbox != "bwrap":
+        logger.info("sessions are not isolated from each other without --sandbox bwrap")
     server = RunnerServer(settings, work_root, private_root, sandbox, envs)
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None
@@ -774,6 +791,7 @@ async def mediate(args: argparse.Namespace) -> None:
         job_ttl=args.job_ttl,
         client_ca=_readable(args.client_ca),
         handshake_timeout=args.handshake_timeout,
+        shared_runner_token=not args.no_shared_runner_token,
     )
     if settings.token == settings.runner_token:
         raise SystemExit(
@@ -794,6 +812,11 @@ async def mediate(args: argparse.Namespace) -> None:
         _publish(runner_url, "runner URL (for didomagic-runner --mediator)", args.runner_url_file)
         if args.advertise:
             advertiser = await _advertise("mediator", settings.name, args, client_url)
+        if args.no_shared_runner_token:
+            logger.info(
+                "--no-shared-runner-token: the runner URL above is refused; give each runner "
+                "its own with 'didomagic-runner mediator add-runner NAME'"
+            )
         await stop.wait()
         logger.info("stopping")
     finally:
@@ -865,6 +888,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["gen-client-cert"]:
         gen_client_cert(gen_client_cert_parser().parse_args(argv[1:]))
         return 0
+    if argv[:1] == ["mediator"] and argv[1:2] in (["add-runner"], ["remove-runner"]):
+        return enrol.main(argv[1], argv[2:])
     if argv[:1] == ["mediator"]:
         parser = mediator_parser()
         margs = parse_with_config(parser, argv[1:])
@@ -872,7 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render(parser, margs), end="")
             return 0
         _configure_logging(margs.log_level)
-        asyncio.run(mediate(margs))
+        eventloops.run(mediate(margs))
         return 0
     parser = serve_parser()
     args = parse_with_config(parser, argv)
@@ -883,5 +908,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report(limits_of(args), probe(use_cgroups=not args.no_cgroups)))
         return 0
     _configure_logging(args.log_level)
-    asyncio.run(serve(args))
+    eventloops.run(serve(args))
     return 0

@@ -5,10 +5,17 @@ Each kernel gets a directory of its own under the runner's work root::
     <root>/<kernel id>/            mode 0700
         scratch/                   the kernel's working directory, empty at start
     <private root>/<kernel id>/    mode 0700: connection file, IPC sockets, exchange files
+    <private root>/<kernel id>-cache/   mode 0700: the large values its session holds
 
 The private root is memory-backed where the system has one (``/dev/shm`` on
 Linux), so values move between the runner and its kernel at memory speed;
-otherwise it is ``<root>/<kernel id>/private``.
+otherwise the private and cache directories are ``<root>/<kernel id>/private``
+and ``<root>/<kernel id>/cache``. Under ``--sandbox bwrap`` the kernel sees its
+scratch and private directories writable and its cache read-only, and no
+other kernel's.
+
+The connection file (which holds the key that signs messages to the kernel)
+is deleted as soon as the kernel is up: the runner keeps the key in memory.
 
 Kernels talk to the runner over IPC sockets in ``private/`` (TCP on Windows),
 so no port is opened that other local users could reach. Both directories are
@@ -108,6 +115,8 @@ class Kernel:
         self.private = (private_root / self.id) if private_root else self.home / "private"
         self.scratch = self.home / "scratch"
         self.exchange = self.private / "exchange"
+        self.cache = (private_root / f"{self.id}-cache") if private_root else self.home / "cache"
+        """Where the session's large values are kept, readable by the kernel only."""
         self._km: AsyncKernelManager | None = None
         self._kc: Any = None
         self._iopub_task: asyncio.Task[None] | None = None
@@ -119,10 +128,11 @@ class Kernel:
         self.private.mkdir(mode=0o700, parents=True)
         self.exchange.mkdir(mode=0o700)
         self.scratch.mkdir(mode=0o700)
+        self.cache.mkdir(mode=0o700)
         ipc = os.name == "posix"
         specs = _SpecManager(extra_env=self.env)
         if self.sandbox is not None:
-            self.box = self.sandbox.box(self.id, self.scratch, self.private)
+            self.box = self.sandbox.box(self.id, self.scratch, self.private, self.cache)
             specs.prefix = self.box.prefix
             specs.interrupt_mode = self.box.interrupt_mode
             specs.extra_env = {**self.env, **self.box.env}
@@ -137,6 +147,8 @@ class Kernel:
         self._kc = self._km.client()
         self._kc.start_channels()
         await self._kc.wait_for_ready(timeout=START_TIMEOUT)
+        # The kernel has read it; its key stays in this process only (see the module docstring).
+        Path(self._km.connection_file).unlink(missing_ok=True)
         self._iopub_task = asyncio.create_task(self._read_iopub())
         reply = await self._run(
             f"__import__('runner.agent').agent.install({str(self.exchange)!r})", silent=True
@@ -323,6 +335,7 @@ class Kernel:
             self.box.remove()
         shutil.rmtree(self.home, ignore_errors=True)
         shutil.rmtree(self.private, ignore_errors=True)
+        shutil.rmtree(self.cache, ignore_errors=True)
         logger.debug("kernel %s shut down", self.id)
 
 

@@ -80,6 +80,10 @@ class MediatorLink:
             try:
                 await self._serve_link()
                 delay = BACKOFF_START
+            except RegistrationRefused as exc:
+                if not failing:
+                    logger.error("%s; trying again every %g s", exc, self.heartbeat)
+                failing = True
             except (ConnectError, ProtocolError, ConnectionClosed, OSError, TimeoutError) as exc:
                 if not failing:
                     logger.warning(
@@ -107,7 +111,9 @@ class MediatorLink:
             await ws.send(link.send(Register(self.id, self.server.describe(), self.heartbeat)))
             reply = link.receive(await asyncio.wait_for(ws.recv(), self.heartbeat * 3))
             if isinstance(reply, Error):
-                raise ProtocolError(f"the mediator refused the registration: {reply.message}")
+                raise RegistrationRefused(
+                    f"mediator {self.url.address} refused this runner: {reply.message}"
+                )
             assert isinstance(reply, Registered)
             logger.info("registered with mediator %s at %s", reply.mediator, self.url.address)
             self.registered.set()
@@ -169,3 +175,7 @@ class MediatorLink:
         for task in list(self._relays):
             task.cancel()
         await asyncio.gather(*self._relays, return_exceptions=True)
+
+
+class RegistrationRefused(ProtocolError):
+    """The mediator refused the registration (wrong credential for the name, bad description)."""

@@ -11,6 +11,14 @@ A client token cannot register a runner, and a runner token cannot open a
 session or list the pool: the token is checked against the endpoint during
 the HTTP upgrade, before any message is read.
 
+A runner joins with a credential of its own (``mediator add-runner NAME``,
+see :mod:`runner.credentials`), which binds it to its name: it can register
+as ``NAME`` only, and nobody else can. The shared runner token, where it is
+allowed (not ``--no-shared-runner-token``), registers only names that have
+no credential, and such runners are listed as unverified. Every description
+and load report is checked (:mod:`runner.descriptions`); a bad one is
+refused with an error and ends that runner's link, never anyone else's.
+
 For a client's hello the mediator picks the least loaded runner that matches
 the hello's tags, OS and name (free slots first; a runner with only queue
 places left gets a session only when no match has a free slot), asks it over
@@ -60,6 +68,13 @@ from didomagic.protocol import (
     Role,
     Session,
 )
+from runner.credentials import Identity, RunnerCredentials
+from runner.descriptions import (
+    DescriptionError,
+    check_description,
+    check_heartbeat,
+    check_runner_id,
+)
 from runner.jobs import JOBS_PATH, JobService
 from runner.jobstore import JobRecord, JobStore
 from runner.link import REGISTER_PATH, RELAY_PATH, TICKET_HEADER
@@ -97,6 +112,8 @@ class MediatorSettings:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     admin_token: str = ""
     """Opens the read-only status page at ``/status`` (no other token does)."""
+    shared_runner_token: bool = True
+    """Runners may join with the shared runner token (unverified), not only their own."""
 
 
 @dataclass
@@ -117,11 +134,14 @@ class RunnerEntry:
         default_factory=lambda: collections.deque(maxlen=RUNNER_LINES)
     )
     """The runner's last log lines, as it sent them (for the status page)."""
+    identity: Identity = field(default_factory=lambda: Identity(None))
+    """The credential the runner proved it holds."""
 
     def view(self) -> dict[str, Any]:
         """The description as clients see it, with the mediator's status and load."""
         view = dict(self.description)
         view["status"] = self.status
+        view["identity"] = self.identity.describe()
         if self.reason:
             view["reason"] = self.reason
         # Relays started since the runner's last report count at once (queued ones aside).
@@ -137,7 +157,8 @@ class Mediator:
     def __init__(self, settings: MediatorSettings) -> None:
         self.settings = settings
         self.runners: dict[str, RunnerEntry] = {}
-        self._tickets: dict[str, asyncio.Future[ServerConnection]] = {}
+        self.credentials = RunnerCredentials(settings.state_dir)
+        self._tickets: dict[str, tuple[Identity, asyncio.Future[ServerConnection | None]]] = {}
         self._server: Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.jobs: JobService | None = None
@@ -198,8 +219,9 @@ class Mediator:
         endpoint = self._endpoint(request)
         if endpoint in ("", JOBS_PATH, REGISTER_PATH, RELAY_PATH):
             runner_side = endpoint in (REGISTER_PATH, RELAY_PATH)
-            token = self.settings.runner_token if runner_side else self.settings.token
-            if check_token(request, token):
+            if runner_side and self._identify(request) is not None:
+                return None
+            if not runner_side and check_token(request, self.settings.token):
                 return None
             role = "runner" if runner_side else "client"
             logger.warning(
@@ -215,6 +237,18 @@ class Mediator:
             response.headers = Headers({**response.headers, "WWW-Authenticate": "Bearer"})
             return response
         return connection.respond(HTTPStatus.NOT_FOUND, "didomagic mediator: no such endpoint.\n")
+
+    def _identify(self, request: Request) -> Identity | None:
+        """Which runner credential the request carries, if any is valid."""
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        name = self.credentials.identify(presented.strip())
+        if name is not None:
+            return Identity(name)
+        if self.settings.shared_runner_token and check_token(request, self.settings.runner_token):
+            return Identity(None)
+        return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
@@ -246,10 +280,13 @@ class Mediator:
         message = link.receive(text)
         if not isinstance(message, Register):
             raise ProtocolError(f"expected a register message, got {message.kind}")
-        entry = self.runners.get(message.id)
-        if entry is not None and entry.link is not None:
-            await entry.link.close()  # an older link of the same runner
-        entry = RunnerEntry(message.id, message.runner, message.heartbeat, ws, link)
+        try:
+            description, identity = await self._admit(message, ws)
+        except _Refused as exc:
+            logger.warning("refused a registration from %s: %s", peer_of(ws), exc)
+            await refuse(ws, ErrorCode.BAD_REQUEST, f"Mediator {self.settings.name}: {exc}")
+            return
+        entry = RunnerEntry(message.id, description, message.heartbeat, ws, link, identity=identity)
         self.runners[message.id] = entry
         await ws.send(link.send(Registered(self.settings.name)))
         logger.info(
@@ -264,7 +301,19 @@ class Mediator:
                 update = link.receive(text)
                 entry.last_seen = time.monotonic()
                 if isinstance(update, Load):
-                    entry.description = update.load
+                    try:
+                        entry.description = self._check_load(entry, update.load)
+                    except _Refused as exc:
+                        logger.warning(
+                            "runner %s sent a bad load report: %s; ending its link",
+                            entry.description.get("name"),
+                            exc,
+                        )
+                        self._mark_down(entry, f"sent a bad load report: {exc}")
+                        await refuse(
+                            ws, ErrorCode.BAD_REQUEST, f"Mediator {self.settings.name}: {exc}"
+                        )
+                        break
                 elif isinstance(update, LogLines):
                     entry.log.extend(line[:LINE_LIMIT] for line in update.lines[-RUNNER_LINES:])
                 elif isinstance(update, Leave):
@@ -273,6 +322,65 @@ class Mediator:
         finally:
             if entry.link is ws:
                 self._mark_down(entry, entry.reason or reason)
+
+    async def _admit(
+        self, message: Register, ws: ServerConnection
+    ) -> tuple[dict[str, Any], Identity]:
+        """The checked description and identity of an accepted registration, or :class:`_Refused`.
+
+        A runner's own credential owns its name: any other entry of that name
+        (an older link of the same runner, or one registered with the shared
+        token before the credential was issued) is closed and forgotten. The
+        shared token may take neither a name with a credential nor the name
+        of a runner registered with one.
+        """
+        identity = self._identify(ws.request) if ws.request else None
+        if identity is None:
+            raise _Refused("the runner credential was revoked while connecting")
+        try:
+            check_runner_id(message.id)
+            check_heartbeat(message.heartbeat)
+            description = check_description(message.runner)
+        except DescriptionError as exc:
+            raise _Refused(f"invalid registration: {exc}") from None
+        name = description["name"]
+        if identity.name is not None and name != identity.name:
+            raise _Refused(
+                f"this runner credential is for runner {identity.name!r}, but the registration "
+                f"names {name!r}; start the runner with --name {identity.name} or issue it a "
+                "credential of its own (didomagic-runner mediator add-runner NAME)"
+            )
+        if identity.name is None and name in self.credentials.names():
+            raise _Refused(
+                f"runner name {name!r} has a credential of its own at this mediator; the "
+                "shared runner token cannot register it (use that runner's own URL)"
+            )
+        named = [e for e in self.runners.values() if e.description.get("name") == name]
+        if not identity.verified and any(e.identity.verified for e in named):
+            raise _Refused(
+                f"runner name {name!r} is registered under a credential of its own; "
+                "choose another --name"
+            )
+        old = self.runners.get(message.id)
+        if old is not None and old.identity != identity:
+            raise _Refused("this runner id is registered under another credential")
+        evicted = [*named, old] if identity.verified else [old]
+        for other in {id(e): e for e in evicted if e is not None}.values():
+            if other.link is not None:
+                await other.link.close()
+            if other.id != message.id:
+                self.runners.pop(other.id, None)
+        return description, identity
+
+    def _check_load(self, entry: RunnerEntry, load: dict[str, Any]) -> dict[str, Any]:
+        """The checked description a load report carries; raise :class:`_Refused`."""
+        try:
+            description = check_description(load)
+        except DescriptionError as exc:
+            raise _Refused(f"invalid load report: {exc}") from None
+        if description["name"] != entry.description.get("name"):
+            raise _Refused(f"a load report cannot rename runner {entry.description.get('name')!r}")
+        return description
 
     def _mark_down(self, entry: RunnerEntry, reason: str) -> None:
         if entry.status == "up":
@@ -297,9 +405,14 @@ class Mediator:
     async def _accept_relay(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         ticket = ws.request.headers.get(TICKET_HEADER, "")
-        waiter = self._tickets.pop(ticket, None)
-        if waiter is None or waiter.done():
+        issued = self._tickets.pop(ticket, None)
+        if issued is None or issued[1].done():
             raise ProtocolError("relay connection with an unknown or expired ticket")
+        identity, waiter = issued
+        if self._identify(ws.request) != identity:
+            logger.warning("refused a relay from %s: a ticket of another runner", peer_of(ws))
+            waiter.set_result(None)  # the session is not relayed to it
+            raise ProtocolError("relay connection with a ticket issued to another runner")
         waiter.set_result(ws)
         await ws.wait_closed()  # the client's handler pipes; keep this connection open
 
@@ -385,8 +498,8 @@ class Mediator:
         if entry.link is None or entry.protocol is None:
             return None
         ticket = secrets.token_urlsafe(24)
-        waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
-        self._tickets[ticket] = waiter
+        waiter: asyncio.Future[ServerConnection | None] = asyncio.get_running_loop().create_future()
+        self._tickets[ticket] = (entry.identity, waiter)
         try:
             await entry.link.send(entry.protocol.send(Dial(ticket)))
             return await asyncio.wait_for(waiter, DIAL_TIMEOUT)
@@ -394,6 +507,10 @@ class Mediator:
             return None
         finally:
             self._tickets.pop(ticket, None)
+
+
+class _Refused(Exception):
+    """A registration or load report the mediator does not accept (the message says why)."""
 
 
 async def _pipe(a: ServerConnection, b: ServerConnection) -> None:

@@ -510,6 +510,7 @@ class SessionHandler:
         if not await self._take_slot():
             return False
         self.kernel = await self.server.pool.take()
+        self.cache = ValueCache(self.kernel.cache)
         await self.ws.send(
             self.protocol.send(
                 Welcome(
@@ -521,6 +522,7 @@ class SessionHandler:
                 )
             )
         )
+        self.last_activity = time.monotonic()  # idle from now: a queue or a kernel start is not
         logger.info("session %s opened from %s (kernel %s)", self.log_id, self.peer, self.kernel.id)
         return True
 
@@ -616,7 +618,7 @@ class SessionHandler:
                 continue
             message = self.protocol.receive(frame)
             if isinstance(message, Execute):
-                assert self.kernel is not None
+                assert self.kernel is not None and self.cache is not None
                 if not await self._within_size_limit(message):
                     return
                 self.upload = Upload(message, self.kernel.exchange, self.cache)
@@ -791,10 +793,11 @@ class SessionHandler:
         return values, offsets, dict(body["failures"]), list(body["deleted"])
 
     async def _replace_kernel(self) -> None:
-        old, self.kernel = self.kernel, None
+        old, self.kernel = self.kernel, await self.server.pool.take()
+        if self.cache is not None:  # before the old kernel's directories go
+            self.cache.move_to(self.kernel.cache)
         if old is not None:
             await old.shutdown()
-        self.kernel = await self.server.pool.take()
         logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
 
     async def _close(self) -> None:
@@ -808,6 +811,8 @@ class SessionHandler:
                 await self.cell_task
         if self.upload is not None:
             self.upload.close(keep=False)
+        if self.cache is not None:
+            self.cache.clear()
         self.cache.clear()
         self.packages.close()
         if self.has_slot:  # the client is gone: the next session may start while this

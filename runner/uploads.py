@@ -126,14 +126,29 @@ class Upload:
 class ValueCache:
     """The large values a session holds, by name: the bytes of the last one sent.
 
-    Lives as long as the session (a replaced kernel keeps it), in a private
-    directory removed with the session.
+    Lives as long as the session (moved into a replaced kernel's cache
+    directory), in the cache directory of the session's kernel, removed with
+    the session.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(mode=0o700)
+        directory.mkdir(mode=0o700, exist_ok=True)  # a kernel's cache directory, empty
         self.entries: dict[str, tuple[str, Path]] = {}
+
+    def move_to(self, directory: Path) -> None:
+        """Keep the cached values in ``directory`` from now on (a replaced kernel's cache)."""
+        directory.mkdir(mode=0o700, exist_ok=True)
+        for name, (digest, path) in list(self.entries.items()):
+            moved = directory / path.name
+            if path.exists():  # two names holding the same bytes share one file
+                os.replace(path, moved)
+            if moved.exists():
+                self.entries[name] = (digest, moved)
+            else:
+                del self.entries[name]
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory = directory
 
     def lookup(self, name: str, digest: str) -> Path | None:
         """The file holding ``name`` with this digest, if the session has it."""

@@ -17,13 +17,12 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from didomagic.urls import ConnectionURL
 
-from .conftest import LOGS, SECRETS, TIMEOUT, skip_missing
+from .conftest import LOGS, SECRETS, TIMEOUT, skip_missing, wait_until
 
 SUBNET = "10.231.7"
 """A private /24 that exists only inside the test's namespaces."""
@@ -149,6 +148,9 @@ def test_a_notebook_discovers_an_advertised_runner_and_runs_a_cell_on_it(lan, tm
         assert runner.stdout is not None
         url = ConnectionURL.parse(runner.stdout.readline().decode().strip())
         SECRETS.add(url.token)
+        wait_until(  # the URL is printed first; the announcement follows its mDNS probes
+            lambda: "advertising lan-gpu" in log_path.read_text(), "the runner to advertise"
+        )
         script = tmp_path / "client.py"
         script.write_text(CLIENT)
         client = lan.run(
@@ -182,4 +184,3 @@ def test_a_notebook_discovers_an_advertised_runner_and_runs_a_cell_on_it(lan, tm
     assert seen["ok"] and seen["where"] == "lan-gpu"  # pinned to the advertised fingerprint
     row = next(line for line in seen["again"].splitlines() if line.startswith("lan-gpu"))
     assert row.rstrip().endswith("yes")  # now in the list
-    assert "advertising lan-gpu" in Path(log_path).read_text()
