@@ -341,6 +341,7 @@ class EnvCache:
         assert self.installer is not None
         started = time.perf_counter()
         work = self.root / f".{key}-{os.getpid()}"
+        logger.info("packages: building environment %s for %s", key, ", ".join(requirements))
         try:
             note = f" ({self.note})" if self.note else ""
             self._broadcast(key, 0, f"resolving {len(requirements)} requirements{note}")
@@ -418,7 +419,10 @@ class EnvCache:
             assert env.site is not None
             del self.envs[env.key]
             count, nbytes = count - 1, nbytes - env.nbytes
-            logger.info("packages: removed least recently used environment %s", env.key)
+            logger.info(
+                "packages: evicted the least recently used environment %s (--env-cache-size)",
+                env.key,
+            )
             await asyncio.to_thread(shutil.rmtree, env.site.parent, True)
 
 
