@@ -29,6 +29,7 @@ from didomagic.errors import (
     RemoteError,
 )
 from didomagic.loop import background_loop
+from didomagic.progress import NoProgress
 from didomagic.protocol import (
     Execute,
     Installing,
@@ -45,7 +46,7 @@ from didomagic.urls import ConnectionURL
 from runner import sandbox
 from runner.envs import PackageRequestError, normalise, satisfied_by
 
-from .conftest import TIMEOUT, skip_missing, start_runner, wait_until
+from .conftest import TIMEOUT, skip_missing, start_mediator, start_runner, wait_until
 from .wheels import write_wheel
 
 FRAME = '''
@@ -123,6 +124,12 @@ def describe(url: str) -> dict:  # type: ignore[type-arg]
     """The runner's self-description, as a client's query gets it."""
     info, _ = background_loop().run(query(ConnectionURL.parse(url)))
     return dict(info.runners[0])
+
+
+def describe_all(url: str) -> list[dict]:  # type: ignore[type-arg]
+    """Every runner a mediator (or a runner) describes."""
+    info, _ = background_loop().run(query(ConnectionURL.parse(url)))
+    return [dict(r) for r in info.runners]
 
 
 def builds(url: str) -> int:
@@ -652,6 +659,46 @@ def test_a_runner_that_refuses_installs_says_so_and_the_listing_shows_both(
     assert "PACKAGES" in table.splitlines()[0]
     assert re.search(rf"installs \(uv [^)]+\), {envs} envs", lines["pk"])
     assert "no installs" in lines["noinst"]
+
+
+def test_packages_through_a_mediator_with_progress(runner_factory, wheelhouse, tmp_path):
+    mediator = start_mediator(tmp_path / "mediator")
+    try:
+        runner_factory(
+            "--mediator",
+            mediator.runner_url,
+            "--find-links",
+            str(wheelhouse),
+            "--no-index",
+            name="relayed",
+        )
+        wait_until(
+            lambda: any(r.get("status") == "up" for r in describe_all(mediator.url)),
+            "the runner to join the mediator",
+        )
+        session = api.RemoteSession(ConnectionURL.parse(mediator.url))
+        seen: list[tuple[int, str, bool]] = []
+
+        class Watch(NoProgress):
+            def installing(self, count: int, line: str, done: bool = False) -> None:
+                seen.append((count, line, done))
+
+        try:
+            request = Execute(
+                cell="c",
+                code="import dmtapp\nv = dmtapp.VERSION",
+                fetch=("v",),
+                packages=("dmtapp",),
+            )
+            result, _ = session.execute(request, [], lambda output: None, Watch())
+        finally:
+            session.close()
+        assert result.status is Status.OK, result.error
+        assert session.runner_name == "relayed"
+        assert seen and seen[-1][0] == 2 and seen[-1][2] is True  # the last says: done
+        assert any(not done for _, _, done in seen)
+    finally:
+        assert mediator.stop() == 0, mediator.log
 
 
 def test_pip_is_the_fallback_installer(runner_factory, wheelhouse):
