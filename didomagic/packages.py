@@ -92,8 +92,12 @@ def read_requirements(path: str | Path, on_skip: Callable[[str], None] | None = 
 # --------------------------------------------------------------------------- match
 
 
+_MAGIC_IMPORTS = {"matplotlib": "matplotlib", "pylab": "matplotlib"}
+"""Line magics that import a package: ``%matplotlib inline`` needs matplotlib."""
+
+
 def imported_modules(code: str, transform: Callable[[str], str] = transform_cell) -> set[str]:
-    """Top-level names of the absolute imports anywhere in a cell."""
+    """Top-level names of the absolute imports anywhere in a cell (and of its magics')."""
     try:
         tree = ast.parse(transform(code))
     except SyntaxError:
@@ -104,6 +108,15 @@ def imported_modules(code: str, transform: Callable[[str], str] = transform_cell
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "run_line_magic"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and node.args[0].value in _MAGIC_IMPORTS
+        ):
+            found.add(_MAGIC_IMPORTS[node.args[0].value])
     return found
 
 

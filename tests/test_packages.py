@@ -230,6 +230,7 @@ def test_pickles_name_the_modules_they_import(notebook_has):
         "os",
         "dmtframe",
     }
+    assert packages.imported_modules("%matplotlib inline\nx = 1\n") == {"matplotlib"}
     assert packages.pins_for(packages.distributions_of({"dmtframe", "os", "IPython"})) == [
         "dmtframe==1.0"
     ]  # the stdlib and didomagic's own stack are never pinned
