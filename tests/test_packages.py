@@ -303,6 +303,10 @@ def test_install_and_import_then_reuse_without_installing(shell, ns, pk_runner, 
     assert ns["w"] == "app on 2.0"
     assert "installing" not in cap.stderr
     assert builds(pk_runner.url) == before + 1
+    # Asking for what the session's environment already holds builds nothing either.
+    result, cap = remote(shell, pk_runner.url, "import dmtbase", "--pip dmtbase==2.0")
+    assert result.success, cap.stdout + cap.stderr
+    assert builds(pk_runner.url) == before + 1
     assert describe(pk_runner.url)["packages"]["install"] is True
 
 
