@@ -501,6 +501,15 @@ def test_a_dataframe_like_value_from_an_installed_package_travels(
     import dmtframe
 
     assert ns["df2"] == dmtframe.Frame({"a": [1, 2], "b": [3, 4]})
+    # The Python API: the argument's pickle names its package, which the call then gets.
+    import didomagic
+
+    def widen(frame):  # type: ignore[no-untyped-def]
+        return frame.with_column("c", [5, 6])
+
+    shell.run_cell(f"%%remote --runner {pk_runner.url} --new-session\nx = 1")
+    wide = didomagic.run(widen, ns["df"], runner=pk_runner.url, packages="match")
+    assert wide == dmtframe.Frame({"a": [1, 2], "c": [5, 6]})
 
 
 def test_a_detached_job_and_a_call_ask_for_packages(shell, ns, pk_runner):
