@@ -8,7 +8,9 @@ Prints a table of medians, p90s and ratios and writes the same as JSON
 jupyter_client ``execute`` round trip to a local kernel, ipyparallel with one
 local engine (``view.execute``, push and pull), and raw TLS websocket loopback
 throughput with ``websockets``. didomagic is measured through the real
-``%%remote`` magic in an IPython shell, against a real runner process.
+``%%remote`` magic in an IPython shell, against a real runner process. The
+mediator at scale (:mod:`benchmarks.mediator_scale`: 500 runners, 5,000
+waiting sessions) closes the run.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import mediator_scale
+from benchmarks.localcode import local_code_bars, local_code_measures
 from benchmarks.packages import package_measures, package_ratios
 from benchmarks.tls_baseline import blocking_tls_throughput
 
@@ -338,6 +342,10 @@ def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[
     for i in range(1000):
         del ns[f"v{i}"]
     out.append(concurrent_sessions(url, 8, max(5, reps // 2)))
+    out += local_code_measures(shell, url, reps, Measure, _wait_for_a_warm_kernel)
+    from benchmarks.files_bench import file_read_measures
+
+    out += file_read_measures(shell, url, min(sizes[0], 100_000_000))
     default_pool().close()
     return out
 
@@ -468,7 +476,7 @@ def ratios(measures: list[Measure]) -> list[tuple[str, float, str]]:
                     "<= 30",
                 )
             )
-    return found
+    return found + local_code_bars({m.name: m.median for m in measures})
 
 
 def show(measures: list[Measure], bars: list[tuple[str, float, str]]) -> str:
@@ -509,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         process.wait(timeout=60)
     measures += package_measures(reps)
     measures.append(first_cell_from_nothing(1 if args.quick else 3))
-    bars = ratios(measures) + package_ratios(measures)
+    scale = mediator_scale.run(*((20, 200) if args.quick else (500, 5000)))
+    measures += mediator_scale.measures(scale)
+    bars = ratios(measures) + package_ratios(measures) + mediator_scale.bars(scale)
     print(show(measures, bars))
     machine = {
         "machine": platform.platform(),

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from didomagic import display, packages, serialize
+from didomagic import display, files, packages, serialize
 from didomagic.errors import CellTimeout, KernelDied, PackageError, RemoteError
 from didomagic.namespace import transform_cell
 from didomagic.pool import (
@@ -97,10 +97,13 @@ def run_cell(
     if local:
         return _run_local(pool.local, spec, namespace, transform, sent, transfer)
     session = pool.session(runner, spec.tags, spec.os)
+    safe = session.url.safe_results
+    sent.append(files.bundle_value(session.responder.state, spec.files, safe=safe))
+    versions = session.versions.of(namespace, sent)
     request = Execute(
         cell=secrets.token_hex(8),
         code=spec.code,
-        values=tuple(_header(p) for p in sent),
+        values=tuple(_header(p, versions.get(p.name, "")) for p in sent),
         fetch=tuple(transfer.fetch),
         deletes=tuple(transfer.deletes),
         timeout=spec.timeout,
@@ -114,15 +117,14 @@ def run_cell(
             shown.append(result)
 
     result, buffers = session.execute(
-        request, [p.parts for p in sent], on_output, progress or make_progress()
+        request, [p.parts for p in sent], on_output, progress or make_progress(), versions
     )
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
+    returned = files.take_back(returned, session.responder.state, spec.files, safe=safe)
     failures = packages.hint_failures(result.failures, session.runner_name)
-    failures.update(
-        apply_values(
-            namespace, returned, result.deleted, session.url.safe_results, transfer.expected()
-        )
-    )
+    unapplied = apply_values(namespace, returned, result.deleted, safe, transfer.expected())
+    session.versions.after_cell(namespace, returned, result.failures, unapplied, result.deleted)
+    failures.update(unapplied)
     report_failures(failures, "synced")
     raise_for_status(result, session.runner_name)
     return shown[-1] if shown else None
@@ -137,12 +139,15 @@ def cell_packages(
     return packages.requested(spec.pip, mode, spec.code, streams, transform)
 
 
-def _header(packed: serialize.Packed) -> ValueHeader:
-    """A value's header, with a content digest when it is large enough to be worth caching."""
+def _header(packed: serialize.Packed, digest: str = "") -> ValueHeader:
+    """A value's header, with a content digest when it is large enough to be worth caching.
+
+    ``digest``: the value's digest if already computed (its version).
+    """
     header = packed.header
     if packed.nbytes < CACHE_MIN:
         return header
-    return replace(header, digest=packed.digest())
+    return replace(header, digest=digest or packed.digest())
 
 
 def raise_for_status(result: Result, runner: str) -> None:

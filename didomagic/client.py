@@ -40,6 +40,8 @@ from didomagic.errors import (
 from didomagic.protocol import (
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
+    Answer,
+    Ask,
     Channel,
     Error,
     ErrorCode,
@@ -59,9 +61,15 @@ from didomagic.protocol import (
     cloudpickle_version,
     python_version,
 )
+from didomagic.resources import Responder
 from didomagic.urls import ConnectionURL
 
 logger = logging.getLogger("didomagic.client")
+
+NO_ANSWERS = Responder(
+    {}, "this connection answers no requests: a detached job carries its modules with it"
+)
+"""Refuses every ask: for connections with no notebook behind them (job holders)."""
 
 OPEN_TIMEOUT = 20.0
 """Seconds to reach a runner and complete both handshakes."""
@@ -182,6 +190,7 @@ class RunnerConnection:
         self.welcome = welcome
         self.url = url
         self.running: str | None = None
+        self._answer_lock = asyncio.Lock()  # an answer's frames follow it, unbroken
 
     @property
     def runner_name(self) -> str:
@@ -200,14 +209,18 @@ class RunnerConnection:
         on_output: Callable[[Output], None],
         on_transfer: Callable[[str, int, int], None] = lambda direction, done, total: None,
         on_installing: Callable[[Installing], None] = lambda message: None,
+        responder: Responder = NO_ANSWERS,
     ) -> tuple[Result, list[list[bytearray]]]:
         """Run one cell: send it and its values, stream outputs, return the result and values.
 
         ``on_transfer(direction, done, total)`` follows the bytes of values
         moving ("sending" or "receiving"), once per binary frame;
         ``on_installing`` gets the runner's package installation progress.
+        moving ("sending" or "receiving"), once per binary frame. The kernel's
+        asks while the cell runs are answered by ``responder``.
         """
         self.running = request.cell
+        answering: set[asyncio.Task[None]] = set()
         try:
             await self.ws.send(self.session.send(request))
             total = sum(v.nbytes for v in request.values if not v.cached)
@@ -233,6 +246,10 @@ class RunnerConnection:
                     on_output(message)
                 elif isinstance(message, Installing):
                     on_installing(message)
+                elif isinstance(message, Ask):
+                    task = asyncio.create_task(self._answer(message, responder))
+                    answering.add(task)
+                    task.add_done_callback(answering.discard)
                 elif isinstance(message, Result):
                     result = message
                     buffers = [[bytearray(n) for n in v.sizes] for v in message.values]
@@ -251,6 +268,26 @@ class RunnerConnection:
             ) from None
         finally:
             self.running = None
+            for task in list(answering):
+                task.cancel()
+
+    async def _answer(self, ask: Ask, responder: Responder) -> None:
+        """Answer one ask (the handler runs in a worker thread), then send its parts."""
+        reply = await asyncio.to_thread(responder.answer, ask)
+        parts = [memoryview(p).cast("B") for p in reply.parts]
+        answer = Answer(
+            ask.cell,
+            ask.id,
+            reply.status,
+            reply.message,
+            reply.meta,
+            tuple(p.nbytes for p in parts),
+        )
+        async with self._answer_lock:
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(self.session.send(answer))
+                for frame in self.session.frames([parts]):
+                    await self.ws.send(frame)
 
     async def interrupt(self) -> None:
         """Ask the runner to interrupt the running cell."""
@@ -352,13 +389,14 @@ ANY_RUNNER = Requirements()
 async def open_connection(
     url: ConnectionURL,
     requirements: Requirements = ANY_RUNNER,
-    on_queued: Callable[[int], None] = lambda position: None,
+    on_queued: Callable[[int, str], None] = lambda position, note: None,
     timeout: float = OPEN_TIMEOUT,
 ) -> RunnerConnection:
     """Connect, authenticate and say hello; raise a :class:`ConnectError` subclass on failure.
 
     While the runner has no free slot and queues the session, ``on_queued``
-    gets each new queue position; the wait in a queue has no time limit.
+    gets each new queue position and note (a mediator's word on a runner it
+    launches for the session); the wait in a queue has no time limit.
     """
     ws = await dial(url, timeout=timeout)
     return await handshake(ws, url, requirements, on_queued, timeout)
@@ -368,7 +406,7 @@ async def handshake(
     ws: Any,
     url: ConnectionURL | None,
     requirements: Requirements = ANY_RUNNER,
-    on_queued: Callable[[int], None] = lambda position: None,
+    on_queued: Callable[[int, str], None] = lambda position, note: None,
     timeout: float = OPEN_TIMEOUT,
     channel: Channel = Channel.CELLS,
 ) -> RunnerConnection:
@@ -387,7 +425,7 @@ async def handshake(
         await ws.send(session.send(hello))
         reply = session.receive(await asyncio.wait_for(ws.recv(), timeout))
         while isinstance(reply, Queued):
-            on_queued(reply.position)
+            on_queued(reply.position, reply.note)
             reply = session.receive(await ws.recv())
     except (ConnectionClosed, TimeoutError) as exc:
         await ws.close()

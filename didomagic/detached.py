@@ -18,10 +18,10 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from didomagic import display, serialize
+from didomagic import display, files, localcode, serialize
 from didomagic.api import (
     CellSpec,
     SessionPool,
@@ -42,6 +42,7 @@ from didomagic.errors import (
     JobError,
     RunnerUnreachable,
 )
+from didomagic.filebundle import FileOptions
 from didomagic.loop import background_loop
 from didomagic.namespace import transform_cell
 from didomagic.protocol import (
@@ -301,6 +302,10 @@ def submit_request(
     """Send a submission, retrying once with the same request id if the connection drops."""
     name, url = holder
     parts = [p.parts for p in packed]
+    bundle = localcode.bundle_for(localcode.CodeState(), localcode.imports_of(request.code))
+    if bundle is not None:  # the job may run when this notebook is gone: its modules go now
+        request = replace(request, values=(bundle.header, *request.values))
+        parts = [bundle.parts, *parts]
     try:
         record = background_loop().run(submit_async(url, request, parts))
     except (RunnerUnreachable, ConnectError) as first:
@@ -329,6 +334,8 @@ def submit_cell(
     transfer = plan_transfer(spec, namespace, transform, hidden)
     packed, failures = serialize.pack_names(namespace, transfer.send)
     report_failures(failures, "sent")
+    # the job's files go with it: no notebook may be there to serve them when it runs
+    packed.append(files.bundle_value({}, spec.files, safe=holder[1].safe_results, lazy=False))
     request = Submit(
         request_id=secrets.token_urlsafe(16),
         code=spec.code,
@@ -363,7 +370,9 @@ def pull_into(
             shown = result
     failures = dict(data.failures)
     returned = [(v.name, parts) for v, parts in zip(data.values, buffers, strict=True)]
-    failures.update(apply_values(namespace, returned, data.deleted, handle.holder.safe_results))
+    safe = handle.holder.safe_results
+    returned = files.take_back(returned, None, FileOptions(), safe=safe)
+    failures.update(apply_values(namespace, returned, data.deleted, safe))
     report_failures(failures, "synced")
     result = Result(job_id, data.status, data.values, data.deleted, data.failures, data.error)
     raise_for_status(result, str(data.job.get("runner") or handle.holder_name))

@@ -18,6 +18,8 @@ as that one paragraph, without the plumbing's traceback::
     ├── JobError                  a detached job cannot be found, pulled or submitted
     ├── RunnerStartError          the embedded runner did not start
     ├── ItemFailed                one call of map() failed; carries its index
+    ├── FileRefused               a path the notebook side will not serve (PermissionError)
+    ├── FilesTooLarge             files over a --files-limit (names the biggest)
     └── CellFailed                the cell ran but did not finish normally
         ├── RemoteError           the cell raised; carries the remote traceback
         │   └── PackageError      the runner could not give the cell the packages it asked for
@@ -172,6 +174,14 @@ class ItemFailed(DidomagicError):
         self.cancelled = cancelled or []
         """Items stopped or never started because of the failure (``cancel_on_error``)."""
         super().__init__(f"map item {index} failed: {type(error).__name__}: {error}")
+
+
+class FileRefused(DidomagicError, PermissionError):
+    """A runner asked for a path the notebook side does not serve (outside the root, excluded)."""
+
+
+class FilesTooLarge(DidomagicError):
+    """The files a cell would send up front are over the size limit (the message names them)."""
 
 
 class JobError(DidomagicError):

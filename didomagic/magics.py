@@ -20,6 +20,8 @@ from traitlets import Bool, Enum, Float, List, Unicode
 from didomagic import api
 from didomagic.autoremote import RemoteMode, run_here
 from didomagic.errors import ConfigurationError
+from didomagic.filebundle import DEFAULT_FILES_LIMIT, DEFAULT_RETURN_LIMIT, FileOptions
+from didomagic.files import parse_size
 from didomagic.progress import make_progress
 
 
@@ -209,6 +211,30 @@ class RemoteMagics(Magics):
     )
     @argument("--name", default="", help="a name for the --detach job")
     @argument(
+        "--files",
+        type=_names,
+        default=(),
+        help="send these files up front (data.csv,images/*.png), for subprocesses and jobs",
+    )
+    @argument(
+        "--get",
+        type=_names,
+        default=(),
+        help="bring these files back from the runner whatever their size (out/*.bin)",
+    )
+    @argument(
+        "--files-limit",
+        type=parse_size,
+        default=DEFAULT_FILES_LIMIT,
+        help="the most one file served, or all --files, may hold (default 1G)",
+    )
+    @argument(
+        "--return-limit",
+        type=parse_size,
+        default=DEFAULT_RETURN_LIMIT,
+        help="files the cell writes come back by themselves up to this total (default 20M)",
+    )
+    @argument(
         "--retries",
         type=int,
         default=0,
@@ -289,6 +315,7 @@ class RemoteMagics(Magics):
             os=os,
             pip=cell_pins(args.pip, args.requirements),
             packages=args.packages or self.packages or "",
+            files=FileOptions(args.files, args.get, args.files_limit, args.return_limit),
         )
         if args.new_session and not args.local:
             api.default_pool().session(runner, tags, os).close()

@@ -1,11 +1,12 @@
 """Progress of a remote cell: a compact widget in a notebook, a few plain lines elsewhere.
 
 A :class:`Progress` is driven from the notebook's main thread with the cell's
-events: ``connecting``, ``queued`` (position k), the ``runner`` chosen,
+events: ``connecting``, ``queued`` (position k, or a mediator's note on a
+runner it launches), the ``runner`` chosen,
 ``sending`` / ``receiving`` bytes, ``running``, and finally ``done`` or
 ``failed``. :class:`WidgetProgress` shows them as one ipywidgets row with a
 Cancel button; :class:`TextProgress` prints a line only for what is worth a
-line (a queue position, a large transfer, a cell still running after a few
+line (a queue position or launch note, a large transfer, a cell still running after a few
 seconds and then its end), so quick cells print nothing. :func:`make_progress`
 picks one (``DIDOMAGIC_PROGRESS=widget|text|none`` overrides the choice).
 """
@@ -84,9 +85,16 @@ class Progress:
         """Opening a session with ``target``."""
         self._set("connecting", target)
 
-    def queued(self, position: int) -> None:
-        """Waiting in the runner's queue at ``position`` (1 is next)."""
-        self._set("queued", f"position {position}")
+    def queued(self, position: int, note: str = "") -> None:
+        """Waiting in the runner's queue at ``position`` (1 is next), or as ``note`` says.
+
+        A mediator launching a runner for the session sends a note instead of a
+        position ("launching a runner: Slurm job 12, pending (Resources)").
+        """
+        if note:
+            self._set("waiting", note)
+        else:
+            self._set("queued", f"position {position}")
 
     def chose(self, description: dict[str, Any]) -> None:
         """The session is open on this runner."""
@@ -214,6 +222,8 @@ class TextProgress(Progress):
             return
         if self.state == "queued":
             self._print(f"queued ({self.detail}) at {self.detail_target()}")
+        elif self.state == "waiting":
+            self._print(f"{self.detail} (at {self.detail_target()})")
         elif self.state in ("sending", "receiving"):
             self._transfer_started = time.monotonic()
             if self.transfer_total >= LARGE_TRANSFER:

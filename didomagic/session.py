@@ -14,18 +14,20 @@ import builtins
 import concurrent.futures
 import queue
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from didomagic import serialize
+from didomagic import localcode, serialize
 from didomagic.client import ANY_RUNNER, Requirements, RunnerConnection, open_connection
 from didomagic.errors import CellTooLarge, ConnectionLost
 from didomagic.loop import BackgroundLoop, background_loop
 from didomagic.progress import NoProgress, Progress
 from didomagic.protocol import Execute, Output, Result, Status
+from didomagic.resources import Responder
 from didomagic.transfer import Transfer
 from didomagic.urls import ConnectionURL
+from didomagic.versions import HeldVersions, InPlaceTracker
 
 IDLE_ENDED = "idle-timeout"
 """The close reason a runner gives when it ends an idle session."""
@@ -69,6 +71,10 @@ class RemoteSession:
         self._future: concurrent.futures.Future[Any] | None = None
         self._held: dict[str, str] = {}
         """Digest of each large value the remote session holds, by name (see CACHE_MIN)."""
+        self.versions = HeldVersions()
+        """Which version of each value the remote kernel's namespace holds."""
+        self.responder = _responder(url)
+        """Answers the remote kernel's asks with the registered handlers (see resources)."""
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
         self.runner_name = url.address
         """The runner's name, once it has introduced itself."""
@@ -94,9 +100,13 @@ class RemoteSession:
                 )
             events.put(("connecting", self.url.address))
             self._connection = await open_connection(
-                self.url, self.requirements, on_queued=lambda k: events.put(("queued", k))
+                self.url,
+                self.requirements,
+                on_queued=lambda k, note: events.put(("queued", k, note)),
             )
             self._held.clear()  # a new remote session holds no values yet
+            self.versions.clear()
+            self.responder = _responder(self.url)
             self.description = dict(self._connection.welcome.runner)
             self.runner_name = self._connection.runner_name
         events.put(("runner", self.description))
@@ -107,10 +117,27 @@ class RemoteSession:
         request: Execute,
         parts: Sequence[Sequence[memoryview]],
         events: EventSink,
+        versions: Mapping[str, str] | None = None,
     ) -> tuple[Result, list[list[bytearray]]]:
-        """Open the session if needed and run one cell (on the I/O loop); report to ``events``."""
+        """Open the session if needed and run one cell (on the I/O loop); report to ``events``.
+
+        ``versions``: the version of each value (see :class:`HeldVersions`); a
+        value the remote kernel holds at that version is not sent.
+        """
         async with self._busy:
             connection = await self.connect_async(events)
+            if versions is not None:
+                values, parts, names = self.versions.hold(request.values, parts, versions)
+                request = replace(request, values=values, held=names)
+            code = localcode.state_of(self.responder.state)
+            bundle = None
+            if not localcode.shipped(request.values):  # stats and reads: off the I/O loop
+                bundle = await asyncio.to_thread(
+                    localcode.bundle_for, code, names_only=self.url.safe_results
+                )
+            if bundle is not None:  # the notebook's modules go first, before any value
+                request = replace(request, values=(bundle.header, *request.values))
+                parts = [bundle.parts, *parts]
             held = self._held
             _check_size(request, held, self.description)
             request = replace(
@@ -126,10 +153,17 @@ class RemoteSession:
                 lambda output: events.put(("output", output)),
                 _throttled(events),
                 lambda m: events.put(("installing", m.count, m.line, m.done)),
+                self.responder,
             )
             for v in request.values:  # the runner session now holds these bytes
                 if v.digest:
                     held[v.name] = v.digest
+            if outcome[0].status is Status.KERNEL_DIED:  # a fresh kernel holds no values
+                self.versions.clear()
+            if bundle is not None:
+                bundle.commit(code)
+            if outcome[0].status is Status.KERNEL_DIED:  # a fresh kernel holds no modules
+                localcode.forget(self.responder.state)
             return outcome
 
     def execute(
@@ -138,6 +172,7 @@ class RemoteSession:
         parts: Sequence[Sequence[memoryview]],
         on_output: Callable[[Output], None],
         progress: Progress | None = None,
+        versions: Mapping[str, str] | None = None,
     ) -> tuple[Result, list[list[bytearray]]]:
         """Run one cell; outputs are handed to ``on_output`` on this thread as they arrive.
 
@@ -148,7 +183,7 @@ class RemoteSession:
         """
         progress = progress or NoProgress()
         events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
-        future = self.loop.submit(self.execute_async(request, parts, events))
+        future = self.loop.submit(self.execute_async(request, parts, events, versions))
         self._future = future
         future.add_done_callback(lambda _: events.put(None))
         progress.on_cancel = self.cancel
@@ -206,6 +241,13 @@ class RemoteSession:
             await connection.close()
 
 
+def _responder(url: ConnectionURL) -> Responder:
+    """A new session's responder; its handlers see whether the runner is untrusted."""
+    responder = Responder()
+    responder.state[localcode.SAFE_RESULTS] = url.safe_results
+    return responder
+
+
 def _check_size(request: Execute, held: dict[str, str], runner: dict[str, Any]) -> None:
     """Refuse, before anything is sent, a cell over the runner's --max-message-size."""
     limit = runner.get("max_message_size")
@@ -243,7 +285,10 @@ def dispatch(event: Event, on_output: Callable[[Output], None], progress: Progre
     elif kind == "notice":
         print(f"didomagic: {event[1]}", file=sys.stderr)
     elif kind == "queued":
-        progress.queued(event[1])
+        if event[2]:  # a mediator's note on a runner it launches
+            progress.queued(event[1], event[2])
+        else:
+            progress.queued(event[1])
     elif kind == "runner":
         progress.chose(event[1])
     elif kind == "installing":
@@ -271,6 +316,7 @@ class LocalSession:
 
     def __init__(self) -> None:
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+        self._versions = InPlaceTracker()
 
     def execute(
         self, source: str, cell: str, sent: list[serialize.Packed], transfer: Transfer
@@ -281,6 +327,10 @@ class LocalSession:
         ns = self.namespace
         ns.setdefault("get_ipython", get_ipython)
         failures = serialize.unpack_into(ns, [(p.name, p.parts) for p in sent])
+        for p in sent:
+            if p.name not in failures:
+                self._versions.loaded(ns, p.name)
+        self._versions.start(ns, [p.name for p in sent])
         before = serialize.snapshot(ns, transfer.fetch)
         outcome = LocalOutcome()
         try:
@@ -299,7 +349,10 @@ class LocalSession:
             outcome.error = exc
         names = serialize.names_to_return(ns, before, outcome.error is None)
         outcome.values, pack_failures = serialize.pack_names(ns, names)
-        outcome.failures = {**failures, **pack_failures}
+        changed, change_failures = self._versions.changed(ns, skip=names)
+        outcome.values += changed
+        self._versions.returned(ns, outcome.values)
+        outcome.failures = {**failures, **pack_failures, **change_failures}
         outcome.deleted = [n for n in transfer.deletes if n not in ns]
         return outcome
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from didomagic import serialize
+from didomagic.filebundle import FileOptions
 from didomagic.namespace import analyze_cell, transform_cell
 from didomagic.returned import Expected, screen
 
@@ -38,6 +39,7 @@ class CellSpec:
     packages: str = ""
     """``match``: also the notebook's versions of what the cell uses; ``none``; "" for the
     notebook's default (``$DIDOMAGIC_PACKAGES``, see :mod:`didomagic.packages`)."""
+    files: FileOptions = field(default_factory=FileOptions)
 
 
 @dataclass
@@ -100,7 +102,7 @@ def apply_values(
     """
     values, deleted, refused = screen(values, deleted, expected)
     staging: dict[str, Any] = {}
-    failures = serialize.unpack_into(staging, values, safe)
+    failures = serialize.unpack_into(staging, values, safe, main=namespace)
     namespace.update(staging)
     for name in deleted:
         namespace.pop(name, None)

@@ -9,6 +9,10 @@
     didomagic-runner gen-client-cert --ca-dir D --name N --out DIR   a client certificate
     didomagic-runner --check-sandbox [limit flags]             what this host can enforce
     didomagic-runner [mediator] --config FILE [--print-config]  flags from a TOML file
+    didomagic-runner slurm-script [--slurm-* flags]            print a runner batch script
+
+Both roles also read their settings from ``DIDOMAGIC_*`` environment variables
+and mounted secret files (:mod:`runner.environment`); flags win.
 
 On start the runner logs where it listens and its certificate fingerprint, and
 prints its connection URL (address, token and fingerprint in one string) on
@@ -40,12 +44,14 @@ from didomagic import eventloops
 from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
-from runner import certs, enrol
+from runner import certs, enrol, environment, slurm, slurm_options
 from runner.advertise import Advertiser
 from runner.configfile import add_config_flags, parse_with_config, render
 from runner.envs import EnvCache, InstallSettings
+from runner.idle import stop_when_idle
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
+from runner.launcher import Launcher, LauncherSettings
 from runner.limits import Limits, parse_size
 from runner.link import MediatorLink
 from runner.mediator import Mediator, MediatorSettings
@@ -257,6 +263,14 @@ def serve_parser() -> argparse.ArgumentParser:
     _add_limits(p)
     _add_packages(p)
     p.add_argument(
+        "--exit-when-idle",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop once no session has been open or queued for this many seconds "
+        "(default: never; runners launched by a mediator use it so their jobs end)",
+    )
+    p.add_argument(
         "--exit-on-stdin-eof",
         action="store_true",
         help="stop when standard input closes (used by the embedded runner, so it "
@@ -464,6 +478,26 @@ def mediator_parser() -> argparse.ArgumentParser:
         "add-runner NAME'); by default the shared runner token also works, for names "
         "without a credential, and such runners are listed as unverified",
     )
+    p.add_argument(
+        "--launcher",
+        choices=["none", "slurm"],
+        default="none",
+        help="slurm: submit runner jobs (the --slurm-* template) when a session waits for "
+        "tags no up runner serves but such a runner would (default: none)",
+    )
+    p.add_argument(
+        "--max-runners",
+        type=_positive,
+        default=4,
+        help="runner jobs alive at once, pending ones included (default 4)",
+    )
+    p.add_argument(
+        "--launcher-poll",
+        type=_seconds,
+        default=2.0,
+        help="seconds between two looks at the runner jobs' states (default 2)",
+    )
+    slurm_options.add_template_options(p)
     return p
 
 
@@ -691,7 +725,7 @@ async def serve(args: argparse.Namespace) -> None:
     settings = RunnerSettings(
         host=args.host,
         port=args.port,
-        tags=args.tags,
+        tags=tuple(dict.fromkeys((*args.tags, *slurm.job_tags(os.environ)))),
         token=token,
         admin_token=_admin_token(args, state_dir, token),
         certfile=certfile,
@@ -722,6 +756,7 @@ async def serve(args: argparse.Namespace) -> None:
     link: MediatorLink | None = None
     advertiser: Advertiser | None = None
     link_task: asyncio.Task[None] | None = None
+    idle: asyncio.Task[None] | None = None
     try:
         port = await server.start()
         url = _announce(f"runner {settings.name}", args, port, settings.token, certfile)
@@ -753,11 +788,15 @@ async def serve(args: argparse.Namespace) -> None:
         if args.mediator is not None:
             link = MediatorLink(server, args.mediator, args.heartbeat)
             link_task = asyncio.create_task(link.run())
+        if args.exit_when_idle is not None:
+            idle = asyncio.create_task(stop_when_idle(server, args.exit_when_idle, stop))
         await stop.wait()
         logger.info("stopping: closing sessions and shutting kernels down")
     finally:
         if advertiser is not None:
             await advertiser.stop()
+        if idle is not None:
+            idle.cancel()
         if link is not None and link_task is not None:
             await link.stop()
             link_task.cancel()
@@ -817,6 +856,9 @@ async def mediate(args: argparse.Namespace) -> None:
                 "--no-shared-runner-token: the runner URL above is refused; give each runner "
                 "its own with 'didomagic-runner mediator add-runner NAME'"
             )
+        if args.launcher == "slurm":
+            mediator.launcher = _slurm_launcher(args, runner_url)
+            mediator.launcher.start()
         await stop.wait()
         logger.info("stopping")
     finally:
@@ -827,6 +869,23 @@ async def mediate(args: argparse.Namespace) -> None:
             if path:
                 path.unlink(missing_ok=True)
     logger.info("stopped")
+
+
+def _slurm_launcher(args: argparse.Namespace, runner_url: ConnectionURL) -> Launcher:
+    """The launcher ``--launcher slurm`` asks for; exit if Slurm's commands are missing."""
+    launcher = Launcher(
+        LauncherSettings(slurm_options.template_of(args), args.max_runners, args.launcher_poll),
+        str(runner_url),
+    )
+    missing = launcher.commands.available()
+    if missing:
+        raise SystemExit(f"didomagic-runner mediator: --launcher slurm: {missing}.")
+    logger.info(
+        "launching up to %d runners on Slurm for tags %s",
+        args.max_runners,
+        ",".join(launcher.settings.template.runner_tags()) or "none",
+    )
+    return launcher
 
 
 MEMORY_BACKED = Path("/dev/shm")
@@ -879,9 +938,20 @@ def gen_cert(args: argparse.Namespace) -> None:
     print(f"certificate: {certfile}\nkey:         {keyfile}\nSHA-256 fingerprint: {fingerprint}")
 
 
+def _from_environment(role: str) -> list[str]:
+    """Flags from ``DIDOMAGIC_*`` variables (secrets are then removed from the environment)."""
+    try:
+        return environment.arguments(role, os.environ)
+    except ConfigurationError as exc:
+        raise SystemExit(f"didomagic-runner: {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``didomagic-runner`` and ``python -m runner``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["slurm-script"]:
+        slurm_options.print_script(slurm_options.slurm_script_parser().parse_args(argv[1:]))
+        return 0
     if argv[:1] == ["gen-cert"]:
         gen_cert(gen_cert_parser().parse_args(argv[1:]))
         return 0
@@ -892,7 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return enrol.main(argv[1], argv[2:])
     if argv[:1] == ["mediator"]:
         parser = mediator_parser()
-        margs = parse_with_config(parser, argv[1:])
+        margs = parse_with_config(parser, _from_environment("mediator") + argv[1:])
         if margs.print_config:
             print(render(parser, margs), end="")
             return 0
@@ -900,7 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         eventloops.run(mediate(margs))
         return 0
     parser = serve_parser()
-    args = parse_with_config(parser, argv)
+    args = parse_with_config(parser, _from_environment("runner") + argv)
     if args.print_config:
         print(render(parser, args), end="")
         return 0

@@ -41,6 +41,7 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import Dict, List, Unicode
 
 from didomagic.protocol import OUTPUT_TYPES, Status
+from runner.errortext import cell_error
 from runner.limits import format_size
 from runner.sandbox import QUOTA_POLL, Box, Sandbox, runner_pythonpath
 
@@ -232,7 +233,14 @@ class Kernel:
         limit_name: str = "its timeout",
     ) -> CellOutcome:
         """Run a cell, streaming its outputs; enforce ``timeout`` and the session's limits."""
-        run = asyncio.ensure_future(self._run(code, on_output=on_output))
+        published: list[dict[str, Any]] = []  # the errors the kernel showed, to name a failure
+
+        def forward(msg_type: str, content: dict[str, Any]) -> None:
+            if msg_type == "error":
+                published.append(content)
+            on_output(msg_type, content)
+
+        run = asyncio.ensure_future(self._run(code, on_output=forward))
         death = asyncio.ensure_future(self._died())
         watched = {run, death}
         quota: asyncio.Future[str] | None = None
@@ -257,7 +265,13 @@ class Kernel:
                     {run, death}, timeout=INTERRUPT_GRACE, return_when=asyncio.FIRST_COMPLETED
                 )
             if run in done:
-                return self._outcome(run.result()["content"], timed_out, timeout, limit_name)
+                return self._outcome(
+                    run.result()["content"],
+                    timed_out,
+                    timeout,
+                    limit_name,
+                    published[-1] if published else None,
+                )
             if timed_out and death not in done:
                 return CellOutcome(
                     Status.KERNEL_DIED,
@@ -290,7 +304,12 @@ class Kernel:
                     await task
 
     def _outcome(
-        self, content: dict[str, Any], timed_out: bool, timeout: float | None, limit_name: str
+        self,
+        content: dict[str, Any],
+        timed_out: bool,
+        timeout: float | None,
+        limit_name: str,
+        published: dict[str, Any] | None = None,
     ) -> CellOutcome:
         if timed_out:
             return CellOutcome(
@@ -302,8 +321,8 @@ class Kernel:
             )
         if content["status"] == "ok":
             return CellOutcome(Status.OK)
-        ename, evalue = content.get("ename", "Error"), content.get("evalue", "")
-        traceback = list(content.get("traceback", []))
+        error = cell_error(content, published)
+        ename, evalue, traceback = error["ename"], error["evalue"], error["traceback"]
         note = self.box.error_note(ename, evalue) if self.box is not None else None
         if note is not None:
             evalue = f"{evalue} ({note})"

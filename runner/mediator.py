@@ -40,6 +40,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -63,6 +64,7 @@ from didomagic.protocol import (
     Load,
     LogLines,
     Query,
+    Queued,
     Register,
     Registered,
     Role,
@@ -77,6 +79,7 @@ from runner.descriptions import (
 )
 from runner.jobs import JOBS_PATH, JobService
 from runner.jobstore import JobRecord, JobStore
+from runner.launcher import Launcher, LaunchFailed
 from runner.link import REGISTER_PATH, RELAY_PATH, TICKET_HEADER
 from runner.server import HANDSHAKE_TIMEOUT, HELLO_TIMEOUT, check_token, listen
 from runner.status import LINE_LIMIT, RUNNER_LINES, PageData, log_buffer, with_status_page
@@ -162,6 +165,8 @@ class Mediator:
         self._server: Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.jobs: JobService | None = None
+        self.launcher: Launcher | None = None
+        """Launches runners on demand (``--launcher slurm``; set up by the command line)."""
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
@@ -206,6 +211,8 @@ class Mediator:
             self._watchdog.cancel()
         if self.jobs is not None:
             await self.jobs.stop()
+        if self.launcher is not None:
+            await self.launcher.stop()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -289,6 +296,7 @@ class Mediator:
         entry = RunnerEntry(message.id, description, message.heartbeat, ws, link, identity=identity)
         self.runners[message.id] = entry
         await ws.send(link.send(Registered(self.settings.name)))
+        self._pool_changed(entry.description)
         logger.info(
             "runner %s registered from %s (tags: %s)",
             entry.description.get("name"),
@@ -314,6 +322,7 @@ class Mediator:
                             ws, ErrorCode.BAD_REQUEST, f"Mediator {self.settings.name}: {exc}"
                         )
                         break
+                    self._pool_changed()
                 elif isinstance(update, LogLines):
                     entry.log.extend(line[:LINE_LIMIT] for line in update.lines[-RUNNER_LINES:])
                 elif isinstance(update, Leave):
@@ -322,6 +331,7 @@ class Mediator:
         finally:
             if entry.link is ws:
                 self._mark_down(entry, entry.reason or reason)
+                self._pool_changed()
 
     async def _admit(
         self, message: Register, ws: ServerConnection
@@ -425,7 +435,7 @@ class Mediator:
             raise ProtocolError("expected a hello text message first")
         first = session.receive(text)
         if isinstance(first, Query):
-            runners = tuple(entry.view() for entry in self.runners.values())
+            runners = tuple(self._listing())
             await ws.send(
                 session.send(Info(role="mediator", runners=runners, name=self.settings.name))
             )
@@ -433,6 +443,14 @@ class Mediator:
             return
         assert isinstance(first, Hello)
         entry = self._choose(first)
+        if entry is None and self._can_launch(first.tags, first.os, first.runner):
+            try:
+                entry = await self._launch_for(ws, session, first)
+            except LaunchFailed as exc:
+                await refuse(ws, ErrorCode.NO_MATCH, f"Mediator {self.settings.name}: {exc}")
+                return
+            if entry is None:
+                return  # the client left while it waited
         if entry is None:
             views = [e.view() for e in self.runners.values()]
             busy = matching.all_busy(views, first.tags, first.os, first.runner)
@@ -457,9 +475,10 @@ class Mediator:
                 entry.description.get("name"),
             )
             await relay.send(text)
-            await _pipe(ws, relay)
+            await _pipe(ws, relay, lambda: self._lost_reason(entry))
         finally:
             entry.relayed -= 1
+            self._pool_changed()
 
     def _choose(self, hello: Hello) -> RunnerEntry | None:
         entries = [e for e in self.runners.values() if e.status == "up" and e.link is not None]
@@ -478,7 +497,12 @@ class Mediator:
             if matching.matches(e.view(), job.tags, job.os) and matching.free_slots(e.view()) > 0
         ]
         if not free:
+            if self._can_launch(job.tags, job.os):
+                assert self.launcher is not None  # LaunchFailed is a ConnectError: the job waits
+                await self.launcher.claim(("job", job.id))
             return None
+        if self.launcher is not None:
+            self.launcher.release(("job", job.id))
         entry = min(free, key=lambda e: matching.load_key(e.view()))
         entry.relayed += 1
         relay = await self._open_relay(entry)
@@ -493,6 +517,43 @@ class Mediator:
         self._background.add(task := asyncio.create_task(release()))
         task.add_done_callback(self._background.discard)
         return await handshake(relay, None)
+
+    # -- runners launched on demand (runner.launcher)
+
+    def _can_launch(self, tags: tuple[str, ...], os: str, name: str = "") -> bool:
+        return self.launcher is not None and self.launcher.can_serve(tags, os, name)
+
+    def _pool_changed(self, registered: dict[str, Any] | None = None) -> None:
+        """Wake sessions waiting for a launched runner: the pool changed."""
+        if self.launcher is not None:
+            if registered is not None:
+                self.launcher.registered(registered)
+            else:
+                self.launcher.changed()
+
+    async def _launch_for(
+        self, ws: ServerConnection, session: Session, hello: Hello
+    ) -> RunnerEntry | None:
+        """Wait while runners launch until one matches ``hello`` (None: the client left)."""
+        assert self.launcher is not None
+
+        async def say(note: str) -> None:
+            await ws.send(session.send(Queued(0, note)))
+
+        gone = asyncio.ensure_future(ws.wait_closed())
+        try:
+            return await self.launcher.wait_for(ws, lambda: self._choose(hello), say, gone)
+        finally:
+            gone.cancel()
+
+    def _listing(self) -> list[dict[str, Any]]:
+        views = [entry.view() for entry in self.runners.values()]
+        return self.launcher.listing(views) if self.launcher is not None else views
+
+    async def _lost_reason(self, entry: RunnerEntry) -> str | None:
+        if self.launcher is None:
+            return None
+        return await self.launcher.lost_reason(entry.description)
 
     async def _open_relay(self, entry: RunnerEntry) -> ServerConnection | None:
         if entry.link is None or entry.protocol is None:
@@ -513,8 +574,15 @@ class _Refused(Exception):
     """A registration or load report the mediator does not accept (the message says why)."""
 
 
-async def _pipe(a: ServerConnection, b: ServerConnection) -> None:
-    """Copy frames both ways, unchanged, until either side closes; then close both."""
+async def _pipe(
+    a: ServerConnection,
+    b: ServerConnection,
+    b_left: Callable[[], Awaitable[str | None]] | None = None,
+) -> None:
+    """Copy frames both ways, unchanged, until either side closes; then close both.
+
+    When ``b`` closes first, ``b_left`` may give the reason ``a`` is closed with.
+    """
 
     async def copy(src: ServerConnection, dst: ServerConnection) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -524,6 +592,10 @@ async def _pipe(a: ServerConnection, b: ServerConnection) -> None:
     tasks = [asyncio.create_task(copy(a, b)), asyncio.create_task(copy(b, a))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if b_left is not None and tasks[1].done() and not tasks[0].done():
+            reason = await b_left()
+            if reason:
+                await a.close(1011, reason)
     finally:
         for task in tasks:
             task.cancel()

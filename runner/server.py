@@ -48,6 +48,7 @@ from didomagic.protocol import (
     CHUNK_SIZE,
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
+    Answer,
     ErrorCode,
     Execute,
     Hello,
@@ -69,8 +70,10 @@ from didomagic.protocol import (
     python_version,
 )
 from runner import agent, resources
+from runner.broker import Broker
 from runner.certs import server_context
 from runner.envs import EnvCache
+from runner.health import with_health
 from runner.jobs import JOBS_PATH, JobService
 from runner.kernels import CellOutcome, Kernel, KernelPool
 from runner.limits import Limits, format_size
@@ -164,7 +167,7 @@ async def listen(
         ssl=context,
         ssl_handshake_timeout=handshake_timeout,
         open_timeout=handshake_timeout,
-        process_request=authenticate,
+        process_request=with_health(authenticate),  # /healthz needs no token
         compression=None,  # no compression bombs, and values are mostly incompressible
         max_size=MAX_TEXT_SIZE,
         write_limit=4 * CHUNK_SIZE,
@@ -421,6 +424,8 @@ class SessionHandler:
         self.id = secrets.token_urlsafe(16)
         self.protocol = Session(Role.RUNNER)
         self.kernel: Kernel | None = None
+        self.broker: Broker | None = None
+        """Carries the kernel's asks to the client (see runner.broker)."""
         self.cell_task: asyncio.Task[None] | None = None
         self.upload: Upload | None = None
         self.interrupted = False
@@ -511,6 +516,7 @@ class SessionHandler:
             return False
         self.kernel = await self.server.pool.take()
         self.cache = ValueCache(self.kernel.cache)
+        await self._attach_broker()
         await self.ws.send(
             self.protocol.send(
                 Welcome(
@@ -610,8 +616,14 @@ class SessionHandler:
                 await self.ws.close(1000, IDLE_CLOSE_REASON)
                 return
             if isinstance(frame, bytes):
+                answering = self.protocol.state is State.ANSWER
+                chunks = self.protocol.receive_binary(frame)
+                if answering:
+                    assert self.broker is not None
+                    await self.broker.on_parts(chunks)
+                    continue
                 assert self.upload is not None
-                for chunk in self.protocol.receive_binary(frame):
+                for chunk in chunks:
                     self.upload.write(chunk.value, chunk.data)
                 if self.protocol.state is State.RUNNING:
                     self._start_cell()
@@ -627,24 +639,35 @@ class SessionHandler:
                     self._start_cell()
             elif isinstance(message, Interrupt):
                 await self._interrupt()
+            elif isinstance(message, Answer):
+                if not await self._within_size_limit(message):
+                    return
+                assert self.broker is not None
+                await self.broker.on_answer(message)
 
-    async def _within_size_limit(self, request: Execute) -> bool:
-        """Refuse (and end the session) a cell declaring more bytes than --max-message-size."""
+    async def _within_size_limit(self, request: Execute | Answer) -> bool:
+        """Refuse (and end the session) a cell or answer declaring more than --max-message-size."""
         limit = self.server.settings.max_message_size
-        size = sum(v.nbytes for v in request.values if not v.cached)
+        if isinstance(request, Answer):
+            size = request.nbytes
+        else:
+            size = sum(v.nbytes for v in request.values if not v.cached)
         if size <= limit:
             return True
+        what = "an answer of the notebook side" if isinstance(request, Answer) else "the cell"
+        of_values = "" if isinstance(request, Answer) else " of values"
         logger.warning(
-            "session %s: refused a cell of %d bytes of values (--max-message-size %d)",
+            "session %s: refused %s of %d bytes (--max-message-size %d)",
             self.log_id,
+            what,
             size,
             limit,
         )
         await refuse(
             self.ws,
             ErrorCode.BAD_REQUEST,
-            f"The cell declares {format_size(size)} of values; this runner accepts at most "
-            f"{format_size(limit)} per cell (--max-message-size). Nothing was allocated.",
+            f"{what.capitalize()} declares {format_size(size)}{of_values}; this runner accepts "
+            f"at most {format_size(limit)} per cell (--max-message-size). Nothing was allocated.",
         )
         return False
 
@@ -700,6 +723,7 @@ class SessionHandler:
                 "values": values,
                 "fetch": list(request.fetch),
                 "deletes": list(request.deletes),
+                "held": list(request.held),
                 "origin": self.client_versions,
             },
         )
@@ -741,7 +765,13 @@ class SessionHandler:
             cap = self.server.settings.cell_timeout
             if cap is not None and (timeout is None or cap < timeout):
                 timeout, limit_name = cap, "the runner's --cell-timeout"
-            outcome = await kernel.execute(request.code, forward, timeout, limit_name)
+            assert self.broker is not None
+            self.broker.open_cell(request.cell)
+            try:
+                outcome = await kernel.execute(request.code, forward, timeout, limit_name)
+            finally:
+                self.broker.close_cell()
+            await self.broker.settled()  # no answer may cross the result
         await self.outbox.join()  # every output leaves before the result
         status = outcome.status
         if (
@@ -756,12 +786,13 @@ class SessionHandler:
             values, offsets = [], []
             await self._replace_kernel()
         logger.info(
-            "session %s: cell %s %s in %.1f ms (%d values in, %d out)",
+            "session %s: cell %s %s in %.1f ms (%d values in, %d held, %d out)",
             self.log_id,
             request.cell[:8],
             status.value,
             (time.perf_counter() - started) * 1e3,
             len(request.values),
+            len(request.held),
             len(values),
         )
         result = Result(
@@ -798,11 +829,26 @@ class SessionHandler:
             self.cache.move_to(self.kernel.cache)
         if old is not None:
             await old.shutdown()
+        await self._attach_broker()
         logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
+
+    async def _attach_broker(self) -> None:
+        """Listen for the (new) kernel's asks; forget the old kernel's broker."""
+        assert self.kernel is not None
+        if self.broker is not None:
+            await self.broker.close()
+
+        def send(ask: Any) -> None:
+            self.outbox.put_nowait(self.protocol.send(ask))
+
+        self.broker = Broker(self.kernel.exchange, send, self.log_id)
+        await self.broker.start()
 
     async def _close(self) -> None:
         if self.writer is not None:
             self.writer.cancel()
+        if self.broker is not None:
+            await self.broker.close()
         if self.cell_task is not None and not self.cell_task.done():
             if self.kernel is not None:
                 await self.kernel.interrupt()

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -123,12 +123,16 @@ class MediatorProcess:
     stop = RunnerProcess.stop
 
 
-def start_mediator(tmp: Path, *args: str) -> MediatorProcess:
-    """Start ``didomagic-runner mediator`` and wait for the two URLs it prints."""
+def start_mediator(tmp: Path, *args: str, prefix: Sequence[str] = ()) -> MediatorProcess:
+    """Start ``didomagic-runner mediator`` and wait for the two URLs it prints.
+
+    ``prefix`` runs it through another command (``nsenter --net=...``) that execs it.
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     state = tmp / "state"
     log_path = tmp / "mediator.log"
-    command = [sys.executable, "-m", "runner", "mediator", "--state-dir", str(state), *args]
+    command = [*prefix, sys.executable, "-m", "runner", "mediator", "--state-dir", str(state)]
+    command += args
     if "--port" not in args:
         command += ["--port", "0"]
     with open(log_path, "ab") as log:
@@ -251,6 +255,15 @@ def shell():  # type: ignore[no-untyped-def]
     from didomagic.api import default_pool
 
     default_pool().close()
+
+
+@pytest.fixture(autouse=True)
+def notebook_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Each test's notebook works in an empty folder of its own (a remote cell's working
+    directory mirrors it, and the files the cell writes come back there, not into the checkout)."""
+    folder = tmp_path_factory.mktemp("notebook")
+    monkeypatch.chdir(folder)
+    return folder
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ def test_quick_benchmark_measures_everything_and_writes_json(tmp_path):
     ):
         assert expected in names, expected
     assert any(n.startswith("baseline: raw blocking TLS socket") for n in names)
+    assert any(n.startswith("mediator: pick a runner (20 runners") for n in names)
     assert all(m["median"] > 0 for m in report["measures"])
     bars = {r["what"] for r in report["ratios"]}
     assert "trivial cell / ipyparallel view.execute" in bars
