@@ -22,6 +22,7 @@ import os
 import pickletools
 import re
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -91,8 +92,12 @@ def read_requirements(path: str | Path, on_skip: Callable[[str], None] | None = 
 # --------------------------------------------------------------------------- match
 
 
+_MAGIC_IMPORTS = {"matplotlib": "matplotlib", "pylab": "matplotlib"}
+"""Line magics that import a package: ``%matplotlib inline`` needs matplotlib."""
+
+
 def imported_modules(code: str, transform: Callable[[str], str] = transform_cell) -> set[str]:
-    """Top-level names of the absolute imports anywhere in a cell."""
+    """Top-level names of the absolute imports anywhere in a cell (and of its magics')."""
     try:
         tree = ast.parse(transform(code))
     except SyntaxError:
@@ -103,6 +108,15 @@ def imported_modules(code: str, transform: Callable[[str], str] = transform_cell
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "run_line_magic"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and node.args[0].value in _MAGIC_IMPORTS
+        ):
+            found.add(_MAGIC_IMPORTS[node.args[0].value])
     return found
 
 
@@ -157,14 +171,46 @@ def _distributions(path: tuple[str, ...]) -> dict[str, list[str]]:
     return {k: list(v) for k, v in importlib.metadata.packages_distributions().items()}
 
 
+@cache
+def _editable_roots(path: tuple[str, ...]) -> dict[Path, str]:
+    """Project directory → name of each distribution installed in editable mode."""
+    del path  # the cache key, as for _distributions
+    roots = {}
+    for dist in importlib.metadata.distributions():
+        text = dist.read_text("direct_url.json")
+        if not text or not _editable(dist):
+            continue
+        url = str(json.loads(text).get("url", ""))
+        if url.startswith("file://"):
+            roots[Path(urllib.parse.unquote(url.removeprefix("file://")))] = dist.metadata["Name"]
+    return roots
+
+
+def _editable_owner(module: str) -> str | None:
+    """The editable distribution whose project directory holds an imported ``module``."""
+    where = getattr(sys.modules.get(module), "__file__", None)
+    if not where:
+        return None
+    file = Path(where)
+    for root, name in _editable_roots(tuple(sys.path)).items():
+        if file.is_relative_to(root):
+            return name
+    return None
+
+
 def distributions_of(modules: Iterable[str]) -> set[str]:
-    """The installed distributions that provide these top-level modules (stdlib left out)."""
+    """The installed distributions that provide these top-level modules (stdlib left out).
+
+    A module of a project installed in editable mode counts as its distribution's
+    even where the installer recorded only a ``.pth`` file (hatchling, PEP 660).
+    """
     mapping = _distributions(tuple(sys.path))
     found = set()
     for module in modules:
         if module in sys.stdlib_module_names or module in ("__main__", "builtins"):
             continue
-        found.update(mapping.get(module, ()))
+        owners = mapping.get(module) or [_editable_owner(module)]
+        found.update(name for name in owners if name)
     return found
 
 

@@ -129,7 +129,9 @@ class Progress:
             self._installed()
             self._set("running", "")
             return
-        self.install_line = line or self.install_line
+        listed = line.startswith(("+ ", "- "))  # one distribution of the installer's list
+        if line and not (listed and self.install_line):
+            self.install_line = line
         self._set("installing", "")
 
     def install_text(self) -> str:
@@ -245,7 +247,8 @@ class TextProgress(Progress):
     def _installed(self) -> None:
         if self._announced_install:
             what = packages_text(self.install_count)
-            self._print(f"installed {what} in {self.install_seconds:.1f} s")
+            said = f": {self.install_line}" if self.install_line else ""
+            self._print(f"installed {what} in {self.install_seconds:.1f} s{said}")
 
     def detail_target(self) -> str:
         """Where the session is queued (the runner once known, else the address)."""

@@ -218,12 +218,13 @@ class PackageVersionConflict(Exception):
     """The kernel already imported another version of a package a new environment holds."""
 
 
-def use_packages(site: str, previous: str | None = None) -> None:
-    """Put the environment at ``site`` in front of ``sys.path`` (replacing ``previous``).
+def use_packages(site: str | None, previous: str | None = None) -> None:
+    """Put the environment at ``site`` in front of ``sys.path``, replacing ``previous``.
 
+    ``site`` None takes ``previous`` away (the runner's own packages suffice).
     The session's state is kept: import caches are invalidated so that newly
     installed modules are found. A distribution the kernel has already
-    imported in another version cannot change under it; that raises
+    imported cannot change version under it; that raises
     :class:`PackageVersionConflict` and changes nothing.
     """
     import importlib
@@ -231,18 +232,25 @@ def use_packages(site: str, previous: str | None = None) -> None:
     import site as site_module
     import sys
 
+    after = [p for p in sys.path if p != previous]
+    if site is not None:
+        after.insert(0, site)
+    names = {
+        dist.metadata["Name"]
+        for where in (site, previous)
+        if where is not None
+        for dist in importlib.metadata.distributions(path=[where])
+    }
     conflicts = []
-    for dist in importlib.metadata.distributions(path=[site]):
-        name = dist.metadata["Name"]
-        try:
-            current = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
+    for name in sorted(n for n in names if n):
+        now = next(iter(importlib.metadata.distributions(name=name, path=sys.path)), None)
+        later = next(iter(importlib.metadata.distributions(name=name, path=after)), None)
+        if now is None or (later is not None and later.version == now.version):
             continue
-        if current == dist.version:
-            continue
-        loaded = sorted(m for m in _top_level_modules(dist) if m in sys.modules)
+        loaded = sorted(m for m in _top_level_modules(now) if m in sys.modules)
         if loaded:
-            conflicts.append(f"{name} {current} (imported as {', '.join(loaded)}) → {dist.version}")
+            to = later.version if later is not None else "none"
+            conflicts.append(f"{name} {now.version} (imported as {', '.join(loaded)}) → {to}")
     if conflicts:
         raise PackageVersionConflict(
             "this session's kernel has already imported "
@@ -251,10 +259,9 @@ def use_packages(site: str, previous: str | None = None) -> None:
             "fresh session with %%remote --new-session (the remote state is lost), or keep "
             "the version already imported."
         )
-    if previous is not None and previous in sys.path:
-        sys.path.remove(previous)
-    sys.path.insert(0, site)
-    site_module.addsitedir(site)  # its .pth files, if any
+    sys.path[:] = after
+    if site is not None:
+        site_module.addsitedir(site)  # its .pth files, if any
     importlib.invalidate_caches()
 
 

@@ -341,8 +341,10 @@ class EnvCache:
         assert self.installer is not None
         started = time.perf_counter()
         work = self.root / f".{key}-{os.getpid()}"
+        logger.info("packages: building environment %s for %s", key, ", ".join(requirements))
         try:
-            self._broadcast(key, 0, f"resolving {len(requirements)} requirements")
+            note = f" ({self.note})" if self.note else ""
+            self._broadcast(key, 0, f"resolving {len(requirements)} requirements{note}")
             plan = await self.installer.plan(
                 requirements, self._options(), lambda line: self._broadcast(key, 0, line)
             )
@@ -417,7 +419,10 @@ class EnvCache:
             assert env.site is not None
             del self.envs[env.key]
             count, nbytes = count - 1, nbytes - env.nbytes
-            logger.info("packages: removed least recently used environment %s", env.key)
+            logger.info(
+                "packages: evicted the least recently used environment %s (--env-cache-size)",
+                env.key,
+            )
             await asyncio.to_thread(shutil.rmtree, env.site.parent, True)
 
 

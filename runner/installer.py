@@ -11,11 +11,11 @@ waits on it; its output lines are handed to a callback as they come.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import importlib.metadata
 import json
-import logging
 import os
 import re
 import sys
@@ -23,13 +23,14 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-logger = logging.getLogger("didomagic.runner")
-
 INSTALL_TIMEOUT = 900.0
 """Seconds one installer run may take before it is stopped."""
 
 ERROR_LINES = 30
 """Lines of the installer's output kept for the message of a failure."""
+
+LINE_LIMIT = 1 << 20
+"""The longest output line read from the installer (a longer one fails the install)."""
 
 Line = Callable[[str], None]
 
@@ -49,6 +50,7 @@ async def _run(argv: list[str], on_line: Line, env: dict[str, str]) -> tuple[int
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=env,
+        limit=LINE_LIMIT,
     )
     assert process.stdout is not None
     lines: list[str] = []
@@ -61,7 +63,8 @@ async def _run(argv: list[str], on_line: Line, env: dict[str, str]) -> tuple[int
                     on_line(line)
             status = await process.wait()
     except TimeoutError:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
         await process.wait()
         raise InstallFailed(
             f"the installer ran longer than {INSTALL_TIMEOUT:g} s and was stopped"
@@ -78,7 +81,7 @@ def _failure(lines: Sequence[str]) -> InstallFailed:
     return InstallFailed("\n".join(lines[-ERROR_LINES:]) or "the installer failed silently")
 
 
-class Installer:
+class Installer(abc.ABC):
     """One installer: how to plan and how to install."""
 
     label = ""
@@ -90,17 +93,17 @@ class Installer:
     def _env(self) -> dict[str, str]:
         return {**os.environ, "NO_COLOR": "1"}
 
+    @abc.abstractmethod
     async def plan(
         self, requirements: Sequence[str], options: list[str], on_line: Line
     ) -> list[str]:
         """``name==version`` of each distribution to install on top of the base."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def install(
         self, pins: Sequence[str], target: Path, options: list[str], on_line: Line
     ) -> None:
         """Install exactly ``pins`` (no dependencies) into ``target``."""
-        raise NotImplementedError
 
 
 class UvInstaller(Installer):

@@ -16,7 +16,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from runner.envs import Env, EnvCache, PackageRequestError, names_of, normalise
+from packaging.utils import canonicalize_name
+
+from runner.envs import (
+    Env,
+    EnvCache,
+    PackageRequestError,
+    names_of,
+    normalise,
+    satisfied_by,
+)
 
 logger = logging.getLogger("didomagic.runner")
 
@@ -56,6 +65,10 @@ class SessionPackages:
             wanted = self._merged(requested)
         except PackageRequestError as exc:
             return _error(exc.ename, str(exc))
+        if wanted != self.requirements and self.env is not None and self.cache is not None:
+            visible = {**await self.cache.base(), **_versions(self.env.installed)}
+            if not satisfied_by(wanted, visible):
+                self.requirements = wanted  # what the kernel sees satisfies it already
         env = self.env
         if wanted == self.requirements and (
             env is None or env.site is None or self._kernel_id == kernel.id
@@ -79,11 +92,11 @@ class SessionPackages:
             if shown:
                 seconds = time.perf_counter() - started
                 report(len(env.installed), f"installed in {seconds:.1f} s", True)
-        if env.site is not None:
-            previous = None
-            if self.env is not None and self.env.site is not None and self._kernel_id == kernel.id:
-                previous = kernel.path_inside(self.env.site)
-            site = kernel.path_inside(env.site)
+        previous = None  # the layer this kernel sees now, if any
+        if self.env is not None and self.env.site is not None and self._kernel_id == kernel.id:
+            previous = kernel.path_inside(self.env.site)
+        if env.site is not None or previous is not None:  # the kernel's sys.path changes
+            site = kernel.path_inside(env.site) if env.site is not None else None
             reply = await kernel.run_silently(
                 f"__import__('runner.agent').agent.use_packages({site!r}, {previous!r})"
             )
@@ -114,6 +127,14 @@ class SessionPackages:
         for env in list(self._held):
             self._drop(env)
         self.env = None
+
+
+def _versions(pins: Sequence[str]) -> dict[str, str]:
+    """Canonical name → version of ``name==version`` pins."""
+    return {
+        canonicalize_name(name): version
+        for name, _, version in (pin.partition("==") for pin in pins)
+    }
 
 
 def _error(ename: str, message: str) -> dict[str, Any]:

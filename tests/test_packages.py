@@ -6,7 +6,9 @@ the runners get as ``--find-links DIR --no-index``: nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import sys
 import threading
@@ -27,6 +29,7 @@ from didomagic.errors import (
     RemoteError,
 )
 from didomagic.loop import background_loop
+from didomagic.progress import NoProgress
 from didomagic.protocol import (
     Execute,
     Installing,
@@ -43,7 +46,7 @@ from didomagic.urls import ConnectionURL
 from runner import sandbox
 from runner.envs import PackageRequestError, normalise, satisfied_by
 
-from .conftest import TIMEOUT, skip_missing, start_runner, wait_until
+from .conftest import TIMEOUT, skip_missing, start_mediator, start_runner, wait_until
 from .wheels import write_wheel
 
 FRAME = '''
@@ -79,6 +82,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     write_wheel(folder, "dmtframe", "1.0", {"dmtframe/__init__.py": FRAME})
     write_wheel(folder, "dmtextra", "1.0")
+    write_wheel(folder, "cycler", "0.0.1")  # an old version of one the runner has itself
     return folder
 
 
@@ -120,6 +124,12 @@ def describe(url: str) -> dict:  # type: ignore[type-arg]
     """The runner's self-description, as a client's query gets it."""
     info, _ = background_loop().run(query(ConnectionURL.parse(url)))
     return dict(info.runners[0])
+
+
+def describe_all(url: str) -> list[dict]:  # type: ignore[type-arg]
+    """Every runner a mediator (or a runner) describes."""
+    info, _ = background_loop().run(query(ConnectionURL.parse(url)))
+    return [dict(r) for r in info.runners]
 
 
 def builds(url: str) -> int:
@@ -173,9 +183,10 @@ def test_the_cache_size_is_a_count_or_a_size_and_progress_names_the_installs():
     progress = Progress()
     progress.installing(0, "Resolved 3 packages")
     assert progress.install_text().startswith("resolving packages, ")
-    progress.installing(3, "+ dmtbase==1.0")
+    progress.installing(3, "Installed 3 packages in 4ms")
+    progress.installing(3, "+ dmtbase==1.0")  # the list after it says less
     assert progress.install_text().startswith("installing 3 packages, 0.")
-    assert progress.install_text().endswith(": + dmtbase==1.0")
+    assert progress.install_text().endswith(": Installed 3 packages in 4ms")
     assert "installing 3 packages" in progress.summary()
     progress.installing(3, "installed in 0.1 s", done=True)
     assert progress.state == "running" and progress.install_seconds > 0
@@ -219,6 +230,7 @@ def test_pickles_name_the_modules_they_import(notebook_has):
         "os",
         "dmtframe",
     }
+    assert packages.imported_modules("%matplotlib inline\nx = 1\n") == {"matplotlib"}
     assert packages.pins_for(packages.distributions_of({"dmtframe", "os", "IPython"})) == [
         "dmtframe==1.0"
     ]  # the stdlib and didomagic's own stack are never pinned
@@ -238,6 +250,32 @@ def test_installing_messages_and_package_fields_round_trip():
         client.send(message)
     submit = Submit("r1", "x = 1", packages=("dmtapp",))
     assert decode(encode(submit)) == submit
+
+
+def test_an_editable_project_is_not_pinned_only_its_dependencies(
+    notebook_has, tmp_path, monkeypatch
+):
+    notebook_has("dmtbase-1.0-py3-none-any.whl")
+    project = tmp_path / "project"
+    (project / "dmtproj").mkdir(parents=True)
+    (project / "dmtproj" / "__init__.py").write_text("import dmtbase\n")
+    site = tmp_path / "editable-site"
+    info = site / "dmtproj-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: dmtproj\nVersion: 0.1\nRequires-Dist: dmtbase>=1\n"
+    )
+    (info / "RECORD").write_text("__editable__.dmtproj-0.1.pth,,\n")  # no module listed
+    (info / "direct_url.json").write_text(
+        json.dumps({"url": project.as_uri(), "dir_info": {"editable": True}})
+    )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(project))  # what the editable .pth does
+    import dmtproj  # noqa: F401
+
+    pins = packages.match("import dmtproj\n", [], packages.transform_cell)
+    assert pins == ["dmtbase==1.0"]  # the project's code travels; its dependency installs
+    assert packages.notebook_version("dmtproj") is None  # and no hint to --pip it
 
 
 # --------------------------------------------------------------------------- one runner
@@ -265,24 +303,28 @@ def test_install_and_import_then_reuse_without_installing(shell, ns, pk_runner, 
     assert ns["w"] == "app on 2.0"
     assert "installing" not in cap.stderr
     assert builds(pk_runner.url) == before + 1
+    # Asking for what the session's environment already holds builds nothing either.
+    result, cap = remote(shell, pk_runner.url, "import dmtbase", "--pip dmtbase==2.0")
+    assert result.success, cap.stdout + cap.stderr
+    assert builds(pk_runner.url) == before + 1
     assert describe(pk_runner.url)["packages"]["install"] is True
 
 
-def test_two_sessions_racing_for_one_set_build_it_once(pk_runner):
+def test_sessions_racing_for_one_set_build_it_once(pk_runner):
     url = ConnectionURL.parse(pk_runner.url)
-    sessions = [api.RemoteSession(url), api.RemoteSession(url)]
+    sessions = [api.RemoteSession(url) for _ in range(3)]
     try:
         for s in sessions:
-            execute(s, "x = 1")  # both open before the race
+            execute(s, "x = 1")  # all open before the race
         before = builds(pk_runner.url)
-        start = threading.Barrier(2)
-        results: list[object] = [None, None]
+        start = threading.Barrier(len(sessions))
+        results: list[object] = [None] * len(sessions)
 
         def race(i: int) -> None:
             start.wait()
             results[i] = execute(sessions[i], "import dmtextra", ["dmtextra"])
 
-        threads = [threading.Thread(target=race, args=(i,)) for i in range(2)]
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(len(sessions))]
         for t in threads:
             t.start()
         for t in threads:
@@ -290,7 +332,7 @@ def test_two_sessions_racing_for_one_set_build_it_once(pk_runner):
         for result, _values in results:  # type: ignore[misc]
             assert result.status is Status.OK, result.error
         assert builds(pk_runner.url) == before + 1
-        assert "waiting for the build" in pk_runner.log
+        assert "waiting for the build" in pk_runner.log  # the race did happen
     finally:
         for s in sessions:
             s.close()
@@ -365,6 +407,33 @@ def test_a_replaced_kernel_gets_the_sessions_environment_again(shell, ns, pk_run
     assert ns["v"] == "1.0"
 
 
+def test_going_back_to_the_runners_own_version_takes_the_layer_away(shell, ns, pk_runner):
+    import cycler
+
+    own = cycler.__version__
+    result, cap = remote(
+        shell,
+        pk_runner.url,
+        "import importlib.metadata\nv = importlib.metadata.version('cycler')",
+        "--new-session --pip cycler==0.0.1",
+    )
+    assert result.success, cap.stdout + cap.stderr
+    assert ns["v"] == "0.0.1"
+    result, cap = remote(
+        shell,
+        pk_runner.url,
+        "import cycler\nv = cycler.__version__",
+        f"--pip cycler=={own}",
+    )
+    assert result.success, cap.stdout + cap.stderr
+    assert ns["v"] == own  # not imported before: the runner's own version, in place
+    result, cap = remote(shell, pk_runner.url, "import cycler", "--new-session --pip cycler==0.0.1")
+    result, cap = remote(shell, pk_runner.url, "x = 1", f"--pip cycler=={own}")
+    error = result.error_in_exec  # imported in 0.0.1: it cannot become the runner's own
+    assert isinstance(error, PackageError) and error.ename == "PackageVersionConflict"
+    assert f"cycler 0.0.1 (imported as cycler) → {own}" in str(error)
+
+
 def test_packages_match_mirrors_the_notebooks_version(shell, ns, pk_runner, notebook_has):
     notebook_has("dmtbase-1.0-py3-none-any.whl")  # the runner could get 2.0, the newest
     result, cap = remote(
@@ -432,6 +501,15 @@ def test_a_dataframe_like_value_from_an_installed_package_travels(
     import dmtframe
 
     assert ns["df2"] == dmtframe.Frame({"a": [1, 2], "b": [3, 4]})
+    # The Python API: the argument's pickle names its package, which the call then gets.
+    import didomagic
+
+    def widen(frame):  # type: ignore[no-untyped-def]
+        return frame.with_column("c", [5, 6])
+
+    shell.run_cell(f"%%remote --runner {pk_runner.url} --new-session\nx = 1")
+    wide = didomagic.run(widen, ns["df"], runner=pk_runner.url, packages="match")
+    assert wide == dmtframe.Frame({"a": [1, 2], "c": [5, 6]})
 
 
 def test_a_detached_job_and_a_call_ask_for_packages(shell, ns, pk_runner):
@@ -554,7 +632,9 @@ def test_a_sandboxed_kernel_sees_its_environment_read_only(runner_factory, wheel
         session.close()
 
 
-def test_a_runner_that_refuses_installs_says_so(runner_factory, wheelhouse, shell, ns):
+def test_a_runner_that_refuses_installs_says_so_and_the_listing_shows_both(
+    runner_factory, wheelhouse, pk_runner
+):
     runner = runner_factory("--no-install", "--find-links", str(wheelhouse), name="noinst")
     session = api.RemoteSession(ConnectionURL.parse(runner.url))
     try:
@@ -575,29 +655,64 @@ def test_a_runner_that_refuses_installs_says_so(runner_factory, wheelhouse, shel
         "environments": 0,
         "builds": 0,
     }
-
-
-def test_runners_listing_shows_installs_and_cached_environments(runner_factory, wheelhouse):
-    installs = runner_factory("--find-links", str(wheelhouse), "--no-index", name="inst")
-    refuses = runner_factory("--no-install", name="noinst")
-    session = api.RemoteSession(ConnectionURL.parse(installs.url))
+    installs = api.RemoteSession(ConnectionURL.parse(pk_runner.url))
     try:
-        execute(session, "import dmtbase", ["dmtbase==1.0"])
+        execute(installs, "import dmtbase", ["dmtbase==1.0"])
     finally:
-        session.close()
-    api.add_runner(installs.url, "inst")
-    api.add_runner(refuses.url, "noinst")
+        installs.close()
+    envs = describe(pk_runner.url)["packages"]["environments"]
+    assert envs >= 1
+    api.add_runner(pk_runner.url, "pk")
+    api.add_runner(runner.url, "noinst")
     try:
         table = text_table(api.runners())
     finally:
-        api.remove_runner("inst")
+        api.remove_runner("pk")
         api.remove_runner("noinst")
-    assert "PACKAGES" in table
-    inst_line = next(line for line in table.splitlines() if line.strip().startswith("inst"))
-    assert "installs (uv " in inst_line and "1 envs" in inst_line
-    assert "no installs" in next(
-        line for line in table.splitlines() if line.strip().startswith("noinst")
-    )
+    lines = {line.split()[0]: line for line in table.splitlines()[1:] if line.strip()}
+    assert "PACKAGES" in table.splitlines()[0]
+    assert re.search(rf"installs \(uv [^)]+\), {envs} envs", lines["pk"])
+    assert "no installs" in lines["noinst"]
+
+
+def test_packages_through_a_mediator_with_progress(runner_factory, wheelhouse, tmp_path):
+    mediator = start_mediator(tmp_path / "mediator")
+    try:
+        runner_factory(
+            "--mediator",
+            mediator.runner_url,
+            "--find-links",
+            str(wheelhouse),
+            "--no-index",
+            name="relayed",
+        )
+        wait_until(
+            lambda: any(r.get("status") == "up" for r in describe_all(mediator.url)),
+            "the runner to join the mediator",
+        )
+        session = api.RemoteSession(ConnectionURL.parse(mediator.url))
+        seen: list[tuple[int, str, bool]] = []
+
+        class Watch(NoProgress):
+            def installing(self, count: int, line: str, done: bool = False) -> None:
+                seen.append((count, line, done))
+
+        try:
+            request = Execute(
+                cell="c",
+                code="import dmtapp\nv = dmtapp.VERSION",
+                fetch=("v",),
+                packages=("dmtapp",),
+            )
+            result, _ = session.execute(request, [], lambda output: None, Watch())
+        finally:
+            session.close()
+        assert result.status is Status.OK, result.error
+        assert session.runner_name == "relayed"
+        assert seen and seen[-1][0] == 2 and seen[-1][2] is True  # the last says: done
+        assert any(not done for _, _, done in seen)
+    finally:
+        assert mediator.stop() == 0, mediator.log
 
 
 def test_pip_is_the_fallback_installer(runner_factory, wheelhouse):
