@@ -38,22 +38,25 @@ from didomagic.errors import (
     VersionMismatch,
 )
 from didomagic.protocol import (
+    ASIDE,
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
     Channel,
+    Chunk,
+    CommMsg,
     Error,
     ErrorCode,
     Execute,
     Hello,
     Info,
     Interrupt,
+    Message,
     Output,
     Query,
     Queued,
     Result,
     Role,
     Session,
-    State,
     Welcome,
     cloudpickle_version,
     python_version,
@@ -181,6 +184,52 @@ class RunnerConnection:
         self.welcome = welcome
         self.url = url
         self.running: str | None = None
+        self.on_aside: Callable[[Message | None], None] = lambda message: None
+        """Gets each widget message (Comm, SideOutput, CommDone), then None once closed."""
+        self._inbox: asyncio.Queue[Message | list[Chunk] | BaseException] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    def listen(self, on_aside: Callable[[Message | None], None]) -> None:
+        """Read the session from now on, in and between cells; widget traffic to ``on_aside``."""
+        self.on_aside = on_aside
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        """The one reader of the websocket: widget traffic aside, the rest to the cell."""
+        try:
+            while True:
+                frame = await self.ws.recv()
+                if isinstance(frame, bytes):
+                    self._inbox.put_nowait(self.session.receive_binary(frame))
+                    continue
+                message = self.session.receive(frame)
+                if isinstance(message, ASIDE):
+                    self.on_aside(message)
+                else:
+                    self._inbox.put_nowait(message)
+        except ProtocolError as exc:
+            self._inbox.put_nowait(exc)
+            if self.running is None:
+                logger.warning("runner %s broke the protocol: %s", self.runner_name, exc)
+                await self.ws.close(1002, "protocol error")
+        except ConnectionClosed as exc:
+            self._inbox.put_nowait(exc)
+        finally:
+            self.on_aside(None)
+
+    async def _next(self) -> Message | list[Chunk]:
+        item = await self._inbox.get()
+        if isinstance(item, BaseException):
+            self._inbox.put_nowait(item)  # the session is over: say so to every later caller
+            raise item
+        return item
+
+    async def send_comm(self, message: CommMsg) -> None:
+        """Send the notebook frontend's comm message to the runner's kernel."""
+        if not self.closed:
+            with contextlib.suppress(ConnectionClosed, ProtocolError):
+                await self.ws.send(self.session.send(message))
 
     @property
     def runner_name(self) -> str:
@@ -205,6 +254,8 @@ class RunnerConnection:
         moving ("sending" or "receiving"), once per binary frame.
         """
         self.running = request.cell
+        if self._reader is None:
+            self.listen(self.on_aside)
         try:
             await self.ws.send(self.session.send(request))
             total = sum(v.nbytes for v in request.values if not v.cached)
@@ -216,22 +267,21 @@ class RunnerConnection:
             result: Result | None = None
             buffers: list[list[bytearray]] = []
             received = expected = 0
-            while result is None or self.session.state is not State.IDLE:
-                frame = await self.ws.recv()
-                if isinstance(frame, bytes):
-                    for chunk in self.session.receive_binary(frame):
+            while result is None or received < expected:
+                message = await self._next()
+                if isinstance(message, list):
+                    for chunk in message:
                         end = chunk.offset + chunk.data.nbytes
                         buffers[chunk.value][chunk.part][chunk.offset : end] = chunk.data
-                    received += len(frame)
+                        received += chunk.data.nbytes
                     on_transfer("receiving", received, expected)
                     continue
-                message = self.session.receive(frame)
                 if isinstance(message, Output):
                     on_output(message)
                 elif isinstance(message, Result):
                     result = message
                     buffers = [[bytearray(n) for n in v.sizes] for v in message.values]
-                    expected = sum(v.nbytes for v in message.values)
+                    expected = sum(v.nbytes for v in message.values if not v.cached)
                 elif isinstance(message, Error):
                     raise ProtocolError(f"the runner ended the session: {message.message}")
             return result, buffers

@@ -34,6 +34,9 @@ INPUT_FILE = "in.bin"
 OUTPUT_FILE = "out.bin"
 """Where the agent writes the values going back, end to end."""
 
+COUNT_FILE = "count.json"
+"""The notebook's execution count for the next cell, so its tracebacks say "Cell In[n]"."""
+
 
 def write_json(path: Path, body: dict[str, Any]) -> None:
     """Write ``body`` to ``path`` atomically (a reader sees all of it or nothing)."""
@@ -131,7 +134,22 @@ def install(exchange: str) -> None:
     agent = Agent(shell, Path(exchange))
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
-    shell.transform_cell = _plain_python_first(shell.transform_cell)
+    plain = _plain_python_first(shell.transform_cell)
+    shell.transform_cell = _counted(shell, agent.exchange, plain)
+
+
+def _counted(shell: Any, exchange: Path, transform: Any) -> Any:
+    """Number the next cell as the notebook did (IPython reads the count right after this)."""
+
+    def transform_cell(raw_cell: str) -> str:
+        path = exchange / COUNT_FILE
+        if path.exists():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                shell.execution_count = int(json.loads(path.read_text())["count"])
+            path.unlink(missing_ok=True)
+        return str(transform(raw_cell))
+
+    return transform_cell
 
 
 def _plain_python_first(transform: Any) -> Any:

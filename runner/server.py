@@ -48,6 +48,7 @@ from didomagic.protocol import (
     CHUNK_SIZE,
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
+    CommMsg,
     ErrorCode,
     Execute,
     Hello,
@@ -69,6 +70,7 @@ from didomagic.protocol import (
 )
 from runner import agent, resources
 from runner.certs import server_context
+from runner.comms import CommRelay
 from runner.jobs import JOBS_PATH, JobService
 from runner.kernels import CellOutcome, Kernel, KernelPool
 from runner.limits import Limits, format_size
@@ -400,6 +402,7 @@ class SessionHandler:
         self.upload: Upload | None = None
         self.interrupted = False
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.comms = CommRelay(lambda message: self.outbox.put_nowait(self.protocol.send(message)))
         self.writer: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         """When the session last received a frame or was busy with a cell."""
@@ -484,6 +487,7 @@ class SessionHandler:
         if not await self._take_slot():
             return False
         self.kernel = await self.server.pool.take()
+        self.comms.attach(self.kernel)
         await self.ws.send(
             self.protocol.send(
                 Welcome(
@@ -599,6 +603,8 @@ class SessionHandler:
                     self._start_cell()
             elif isinstance(message, Interrupt):
                 await self._interrupt()
+            elif isinstance(message, CommMsg):
+                self.comms.forward(message)
 
     async def _within_size_limit(self, request: Execute) -> bool:
         """Refuse (and end the session) a cell declaring more bytes than --max-message-size."""
@@ -668,6 +674,8 @@ class SessionHandler:
                 "origin": self.client_versions,
             },
         )
+        if request.count > 0:
+            agent.write_json(exchange / agent.COUNT_FILE, {"count": request.count})
         started = time.perf_counter()
 
         limit = self.server.settings.max_output
@@ -705,7 +713,9 @@ class SessionHandler:
             cap = self.server.settings.cell_timeout
             if cap is not None and (timeout is None or cap < timeout):
                 timeout, limit_name = cap, "the runner's --cell-timeout"
-            outcome = await kernel.execute(request.code, forward, timeout, limit_name)
+            outcome = await kernel.execute(
+                request.code, forward, timeout, limit_name, msg_id=request.parent
+            )
         await self.outbox.join()  # every output leaves before the result
         status = outcome.status
         if (
@@ -761,6 +771,7 @@ class SessionHandler:
         if old is not None:
             await old.shutdown()
         self.kernel = await self.server.pool.take()
+        self.comms.attach(self.kernel)
         logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
 
     async def _close(self) -> None:
