@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from didomagic import display, serialize
-from didomagic.errors import CellTimeout, KernelDied, RemoteError
+from didomagic.errors import CellInterrupted, CellTimeout, KernelDied, RemoteError
 from didomagic.namespace import transform_cell
 from didomagic.pool import (
     RUNNER_ENV,
@@ -138,7 +138,7 @@ def raise_for_status(result: Result, runner: str) -> None:
             error.get("ename", "Error"), error.get("evalue", ""), error.get("traceback", []), runner
         )
     if result.status is Status.INTERRUPTED:
-        raise KeyboardInterrupt(f"the cell was interrupted on runner {runner}")
+        raise CellInterrupted(f"Interrupted on runner {runner}; the remote session is kept.")
     if result.status is Status.TIMEOUT:
         raise CellTimeout(f"Timeout on runner {runner}: {error.get('message', '')}.")
     if result.status is Status.KERNEL_DIED:

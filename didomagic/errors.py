@@ -21,6 +21,7 @@ as that one paragraph, without the plumbing's traceback::
     └── CellFailed                the cell ran but did not finish normally
         ├── RemoteError           the cell raised; carries the remote traceback
         ├── CellTimeout           --timeout expired; the cell was interrupted
+        ├── CellInterrupted       stop button or Cancel (also a KeyboardInterrupt)
         └── KernelDied            the runner's kernel died during the cell
 """
 
@@ -125,6 +126,13 @@ class RemoteError(CellFailed):
 
 class CellTimeout(CellFailed):
     """The cell ran longer than its timeout and was interrupted."""
+
+
+class CellInterrupted(CellFailed, KeyboardInterrupt):
+    """The cell was interrupted (the stop button, or Cancel); one line, no traceback.
+
+    Also a :class:`KeyboardInterrupt`, so code that stops on one stops on this.
+    """
 
 
 class KernelDied(CellFailed):
