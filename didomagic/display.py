@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import sys
 from typing import Any
 
@@ -46,3 +47,27 @@ def show(output: Output) -> RemoteResult | None:
     elif output.msg_type == "execute_result":
         return RemoteResult(content.get("data", {}), content.get("metadata", {}))
     return None
+
+
+NOTICE_STYLE = (
+    "white-space:normal;word-break:normal;overflow-wrap:normal;"
+    "font-size:var(--jp-content-font-size1,13px)"
+)
+"""A notice wraps between words, never inside one (JupyterLab's text output breaks anywhere)."""
+
+
+def notice(text: str) -> None:
+    """Show a one-line didomagic notice: HTML in a notebook, a plain line elsewhere."""
+    from didomagic.comms import notebook_kernel
+
+    line = f"didomagic: {text}"
+    if notebook_kernel() is None:
+        print(line, flush=True)
+        return
+    publish_display_data(
+        {
+            "text/plain": line,
+            "text/html": f'<div class="didomagic-notice" style="{NOTICE_STYLE}">'
+            f"{html.escape(line)}</div>",
+        }
+    )
