@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from IPython.display import clear_output, publish_display_data
@@ -71,3 +72,25 @@ def notice(text: str) -> None:
             f"{html.escape(line)}</div>",
         }
     )
+
+
+def show_until_next_cell(widget: Any, static: Callable[[], dict[str, str]]) -> None:
+    """Display a live widget; when the next cell starts, replace it by ``static()``.
+
+    A saved notebook then keeps text and HTML where a widget was (a widget's
+    model is gone once the kernel is), so reopening it shows the final state.
+    """
+    from IPython import get_ipython
+    from IPython.display import display
+
+    handle = display(widget, display_id=True)
+    shell = get_ipython()
+    if handle is None or shell is None:
+        return
+
+    def freeze(*_: Any) -> None:
+        shell.events.unregister("pre_run_cell", freeze)
+        handle.update(static(), raw=True)
+        widget.close()
+
+    shell.events.register("pre_run_cell", freeze)

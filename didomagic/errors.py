@@ -27,6 +27,11 @@ as that one paragraph, without the plumbing's traceback::
 
 from __future__ import annotations
 
+import os
+from types import TracebackType
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
 
 class DidomagicError(Exception):
     """Base class of every didomagic error.
@@ -160,3 +165,24 @@ class ItemFailed(DidomagicError):
 
 class JobError(DidomagicError):
     """A detached job could not be found, submitted or pulled (the message says why)."""
+
+
+def without_our_frames(exc: BaseException) -> BaseException:
+    """``exc`` with didomagic's own frames cut from its traceback (the user's code stays).
+
+    A ``--local`` cell's exception, or any error a magic lets through, then
+    shows the user's frames only, as the same code run in a plain cell would.
+    A bare interrupt becomes a one-line :class:`CellInterrupted`.
+    """
+    if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, DidomagicError):
+        return CellInterrupted("Interrupted.")
+    kept: list[TracebackType] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE):
+            kept.append(tb)
+        tb = tb.tb_next
+    rebuilt: TracebackType | None = None
+    for frame_tb in reversed(kept):
+        rebuilt = TracebackType(rebuilt, frame_tb.tb_frame, frame_tb.tb_lasti, frame_tb.tb_lineno)
+    return exc.with_traceback(rebuilt)

@@ -11,6 +11,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from didomagic import api
+from didomagic.errors import without_our_frames
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -141,14 +142,18 @@ class RemoteMagics(Magics):
                 "gets its results, from this or any other notebook."
             )
             return None
-        return api.run_cell(
-            spec,
-            self.shell.user_ns,
-            runner=args.runner,
-            local=args.local,
-            transform=self.shell.transform_cell,
-            hidden=self.shell.user_ns_hidden,
-        )
+        __tracebackhide__ = True  # IPython shows the user's frames, not this one
+        try:
+            return api.run_cell(
+                spec,
+                self.shell.user_ns,
+                runner=args.runner,
+                local=args.local,
+                transform=self.shell.transform_cell,
+                hidden=self.shell.user_ns_hidden,
+            )
+        except BaseException as exc:
+            raise without_our_frames(exc) from exc.__cause__
 
     @line_magic
     def runners(self, line: str) -> Any:
@@ -200,7 +205,11 @@ class RemoteMagics(Magics):
         if text or not widgets_available() or not views:
             print(text_table(views, pool.default))
             return None
-        return RunnerTable(views, pool.default, lambda name: api.use(name, pool))
+        from didomagic.display import show_until_next_cell
+
+        table = RunnerTable(views, pool.default, lambda name: api.use(name, pool))
+        show_until_next_cell(table, table.static)
+        return None
 
     @line_magic
     def jobs(self, line: str) -> Any:

@@ -189,7 +189,10 @@ class RemoteSession:
             raise
         finally:
             self._future = None
-        progress.finish(result[0].status is Status.OK, _status_text(result[0]))
+        if result[0].status is Status.INTERRUPTED:
+            progress.cancelled()
+        else:
+            progress.finish(result[0].status is Status.OK, _status_text(result[0]))
         return result
 
     def _wait(
@@ -218,7 +221,7 @@ class RemoteSession:
                 if interrupted or self._connection is None or self._connection.running is None:
                     future.cancel()
                     self.close()
-                    progress.finish(False, "cancelled")
+                    progress.cancelled("session abandoned")
                     raise CellInterrupted(
                         f"Interrupted: the session with runner {self.runner_name} was abandoned "
                         "(its remote state is gone; the next cell opens a new one)."
