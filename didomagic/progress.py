@@ -220,11 +220,11 @@ class TextProgress(Progress):
 
 
 class WidgetProgress(Progress):
-    """One compact ipywidgets row: state symbol, runner, elapsed, state, bar, bytes, Cancel.
+    """One compact ipywidgets row: state symbol and text, runner, elapsed, bar, bytes, Cancel.
 
     Fixed parts (symbol, runner, elapsed, the Cancel button) never shrink; a
-    long state text is cut with an ellipsis (its full text in the tooltip),
-    so nothing is pushed off the row. Numbers use tabular figures. When the
+    long state text (a failure's reason) is cut with an ellipsis, its full
+    text in the tooltip, so nothing is pushed off the row. Numbers use tabular figures. When the
     cell ends, the row is replaced by a static copy of its final state, so a
     saved notebook shows text instead of a widget that no longer exists.
     """
@@ -259,9 +259,9 @@ class WidgetProgress(Progress):
             self,
             [
                 self.state_icon,
+                self.state_label,
                 self.runner_label,
                 self.elapsed_label,
-                self.state_label,
                 self.bar,
                 self.bytes_label,
                 self.cancel_button,

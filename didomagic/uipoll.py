@@ -27,7 +27,7 @@ logger = logging.getLogger("didomagic.uipoll")
 
 COMM_TYPES = frozenset({"comm_open", "comm_msg", "comm_close"})
 
-POLL = 0.05
+POLL = 0.02
 """Seconds between two looks at the shell socket while a cell waits."""
 
 

@@ -134,8 +134,15 @@ def install(exchange: str) -> None:
     agent = Agent(shell, Path(exchange))
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
+    shell.set_custom_exc((KeyboardInterrupt,), _interrupted)
     plain = _plain_python_first(shell.transform_cell)
     shell.transform_cell = _counted(shell, agent.exchange, plain)
+
+
+def _interrupted(shell: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = None) -> list[str]:
+    """An interrupted cell's traceback is one line: formatting the full one costs a Cancel
+    hundreds of milliseconds, and the client shows the interrupt as one line anyway."""
+    return [f"{etype.__name__}: {value}" if str(value) else etype.__name__]
 
 
 def _counted(shell: Any, exchange: Path, transform: Any) -> Any:
