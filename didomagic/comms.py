@@ -17,6 +17,11 @@ frontend's message as their parent, as a local callback's would), or else
 by a callback on the kernel's event loop. The notebook's own comms are never
 touched.
 
+When the frontend asks for every widget's state (``jupyter.widget.control``:
+a reloaded page, a second view of the notebook), the notebook's own answer is
+completed with the live remote widgets' states, kept from their open and
+update messages, so they render there too.
+
 When the session ends, its widgets that can be disabled are, with a tooltip
 saying why, and the next cell prints a one-line notice.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +51,11 @@ from didomagic.protocol import (
 logger = logging.getLogger("didomagic.comms")
 
 ENDED_TOOLTIP = "didomagic: the remote session that owned this widget has ended"
+
+CONTROL_TARGET = "jupyter.widget.control"
+
+_bridges: weakref.WeakSet[CommBridge] = weakref.WeakSet()
+"""Every bridge of this process: the control comm's answer includes their widgets."""
 
 
 def notebook_kernel() -> Any:
@@ -103,8 +114,12 @@ class CommBridge:
         """Where arrivals go while someone on the main thread waits (set on the I/O loop)."""
         self.proxies: dict[str, Any] = {}
         self._states: dict[str, dict[str, Any]] = {}
+        self._buffers: dict[str, dict[tuple[Any, ...], bytes]] = {}
         self.ended = False
         self.told = False
+        if self._kernel is not None:
+            _bridges.add(self)
+            _complete_control_answers(self._kernel)
 
     # -- the I/O loop's side
 
@@ -150,19 +165,19 @@ class CommBridge:
             proxy.on_msg(self._from_frontend)
             proxy.on_close(self._closed_by_frontend)
             self.proxies[comm_id] = proxy
-            self._states[comm_id] = dict(data.get("state") or {})
+            self._states[comm_id], self._buffers[comm_id] = {}, {}
+            self._remember(comm_id, data, buffers)
             return
         proxy = self.proxies.get(comm_id)
         if proxy is None:
             logger.debug("a message for comm %s, which is not open here", comm_id)
             return
         if message.msg_type == "comm_msg":
-            if data.get("method") == "update" and isinstance(data.get("state"), dict):
-                self._states.setdefault(comm_id, {}).update(data["state"])
+            if data.get("method") == "update":
+                self._remember(comm_id, data, buffers)
             proxy.send(data=data, metadata=message.metadata, buffers=buffers)
         else:
-            self.proxies.pop(comm_id, None)
-            self._states.pop(comm_id, None)
+            self._forget(comm_id)
             proxy.close(data=data, metadata=message.metadata, buffers=buffers)
 
     def _from_frontend(self, msg: dict[str, Any]) -> None:
@@ -201,12 +216,49 @@ class CommBridge:
                 self.handle(waiter.get()[2])
 
     def _closed_by_frontend(self, msg: dict[str, Any]) -> None:
-        comm_id = (msg.get("content") or {}).get("comm_id", "")
-        self.proxies.pop(comm_id, None)
-        self._states.pop(comm_id, None)
+        self._forget((msg.get("content") or {}).get("comm_id", ""))
         request = _as_request(msg)
         if request is not None and not self.ended:
             self._send(request)
+
+    def _remember(self, comm_id: str, data: dict[str, Any], buffers: list[bytes]) -> None:
+        """Keep a widget's state (JSON and binary parts) for the control comm's answer."""
+        state, paths = data.get("state"), data.get("buffer_paths") or []
+        if not isinstance(state, dict) or not isinstance(paths, list):
+            return
+        kept = self._buffers.setdefault(comm_id, {})
+        for path in [p for p in kept if p[0] in state]:
+            del kept[path]
+        self._states.setdefault(comm_id, {}).update(state)
+        for path, buffer in zip(paths, buffers, strict=False):
+            if isinstance(path, list) and path:
+                kept[tuple(path)] = buffer
+
+    def _forget(self, comm_id: str) -> None:
+        self.proxies.pop(comm_id, None)
+        self._states.pop(comm_id, None)
+        self._buffers.pop(comm_id, None)
+
+    def control_states(self) -> tuple[dict[str, Any], list[list[Any]], list[bytes]]:
+        """The live widgets' states as the control comm sends them (states, paths, buffers)."""
+        states: dict[str, Any] = {}
+        paths: list[list[Any]] = []
+        buffers: list[bytes] = []
+        if self.ended:
+            return states, paths, buffers
+        for comm_id, state in self._states.items():
+            if "_model_name" not in state:
+                continue  # not a widget model
+            states[comm_id] = {
+                "model_name": state["_model_name"],
+                "model_module": state.get("_model_module", ""),
+                "model_module_version": state.get("_model_module_version", ""),
+                "state": state,
+            }
+            for path, buffer in self._buffers.get(comm_id, {}).items():
+                paths.append([comm_id, "state", *path])
+                buffers.append(buffer)
+        return states, paths, buffers
 
     def _end(self) -> None:
         """The session is over: its widgets say so (disabled, with a tooltip) and stop talking."""
@@ -264,3 +316,34 @@ def sender(loop: BackgroundLoop, connection: Any) -> Callable[[CommMsg], None]:
         loop.submit(connection.send_comm(request))
 
     return send
+
+
+def _complete_control_answers(kernel: Any) -> None:
+    """Make the notebook's ``jupyter.widget.control`` answer include the remote widgets."""
+    targets = kernel.comm_manager.targets
+    opened = targets.get(CONTROL_TARGET)
+    if opened is None or getattr(opened, "didomagic", False):
+        return
+
+    def control_opened(comm: Any, msg: dict[str, Any]) -> None:
+        opened(comm, msg)
+        send = comm.send
+
+        def send_all(data: Any = None, metadata: Any = None, buffers: Any = None) -> None:
+            if isinstance(data, dict) and data.get("method") == "update_states":
+                data = dict(data)
+                states = dict(data.get("states") or {})
+                paths = list(data.get("buffer_paths") or [])
+                buffers = list(buffers or [])
+                for bridge in list(_bridges):
+                    more, more_paths, more_buffers = bridge.control_states()
+                    states.update(more)
+                    paths += more_paths
+                    buffers += more_buffers
+                data["states"], data["buffer_paths"] = states, paths
+            send(data=data, metadata=metadata, buffers=buffers)
+
+        comm.send = send_all
+
+    control_opened.didomagic = True  # type: ignore[attr-defined]
+    targets[CONTROL_TARGET] = control_opened

@@ -295,3 +295,52 @@ def test_the_notebooks_own_widgets_are_undisturbed(frontend: Frontend) -> None:
     frontend.wait_idle(move)
     _, reply = frontend.execute("print('hits', hits)")
     assert "hits [3]" in frontend.text()
+
+
+def test_a_reloaded_page_gets_the_remote_widgets_states_too(frontend: Frontend) -> None:
+    frontend.execute("import ipywidgets as w\nlocal = w.IntSlider(value=4)\nlocal")
+    frontend.execute(
+        "%%remote --no-sync\nimport ipywidgets as w\nremote = w.IntSlider(value=9)\nremote"
+    )
+    local_id, remote_id = (m["content"]["comm_id"] for m in frontend.opened("IntSliderModel"))
+    # What JupyterLab does on a reload: open the control comm, ask for every state.
+    control = frontend.kc.session.msg(
+        "comm_open",
+        {"comm_id": "control-1", "target_name": "jupyter.widget.control", "data": {}},
+        metadata={"version": "1.0.0"},
+    )
+    frontend.kc.shell_channel.send(control)
+    ask = frontend.comm_send("control-1", {"method": "request_states"})
+    answer = frontend.wait_for(
+        lambda m: (
+            m["header"]["msg_type"] == "comm_msg"
+            and m["content"]["comm_id"] == "control-1"
+            and m["content"]["data"].get("method") == "update_states"
+        ),
+        "the states",
+    )
+    states = answer["content"]["data"]["states"]
+    assert states[local_id]["state"]["value"] == 4
+    assert states[remote_id]["state"]["value"] == 9
+    assert states[remote_id]["model_name"] == "IntSliderModel"
+    frontend.wait_idle(ask)
+
+
+def test_widgets_of_an_ended_session_say_so(frontend: Frontend) -> None:
+    frontend.execute("%%remote --no-sync\nimport ipywidgets as w\nw.IntSlider()")
+    (slider,) = frontend.opened("IntSliderModel")
+    frontend.execute(
+        "from didomagic.api import default_pool\nfor s in default_pool()._sessions: s.close()"
+    )
+    update = frontend.wait_for(
+        lambda m: (
+            m["header"]["msg_type"] == "comm_msg"
+            and m["content"]["comm_id"] == slider["content"]["comm_id"]
+            and m["content"]["data"].get("state", {}).get("disabled") is True
+        ),
+        "the slider to be disabled",
+    )
+    assert "ended" in update["content"]["data"]["state"]["tooltip"]
+    _, reply = frontend.execute("%%remote\nprint('new session')")
+    assert reply["status"] == "ok"
+    assert "widget(s) it showed no longer respond" in frontend.text()
