@@ -144,3 +144,45 @@ def test_the_magic_prints_the_text_fallback_for_a_slow_cell(shell, ns, module_ru
     assert result.success
     assert "didomagic: running on shared ..." in cap.stderr
     assert "didomagic: done on shared in " in cap.stderr
+
+
+def test_done_failed_and_cancelled_differ_in_symbol_and_colour():
+    looks = {}
+    for end in ("done", "failed", "cancelled"):
+        p = WidgetProgress()
+        if end == "cancelled":
+            p.cancelled()
+        else:
+            p.finish(end == "done", "" if end == "done" else "E raised")
+        assert p.state == end and p.cancel_button.layout.display == "none"
+        looks[end] = (p.state_icon.value, p.state_label.style.text_color)
+    assert len({icon for icon, _ in looks.values()}) == 3
+    assert len({colour for _, colour in looks.values()}) == 3
+    assert p.elapsed_label.style.font_variant == "tabular-nums"
+
+
+def test_the_transfer_row_shows_total_percentage_rate_and_eta():
+    text = progress_module.transfer_text("sending", 25_000_000, 100_000_000, 2.0)
+    assert text == "↑ 25.0 MB of 100.0 MB ·  25% · 12.5 MB/s · 6 s left"
+    done = progress_module.transfer_text("receiving", 100_000_000, 100_000_000, 4.0)
+    assert done.startswith("↓ 100.0 MB of 100.0 MB · 100% · 25.0 MB/s") and "left" not in done
+    p = WidgetProgress()
+    p.transfer("sending", MB100 // 4, MB100)
+    assert "of 100.0 MB" in p.bytes_label.value and "25%" in p.bytes_label.value
+
+
+def test_a_finished_row_is_replaced_by_static_text_and_html():
+    p = WidgetProgress()
+    updates = []
+
+    class Handle:
+        def update(self, obj, **kw):
+            updates.append((obj, kw))
+
+    p._handle = Handle()
+    p.chose({"name": "big"})
+    p.finish(False, "ValueError raised")
+    ((bundle, kw),) = updates
+    assert kw == {"raw": True} and set(bundle) == {"text/plain", "text/html"}
+    assert bundle["text/plain"].startswith("didomagic: failed (ValueError raised) on big")
+    assert "✖ failed (ValueError raised)" in bundle["text/html"] and "big" in bundle["text/html"]
