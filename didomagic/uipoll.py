@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -46,6 +47,8 @@ class ShellPump:
         """A pump for this process's ipykernel, or None (no kernel, or one it cannot read)."""
         from didomagic.comms import notebook_kernel
 
+        if threading.current_thread() is not threading.main_thread():
+            return None  # only the thread the kernel runs cells on may read its shell
         kernel = notebook_kernel()
         if kernel is None or getattr(kernel, "session", None) is None:
             return None
