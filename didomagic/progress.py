@@ -224,7 +224,8 @@ class WidgetProgress(Progress):
 
     Fixed parts (symbol, runner, elapsed, the Cancel button) never shrink; a
     long state text (a failure's reason) is cut with an ellipsis, its full
-    text in the tooltip, so nothing is pushed off the row. Numbers use tabular figures. When the
+    text in the tooltip; in a narrow notebook the row wraps between parts, so
+    nothing is cut or pushed off it. Numbers use tabular figures. When the
     cell ends, the row is replaced by a static copy of its final state, so a
     saved notebook shows text instead of a widget that no longer exists.
     """
@@ -239,7 +240,7 @@ class WidgetProgress(Progress):
             "0.0 s", style=numbers, layout=w.Layout(flex="0 0 auto", min_width="4.5em")
         )
         self.state_label = w.Label(
-            "connecting", layout=w.Layout(flex="0 1 auto", min_width="6em", overflow="hidden")
+            "connecting", layout=w.Layout(flex="0 1 auto", min_width="4em", overflow="hidden")
         )
         self.bar = w.FloatProgress(
             value=0.0,
@@ -267,7 +268,7 @@ class WidgetProgress(Progress):
                 self.cancel_button,
             ],
             layout=w.Layout(
-                align_items="center", grid_gap="0.8em", flex_flow="row nowrap", width="100%"
+                align_items="center", grid_gap="0.2em 0.7em", flex_flow="row wrap", width="100%"
             ),
         )
         self._handle: Any = None

@@ -267,6 +267,18 @@ def browser(lab: Lab, shots: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
+def lab_runner(
+    lab: Lab, tmp_path_factory: pytest.TempPathFactory, private_config: Path
+) -> Iterator[str]:
+    """A command-line runner in the notebooks' runner list, as "lab-box"."""
+    runner = start_runner(tmp_path_factory.mktemp("browser-runner"), "--name", "lab-box")
+    Config().add("lab-box", ConnectionURL.parse(runner.url))
+    yield "lab-box"
+    private_config.unlink(missing_ok=True)
+    assert runner.stop() == 0, runner.log
+
+
+@pytest.fixture(scope="module")
 def scratch(browser: Page, lab: Lab) -> Page:
     """A notebook with didomagic loaded, on its kernel's embedded runner."""
     _notebook(lab.root / "scratch.ipynb", "%load_ext didomagic")
@@ -363,37 +375,78 @@ def test_a_remote_slider_moved_in_the_browser_changes_a_value_on_the_runner(
     assert "on the runner: 3 [3]" in scratch.text(check), scratch.text(check)
 
 
-def test_the_use_button_of_runners_sets_the_default(
-    scratch: Page, tmp_path_factory: pytest.TempPathFactory, private_config: Path
-) -> None:
-    runner = start_runner(tmp_path_factory.mktemp("browser-runner"), "--name", "lab-box")
-    try:
-        Config().add("lab-box", ConnectionURL.parse(runner.url))
-        cell = scratch.run("%runners")
-        use = scratch.output(cell).locator("button", has_text="Use").first
-        use.wait_for(timeout=MS)
-        for width in (800, 1400, 2000):
-            scratch.page.set_viewport_size({"width": width, "height": 1000})
-            for theme in (LIGHT, DARK):
-                scratch.theme(theme)
-                _assert_nothing_cut(scratch, cell)
-                scratch.shot(f"runners-{width}-{theme.split()[-1].lower()}", cell)
-        scratch.theme(LIGHT)
-        scratch.page.set_viewport_size({"width": 1400, "height": 1000})
-        use.click()
-        scratch.output(cell).locator("button", has_text="Default").wait_for(timeout=MS)
-        check = scratch.run(
-            "from didomagic.api import default_pool\nprint('default:', default_pool().default)"
-        )
-        assert "default: lab-box" in scratch.text(check)
-        ran = scratch.run("%%remote\nimport socket\nprint('ran')\n")
-        assert "lab-box" in scratch.text(ran)  # the progress row names the runner used
-        frozen = scratch.text(cell)
-        assert "lab-box" in frozen and "default" in frozen  # the table, now static
-        scratch.run("%runners use --clear")
-    finally:
-        private_config.unlink(missing_ok=True)
-        assert runner.stop() == 0, runner.log
+def test_the_use_button_of_runners_sets_the_default(scratch: Page, lab_runner: str) -> None:
+    cell = scratch.run("%runners")
+    use = scratch.output(cell).locator("button", has_text="Use").first
+    use.wait_for(timeout=MS)
+    for width in (800, 1400, 2000):
+        scratch.page.set_viewport_size({"width": width, "height": 1000})
+        for theme in (LIGHT, DARK):
+            scratch.theme(theme)
+            _assert_nothing_cut(scratch, cell)
+            scratch.shot(f"runners-{width}-{theme.split()[-1].lower()}", cell)
+    scratch.theme(LIGHT)
+    scratch.page.set_viewport_size({"width": 1400, "height": 1000})
+    use.click()
+    scratch.output(cell).locator("button", has_text="Default").wait_for(timeout=MS)
+    check = scratch.run(
+        "from didomagic.api import default_pool\nprint('default:', default_pool().default)"
+    )
+    assert f"default: {lab_runner}" in scratch.text(check)
+    ran = scratch.run("%%remote\nprint('ran')\n")
+    assert lab_runner in scratch.text(ran)  # the progress row names the runner used
+    frozen = scratch.output(cell)
+    assert frozen.locator("button").count() == 0  # the next cell froze the table ...
+    assert lab_runner in frozen.inner_text() and "default" in frozen.inner_text()  # ... as text
+    scratch.run("%runners use --clear")
+
+
+def test_the_progress_row_holds_from_800_to_2000_px_in_both_themes(scratch: Page) -> None:
+    ended = [
+        scratch.run("%%remote\nx = 1"),
+        scratch.run("%%remote\nraise ValueError('no')"),
+    ]
+    cell = scratch.add("%%remote\nimport time\nprint('long', flush=True)\ntime.sleep(30)")
+    scratch.start(cell)
+    scratch.output(cell).get_by_text("long").first.wait_for(timeout=MS)
+    for width in (800, 2000):
+        scratch.page.set_viewport_size({"width": width, "height": 1000})
+        for theme in (LIGHT, DARK):
+            scratch.theme(theme)
+            scratch.shot(f"progress-live-{width}-{theme.split()[-1].lower()}", cell)
+            _assert_row_fits(scratch, cell)
+            for index in ended:
+                scratch.shot(f"progress-{index}-{width}-{theme.split()[-1].lower()}", index)
+    scratch.theme(LIGHT)
+    scratch.page.set_viewport_size({"width": 1400, "height": 1000})
+    scratch.output(cell).locator("button", has_text="Cancel").click()
+    scratch.wait()
+    ends = [
+        next(line[0] for line in scratch.text(i).splitlines() if line[:1] in "✔✖■○●")
+        for i in (*ended, cell)
+    ]
+    assert ends == ["✔", "✖", "■"], ends
+
+
+def _assert_row_fits(page: Page, cell: int) -> None:
+    """The live row: the Cancel button whole, elapsed time visible, nothing past the edge."""
+    problems = page.js(
+        "const out = document.querySelectorAll('.jp-Notebook .jp-OutputArea')[arg];"
+        " const row = Array.from(out.querySelectorAll('.widget-hbox'))"
+        "   .find(r => r.innerText.includes('Cancel'));"
+        " if (!row) return ['no live row'];"
+        " const edge = out.getBoundingClientRect().right + 1; const bad = [];"
+        " for (const e of row.children) {"
+        "   const box = e.getBoundingClientRect();"
+        "   if (box.width > 0 && box.right > edge) bad.push('past the edge: ' + e.innerText);"
+        "   if (e.scrollWidth > e.clientWidth + 1 && e.tagName === 'BUTTON')"
+        "     bad.push('cut: ' + e.innerText);"
+        " }"
+        " if (!/\\d+\\.\\d s/.test(row.innerText)) bad.push('no elapsed time: ' + row.innerText);"
+        " return bad;",
+        cell,
+    )
+    assert not problems, problems
 
 
 def _assert_nothing_cut(page: Page, cell: int) -> None:
@@ -413,7 +466,9 @@ def _assert_nothing_cut(page: Page, cell: int) -> None:
     assert not problems, problems
 
 
-def test_a_saved_and_reopened_notebook_shows_final_text_not_errors(browser: Page, lab: Lab) -> None:
+def test_a_saved_and_reopened_notebook_shows_final_text_not_errors(
+    browser: Page, lab: Lab, lab_runner: str
+) -> None:
     _notebook(
         lab.root / "saved.ipynb",
         "%load_ext didomagic",
@@ -432,8 +487,8 @@ def test_a_saved_and_reopened_notebook_shows_final_text_not_errors(browser: Page
     text = browser.page.locator(".jp-Notebook").inner_text()
     browser.shot("reopened")
     assert "Error displaying widget" not in text and "model not found" not in text
-    assert "✔ done" in text and "embedded" in text
-    assert "No runners configured" in text or "NAME" in text  # the %runners text survives
+    assert "✔ done" in text and "embedded" in text  # the progress row's final state
+    assert lab_runner in text and "latency" in text  # the %runners table, as a static table
 
 
 def test_the_quickstart_notebook_runs_with_no_javascript_errors(browser: Page, lab: Lab) -> None:
