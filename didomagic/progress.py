@@ -220,7 +220,7 @@ class TextProgress(Progress):
 
 
 class WidgetProgress(Progress):
-    """One compact ipywidgets row: state symbol and text, runner, elapsed, bar, bytes, Cancel.
+    """One compact ipywidgets row: state symbol and text, runner, elapsed, Cancel, bar, bytes.
 
     Fixed parts (symbol, runner, elapsed, the Cancel button) never shrink; a
     long state text (a failure's reason) is cut with an ellipsis, its full
@@ -240,7 +240,7 @@ class WidgetProgress(Progress):
             "0.0 s", style=numbers, layout=w.Layout(flex="0 0 auto", min_width="4.5em")
         )
         self.state_label = w.Label(
-            "connecting", layout=w.Layout(flex="0 1 auto", min_width="4em", overflow="hidden")
+            "connecting", layout=w.Layout(flex="0 1 auto", min_width="6.5em", overflow="hidden")
         )
         self.bar = w.FloatProgress(
             value=0.0,
@@ -263,9 +263,9 @@ class WidgetProgress(Progress):
                 self.state_label,
                 self.runner_label,
                 self.elapsed_label,
+                self.cancel_button,  # before the byte counts: it never moves as they grow
                 self.bar,
                 self.bytes_label,
-                self.cancel_button,
             ],
             layout=w.Layout(
                 align_items="center", grid_gap="0.2em 0.7em", flex_flow="row wrap", width="100%"

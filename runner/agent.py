@@ -18,6 +18,7 @@ import ast
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,8 @@ class Agent:
         ns = self.shell.user_ns
         succeeded = bool(getattr(result, "success", False))
         names = serialize.names_to_return(ns, self._before, succeeded)
-        packed, failures = serialize.pack_names(ns, names)
+        widgets = {name for name in names if _is_widget(ns.get(name))}
+        packed, failures = serialize.pack_names(ns, [n for n in names if n not in widgets])
         offsets = serialize.write_values(
             self.exchange / OUTPUT_FILE, [item.parts for item in packed]
         )
@@ -106,6 +108,7 @@ class Agent:
             for item, offset in zip(packed, offsets, strict=True)
         ]
         failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
+        failures.update({name: WIDGET_STAYS for name in widgets})
         write_json(
             self.exchange / RESULT_FILE,
             {
@@ -115,6 +118,15 @@ class Agent:
             },
         )
         self._before, self._failures = {}, {}
+
+
+WIDGET_STAYS = "it is a widget, so it stays on the runner (it shows and answers in the notebook)"
+
+
+def _is_widget(value: Any) -> bool:
+    """An ipywidgets widget (it cannot be pickled; it lives where its comm is)."""
+    widgets = sys.modules.get("ipywidgets")
+    return widgets is not None and isinstance(value, widgets.Widget)
 
 
 def _versions(origin: dict[str, str]) -> str:

@@ -394,7 +394,7 @@ def test_a_remote_slider_moved_in_the_browser_changes_a_value_on_the_runner(
 
 def test_the_use_button_of_runners_sets_the_default(scratch: Page, lab_runner: str) -> None:
     cell = scratch.run("%runners")
-    use = scratch.output(cell).locator("button", has_text="Use").first
+    use = scratch.output(cell).locator(f"button[title*='on {lab_runner} by default']")
     use.wait_for(timeout=MS)
     for width in (800, 1400, 2000):
         scratch.page.set_viewport_size({"width": width, "height": 1000})
@@ -405,7 +405,12 @@ def test_the_use_button_of_runners_sets_the_default(scratch: Page, lab_runner: s
     scratch.theme(LIGHT)
     scratch.page.set_viewport_size({"width": 1400, "height": 1000})
     use.click()
-    scratch.output(cell).locator("button", has_text="Default").wait_for(timeout=MS)
+    scratch.page.wait_for_function(
+        "(t) => Array.from(document.querySelectorAll('button'))"
+        ".some(b => b.title.includes(t) && b.innerText.includes('Default'))",
+        arg=f"on {lab_runner} by default",
+        timeout=MS,
+    )
     check = scratch.run(
         "from didomagic.api import default_pool\nprint('default:', default_pool().default)"
     )

@@ -221,6 +221,7 @@ def test_a_remote_output_widget_captures_remote_prints_here(frontend: Frontend) 
         and (m["header"]["msg_type"] == "stream" or m["content"]["comm_id"] == out_id)
     ]
     assert order[:3] == [("capture", cell), ("print", "captured\n"), ("capture", "")], order
+    assert "'out' was not synced: it is a widget, so it stays on the runner" in frontend.text()
 
 
 def test_interact_draws_on_the_runner_when_its_slider_moves(frontend: Frontend) -> None:
