@@ -54,6 +54,9 @@ ENDED_TOOLTIP = "didomagic: the remote session that owned this widget has ended"
 
 CONTROL_TARGET = "jupyter.widget.control"
 
+WAIT_TICK = 0.25
+"""Seconds between checks that the session still lives while a widget event is handled."""
+
 _bridges: weakref.WeakSet[CommBridge] = weakref.WeakSet()
 """Every bridge of this process: the control comm's answer includes their widgets."""
 
@@ -287,10 +290,6 @@ class CommBridge:
             f"the session with runner {self.runner} ended, so the {len(self.proxies)} "
             "widget(s) it showed no longer respond; run their cells again for live ones."
         )
-
-
-WAIT_TICK = 0.25
-"""Seconds between checks that the session still lives while a widget event is handled."""
 
 
 def _as_request(msg: dict[str, Any]) -> CommMsg | None:

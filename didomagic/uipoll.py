@@ -24,9 +24,9 @@ from typing import Any
 
 import zmq
 
-logger = logging.getLogger("didomagic.uipoll")
+from didomagic.protocol import COMM_TYPES
 
-COMM_TYPES = frozenset({"comm_open", "comm_msg", "comm_close"})
+logger = logging.getLogger("didomagic.uipoll")
 
 POLL = 0.02
 """Seconds between two looks at the shell socket while a cell waits."""
