@@ -74,6 +74,16 @@ def notebook_kernel() -> Any:
     return kernel
 
 
+def _counted_ahead() -> int:
+    """1 where IPython counts a cell before running it (9 and later), else 0."""
+    import IPython
+
+    return 1 if IPython.version_info[0] >= 9 else 0
+
+
+_COUNTED_AHEAD = _counted_ahead()
+
+
 def cell_identity() -> dict[str, Any]:
     """The running notebook cell's request id and execution count (empty outside a kernel).
 
@@ -86,7 +96,7 @@ def cell_identity() -> dict[str, Any]:
         return {}
     parent = kernel.get_parent("shell") or {}
     msg_id = (parent.get("header") or {}).get("msg_id", "")
-    count = int(getattr(kernel.shell, "execution_count", 1)) - 1
+    count = int(getattr(kernel.shell, "execution_count", 1)) - _COUNTED_AHEAD
     identity: dict[str, Any] = {"count": max(count, 0)}
     if isinstance(msg_id, str) and 0 < len(msg_id) <= 128 and all("!" <= c <= "~" for c in msg_id):
         identity["parent"] = msg_id

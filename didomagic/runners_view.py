@@ -107,6 +107,13 @@ _STATUS_COLOURS = {
 }
 
 
+STATUS_CUT = (
+    "display:inline-block;max-width:24em;overflow:hidden;text-overflow:ellipsis;"
+    "vertical-align:bottom"
+)
+"""A long reason (why a runner is unreachable) ends in an ellipsis; the tooltip has all of it."""
+
+
 def _cell(text: str) -> w.HTML:
     """One table cell: on one line, numbers in tabular figures."""
     return w.HTML(f'<span style="{look.NOWRAP}">{text}</span>')
@@ -147,7 +154,10 @@ class RunnerTable(w.VBox):  # type: ignore[misc]
                 text = html.escape(r[column])
                 if column == "status":
                     colour = _STATUS_COLOURS.get(view.status, "inherit")
-                    text = f'<span style="color:{colour}">●</span> {text}'
+                    text = (
+                        f'<span style="color:{colour}">●</span> <span title="{text}" '
+                        f'style="{STATUS_CUT}">{text}</span>'
+                    )
                 cells.append(_cell(text))
         grid = w.GridBox(
             cells,
