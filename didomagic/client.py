@@ -188,6 +188,7 @@ class RunnerConnection:
         """Gets each widget message (Comm, SideOutput, CommDone), then None once closed."""
         self._inbox: asyncio.Queue[Message | list[Chunk] | BaseException] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
+        self._on_output: Callable[[Output], None] | None = None
 
     def listen(self, on_aside: Callable[[Message | None], None]) -> None:
         """Read the session from now on, in and between cells; widget traffic to ``on_aside``."""
@@ -206,6 +207,8 @@ class RunnerConnection:
                 message = self.session.receive(frame)
                 if isinstance(message, ASIDE):
                     self.on_aside(message)
+                elif isinstance(message, Output) and self._on_output is not None:
+                    self._on_output(message)  # at once: in order with the widget traffic
                 else:
                     self._inbox.put_nowait(message)
         except ProtocolError as exc:
@@ -254,6 +257,7 @@ class RunnerConnection:
         moving ("sending" or "receiving"), once per binary frame.
         """
         self.running = request.cell
+        self._on_output = on_output
         if self._reader is None:
             self.listen(self.on_aside)
         try:
@@ -276,9 +280,7 @@ class RunnerConnection:
                         received += chunk.data.nbytes
                     on_transfer("receiving", received, expected)
                     continue
-                if isinstance(message, Output):
-                    on_output(message)
-                elif isinstance(message, Result):
+                if isinstance(message, Result):
                     result = message
                     buffers = [[bytearray(n) for n in v.sizes] for v in message.values]
                     expected = sum(v.nbytes for v in message.values if not v.cached)
@@ -296,6 +298,7 @@ class RunnerConnection:
             ) from None
         finally:
             self.running = None
+            self._on_output = None
 
     async def interrupt(self) -> None:
         """Ask the runner to interrupt the running cell."""
