@@ -228,6 +228,7 @@ class Page:
         self.page.wait_for_function(
             "(t) => document.body.dataset.jpThemeName === t", arg=name, timeout=MS
         )
+        self.page.wait_for_selector("#jupyterlab-splash", state="detached", timeout=MS)
 
 
 @pytest.fixture(scope="module")
