@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from didomagic import display, files, packages, serialize
-from didomagic.errors import CellTimeout, KernelDied, PackageError, RemoteError
+from didomagic.errors import CellInterrupted, CellTimeout, KernelDied, PackageError, RemoteError
 from didomagic.namespace import transform_cell
 from didomagic.pool import (
     RUNNER_ENV,
@@ -82,9 +82,12 @@ def run_cell(
     transform: Callable[[str], str] = transform_cell,
     hidden: Iterable[str] = (),
     pool: SessionPool | None = None,
-    progress: Progress | None = None,
+    progress: Progress | str | None = None,
 ) -> Any:
     """Run a cell on a runner with its namespace synced; return its displayed value.
+
+    ``progress`` is a display, or the kind of one to make (``widget``, ``text``,
+    ``none``; ``None`` for this environment's), made once a runner was chosen.
 
     Raises :class:`RemoteError` when the cell raises remotely (after syncing
     the names it bound before raising), :class:`CellTimeout`,
@@ -117,7 +120,11 @@ def run_cell(
             shown.append(result)
 
     result, buffers = session.execute(
-        request, [p.parts for p in sent], on_output, progress or make_progress(), versions
+        request,
+        [p.parts for p in sent],
+        on_output,
+        progress if isinstance(progress, Progress) else make_progress(progress),
+        versions,
     )
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
     returned = files.take_back(returned, session.responder.state, spec.files, safe=safe)
@@ -166,7 +173,7 @@ def raise_for_status(result: Result, runner: str) -> None:
             traceback.append(f"didomagic: {hint}")
         raise RemoteError(ename, evalue, traceback, runner)
     if result.status is Status.INTERRUPTED:
-        raise KeyboardInterrupt(f"the cell was interrupted on runner {runner}")
+        raise CellInterrupted(f"Interrupted on runner {runner}; the remote session is kept.")
     if result.status is Status.TIMEOUT:
         raise CellTimeout(f"Timeout on runner {runner}: {error.get('message', '')}.")
     if result.status is Status.KERNEL_DIED:

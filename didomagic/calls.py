@@ -312,7 +312,7 @@ def map(
             worker.session.cancel()
         with contextlib.suppress(BaseException):
             future.result(timeout=30)
-        bar.finish(False, "interrupted")
+        bar.cancelled("interrupted")
         raise
     future.result()
     used = {w.session.runner_name for w in workers if w.items}

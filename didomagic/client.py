@@ -39,11 +39,14 @@ from didomagic.errors import (
 )
 from didomagic.inbound import Inbound
 from didomagic.protocol import (
+    ASIDE,
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
     Answer,
     Ask,
     Channel,
+    Chunk,
+    CommMsg,
     Error,
     ErrorCode,
     Execute,
@@ -51,13 +54,13 @@ from didomagic.protocol import (
     Info,
     Installing,
     Interrupt,
+    Message,
     Output,
     Query,
     Queued,
     Result,
     Role,
     Session,
-    State,
     Welcome,
     cloudpickle_version,
     expect,
@@ -193,6 +196,55 @@ class RunnerConnection:
         self.url = url
         self.running: str | None = None
         self._answer_lock = asyncio.Lock()  # an answer's frames follow it, unbroken
+        self.on_aside: Callable[[Message | None], None] = lambda message: None
+        """Gets each widget message (Comm, SideOutput, CommDone), then None once closed."""
+        self._inbox: asyncio.Queue[Message | list[Chunk] | BaseException] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._on_output: Callable[[Output], None] | None = None
+
+    def listen(self, on_aside: Callable[[Message | None], None]) -> None:
+        """Read the session from now on, in and between cells; widget traffic to ``on_aside``."""
+        self.on_aside = on_aside
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        """The one reader of the websocket: widget traffic aside, the rest to the cell."""
+        try:
+            while True:
+                frame = await self.ws.recv()
+                if isinstance(frame, bytes):
+                    self._inbox.put_nowait(self.session.receive_binary(frame))
+                    continue
+                message = self.session.receive(frame)
+                if isinstance(message, ASIDE):
+                    self.on_aside(message)
+                elif isinstance(message, Output) and self._on_output is not None:
+                    self._on_output(message)  # at once: in order with the widget traffic
+                else:
+                    self._inbox.put_nowait(message)
+        except ProtocolError as exc:
+            self._inbox.put_nowait(exc)
+            if self.running is None:
+                logger.warning("runner %s broke the protocol: %s", self.runner_name, exc)
+                await self.ws.close(1002, "protocol error")
+        except ConnectionClosed as exc:
+            self._inbox.put_nowait(exc)
+        finally:
+            self.on_aside(None)
+
+    async def _next(self) -> Message | list[Chunk]:
+        item = await self._inbox.get()
+        if isinstance(item, BaseException):
+            self._inbox.put_nowait(item)  # the session is over: say so to every later caller
+            raise item
+        return item
+
+    async def send_comm(self, message: CommMsg) -> None:
+        """Send the notebook frontend's comm message to the runner's kernel."""
+        if not self.closed:
+            with contextlib.suppress(ConnectionClosed, ProtocolError):
+                await self.ws.send(self.session.send(message))
 
     @property
     def runner_name(self) -> str:
@@ -217,12 +269,16 @@ class RunnerConnection:
 
         ``on_transfer(direction, done, total)`` follows the bytes of values
         moving ("sending" or "receiving"), once per binary frame;
-        ``on_installing`` gets the runner's package installation progress.
-        moving ("sending" or "receiving"), once per binary frame. The kernel's
-        asks while the cell runs are answered by ``responder``.
+        ``on_installing`` gets the runner's package installation progress; the
+        kernel's asks while the cell runs are answered by ``responder``. Outputs
+        go to ``on_output`` as the session's reader gets them (in order with the
+        widget traffic, see :meth:`listen`).
         """
         self.running = request.cell
         answering: set[asyncio.Task[None]] = set()
+        self._on_output = on_output
+        if self._reader is None:
+            self.listen(self.on_aside)
         try:
             await self.ws.send(self.session.send(request))
             total = sum(v.nbytes for v in request.values if not v.cached)
@@ -234,18 +290,15 @@ class RunnerConnection:
             result: Result | None = None
             inbound = Inbound()
             received = expected = 0
-            while result is None or self.session.state is not State.IDLE:
-                frame = await self.ws.recv()
-                if isinstance(frame, bytes):
-                    for chunk in self.session.receive_binary(frame):
+            while result is None or received < expected:
+                message = await self._next()
+                if isinstance(message, list):
+                    for chunk in message:
                         inbound.add(chunk)
-                    received += len(frame)
+                        received += chunk.data.nbytes
                     on_transfer("receiving", received, expected)
                     continue
-                message = self.session.receive(frame)
-                if isinstance(message, Output):
-                    on_output(message)
-                elif isinstance(message, Installing):
+                if isinstance(message, Installing):
                     on_installing(message)
                 elif isinstance(message, Ask):
                     task = asyncio.create_task(self._answer(message, responder))
@@ -269,6 +322,7 @@ class RunnerConnection:
             ) from None
         finally:
             self.running = None
+            self._on_output = None
             for task in list(answering):
                 task.cancel()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from IPython.display import clear_output, publish_display_data
@@ -61,3 +63,49 @@ def show(output: Output, safe: bool = False) -> RemoteResult | None:
     elif output.msg_type == "execute_result":
         return RemoteResult(content.get("data", {}), content.get("metadata", {}))
     return None
+
+
+NOTICE_STYLE = (
+    "white-space:normal;word-break:normal;overflow-wrap:normal;"
+    "font-size:var(--jp-content-font-size1,13px)"
+)
+"""A notice wraps between words, never inside one (JupyterLab's text output breaks anywhere)."""
+
+
+def notice(text: str) -> None:
+    """Show a one-line didomagic notice: HTML in a notebook, a plain line elsewhere."""
+    from didomagic.comms import notebook_kernel
+
+    line = f"didomagic: {text}"
+    if notebook_kernel() is None:
+        print(line, flush=True)
+        return
+    publish_display_data(
+        {
+            "text/plain": line,
+            "text/html": f'<div class="didomagic-notice" style="{NOTICE_STYLE}">'
+            f"{html.escape(line)}</div>",
+        }
+    )
+
+
+def show_until_next_cell(widget: Any, static: Callable[[], dict[str, str]]) -> None:
+    """Display a live widget; when the next cell starts, replace it by ``static()``.
+
+    A saved notebook then keeps text and HTML where a widget was (a widget's
+    model is gone once the kernel is), so reopening it shows the final state.
+    """
+    from IPython import get_ipython
+    from IPython.display import display
+
+    handle = display(widget, display_id=True)
+    shell = get_ipython()
+    if handle is None or shell is None:
+        return
+
+    def freeze(*_: Any) -> None:
+        shell.events.unregister("pre_run_cell", freeze)
+        handle.update(static(), raw=True)
+        widget.close()
+
+    shell.events.register("pre_run_cell", freeze)

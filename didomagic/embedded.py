@@ -2,7 +2,10 @@
 
 It listens on 127.0.0.1 on a free port with its own token and certificate in a
 temporary state directory, and stops when the notebook kernel exits: at exit
-normally, and through its closed standard input if the kernel is killed.
+normally, and through its closed standard input if the kernel is killed. It
+runs in a session of its own, so the notebook's stop button (SIGINT to the
+kernel's process group) never reaches it, and it removes its state directory
+(token, private key) when it stops.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class EmbeddedRunner:
             "--warm-kernels",
             "1",
             "--exit-on-stdin-eof",
+            "--remove-state-on-exit",
         ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -65,6 +69,7 @@ class EmbeddedRunner:
                 stderr=log,
                 cwd=self.state_dir,
                 env=env,
+                start_new_session=True,  # the kernel's SIGINT (stop button) stays with the kernel
             )
         atexit.register(self.stop)
         assert self.process.stdout is not None
@@ -82,6 +87,11 @@ class EmbeddedRunner:
             )
         self.url = ConnectionURL.parse(line)
         return self.url
+
+    @property
+    def alive(self) -> bool:
+        """True while the subprocess runs."""
+        return self.process is not None and self.process.poll() is None
 
     def _log_tail(self, lines: int = 20) -> str:
         try:

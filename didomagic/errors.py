@@ -24,10 +24,16 @@ as that one paragraph, without the plumbing's traceback::
         ├── RemoteError           the cell raised; carries the remote traceback
         │   └── PackageError      the runner could not give the cell the packages it asked for
         ├── CellTimeout           --timeout expired; the cell was interrupted
+        ├── CellInterrupted       stop button or Cancel (also a KeyboardInterrupt)
         └── KernelDied            the runner's kernel died during the cell
 """
 
 from __future__ import annotations
+
+import os
+from types import TracebackType
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class DidomagicError(Exception):
@@ -153,6 +159,13 @@ class CellTimeout(CellFailed):
     """The cell ran longer than its timeout and was interrupted."""
 
 
+class CellInterrupted(CellFailed, KeyboardInterrupt):
+    """The cell was interrupted (the stop button, or Cancel); one line, no traceback.
+
+    Also a :class:`KeyboardInterrupt`, so code that stops on one stops on this.
+    """
+
+
 class KernelDied(CellFailed):
     """The runner's kernel process died while running the cell."""
 
@@ -186,3 +199,24 @@ class FilesTooLarge(DidomagicError):
 
 class JobError(DidomagicError):
     """A detached job could not be found, submitted or pulled (the message says why)."""
+
+
+def without_our_frames(exc: BaseException) -> BaseException:
+    """``exc`` with didomagic's own frames cut from its traceback (the user's code stays).
+
+    A ``--local`` cell's exception, or any error a magic lets through, then
+    shows the user's frames only, as the same code run in a plain cell would.
+    A bare interrupt becomes a one-line :class:`CellInterrupted`.
+    """
+    if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, DidomagicError):
+        return CellInterrupted("Interrupted.")
+    kept: list[TracebackType] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE):
+            kept.append(tb)
+        tb = tb.tb_next
+    rebuilt: TracebackType | None = None
+    for frame_tb in reversed(kept):
+        rebuilt = TracebackType(rebuilt, frame_tb.tb_frame, frame_tb.tb_lasti, frame_tb.tb_lineno)
+    return exc.with_traceback(rebuilt)

@@ -19,10 +19,9 @@ from traitlets import Bool, Enum, Float, List, Unicode
 
 from didomagic import api
 from didomagic.autoremote import RemoteMode, run_here
-from didomagic.errors import ConfigurationError
+from didomagic.errors import ConfigurationError, without_our_frames
 from didomagic.filebundle import DEFAULT_FILES_LIMIT, DEFAULT_RETURN_LIMIT, FileOptions
 from didomagic.files import parse_size
-from didomagic.progress import make_progress
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -250,8 +249,12 @@ class RemoteMagics(Magics):
         """
         if cell is None:
             return self._remote_line(line)
-        with self.mode.suspended():
-            return self._remote_cell(line, cell)
+        __tracebackhide__ = True  # IPython shows the user's frames, not this one
+        try:
+            with self.mode.suspended():
+                return self._remote_cell(line, cell)
+        except BaseException as exc:
+            raise without_our_frames(exc) from exc.__cause__
 
     def _remote_line(self, line: str) -> None:
         command, _, rest = line.strip().partition(" ")
@@ -345,9 +348,7 @@ class RemoteMagics(Magics):
             local=args.local,
             transform=self.shell.transform_cell,
             hidden=self.shell.user_ns_hidden,
-            progress=None
-            if args.local
-            else make_progress(None if self.progress == "auto" else self.progress),
+            progress=None if self.progress == "auto" else self.progress,
         )
 
     @line_magic
@@ -413,7 +414,11 @@ class RemoteMagics(Magics):
         if text or not widgets_available() or not views:
             print(text_table(views, pool.default))
             return None
-        return RunnerTable(views, pool.default, lambda name: api.use(name, pool))
+        from didomagic.display import show_until_next_cell
+
+        table = RunnerTable(views, pool.default, lambda name: api.use(name, pool))
+        show_until_next_cell(table, table.static)
+        return None
 
     @line_magic
     def jobs(self, line: str) -> Any:

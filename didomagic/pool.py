@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from didomagic import matching
+from didomagic import display, matching
 from didomagic.client import ANY_RUNNER, Requirements, query
 from didomagic.config import Config, Entry
 from didomagic.discovery import RunnerView, survey_async
@@ -167,16 +167,32 @@ class SessionPool:
         env = _env_url()
         if env is not None:
             return env
-        if self._embedded is None or self._embedded.process is None:
+        restarted = False
+        if self._embedded is not None and not self._embedded.alive:
+            old, self._embedded = self._embedded, None
+            self._forget(old.url)
+            old.stop()  # removes what it left behind
+            restarted = True
+        if self._embedded is None:
             self._embedded = EmbeddedRunner()
             url = self._embedded.start()
-            print(
-                f"didomagic: no runner configured, so started an embedded runner on "
-                f"{url.address} (it stops with this kernel; use --runner, --tags or "
-                f"{RUNNER_ENV}=URL to run elsewhere)."
+            display.notice(
+                f"the embedded runner had stopped, so started a new one on {url.address}; "
+                "remote state from earlier cells is gone."
+                if restarted
+                else f"no runner configured, so started an embedded runner on {url.address} "
+                f"(it stops with this kernel; use --runner, --tags or {RUNNER_ENV}=URL to "
+                "run elsewhere)."
             )
         assert self._embedded.url is not None
         return self._embedded.url
+
+    def _forget(self, url: ConnectionURL | None) -> None:
+        """Drop the sessions with a runner that is gone."""
+        for session in [s for s in self._sessions if str(s.url) == str(url)]:
+            self._sessions.remove(session)
+            with contextlib.suppress(Exception):
+                session.close()
 
     def close(self) -> None:
         """Close every session and stop the embedded runner."""

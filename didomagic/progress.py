@@ -22,6 +22,8 @@ from typing import Any, TextIO
 
 import ipywidgets as w
 
+from didomagic import look
+
 PROGRESS_ENV = "DIDOMAGIC_PROGRESS"
 """``widget``, ``text``, ``none`` or ``auto`` (the default)."""
 
@@ -168,6 +170,10 @@ class Progress:
         """The cell ended (``ok``) or failed with ``message``."""
         self._set("done" if ok else "failed", message)
 
+    def cancelled(self, message: str = "") -> None:
+        """The cell was interrupted (Cancel, the stop button) or abandoned."""
+        self._set("cancelled", message)
+
     def tick(self) -> None:
         """Time passed with no event (updates elapsed time)."""
         self._refresh()
@@ -229,7 +235,7 @@ class TextProgress(Progress):
             if self.transfer_total >= LARGE_TRANSFER:
                 verb = "sending" if self.state == "sending" else "receiving"
                 self._print(f"{verb} {format_bytes(self.transfer_total)} ({self.runner})")
-        elif self.state in ("done", "failed") and self.printed:
+        elif self.state in ("done", "failed", "cancelled") and self.printed:
             detail = f": {self.detail}" if self.detail else ""
             self._print(f"{self.state} on {self.runner} in {self.elapsed:.1f} s{detail}")
 
@@ -280,38 +286,61 @@ class TextProgress(Progress):
 
 
 class WidgetProgress(Progress):
-    """One compact ipywidgets row: runner, state, elapsed, bytes, bar, Cancel."""
+    """One compact ipywidgets row: state symbol and text, runner, elapsed, Cancel, bar, bytes.
+
+    Fixed parts (symbol, runner, elapsed, the Cancel button) never shrink; a
+    long state text (a failure's reason) is cut with an ellipsis, its full
+    text in the tooltip; in a narrow notebook the row wraps between parts, so
+    nothing is cut or pushed off it. Numbers use tabular figures. When the
+    cell ends, the row is replaced by a static copy of its final state, so a
+    saved notebook shows text instead of a widget that no longer exists.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.runner_label = w.HTML("<b>didomagic</b>")
-        self.state_label = w.Label("connecting")
-        self.elapsed_label = w.Label("0.0 s")
-        self.bar = w.FloatProgress(
-            value=0.0, min=0.0, max=1.0, layout=w.Layout(width="160px", display="none")
+        fixed = w.Layout(flex="0 0 auto")
+        numbers = {"font_variant": look.TABULAR}
+        self.state_icon = w.Label("○", layout=w.Layout(flex="0 0 auto", width="1.2em"))
+        self.runner_label = w.HTML("<b>didomagic</b>", layout=fixed)
+        self.elapsed_label = w.Label(
+            "0.0 s", style=numbers, layout=w.Layout(flex="0 0 auto", min_width="4.5em")
         )
-        self.bytes_label = w.Label("")
+        self.state_label = w.Label(
+            "connecting", layout=w.Layout(flex="0 1 auto", min_width="6.5em", overflow="hidden")
+        )
+        self.bar = w.FloatProgress(
+            value=0.0,
+            min=0.0,
+            max=1.0,
+            layout=w.Layout(width="160px", flex="0 0 auto", display="none"),
+        )
+        self.bytes_label = w.Label("", style=numbers, layout=fixed)
         self.cancel_button = w.Button(
             description="Cancel",
             icon="stop",
             tooltip="Interrupt the remote cell (like the stop button)",
-            layout=w.Layout(width="auto"),
+            layout=w.Layout(width="auto", min_width="max-content", flex="0 0 auto"),
         )
         self.cancel_button.on_click(lambda _: self._cancel())
         self.box = _SummaryBox(
             self,
             [
-                self.runner_label,
+                self.state_icon,
                 self.state_label,
+                self.runner_label,
                 self.elapsed_label,
+                self.cancel_button,  # before the byte counts: it never moves as they grow
                 self.bar,
                 self.bytes_label,
-                self.cancel_button,
             ],
-            layout=w.Layout(align_items="center", grid_gap="0.8em"),
+            layout=w.Layout(
+                align_items="center", grid_gap="0.2em 0.7em", flex_flow="row wrap", width="100%"
+            ),
         )
         self._handle: Any = None
         self._drawn = 0.0
+        self._moving_since = 0.0
+        self._look()
 
     def show(self) -> WidgetProgress:
         """Display the row in the current cell's output."""
@@ -325,21 +354,49 @@ class WidgetProgress(Progress):
         self.cancel_button.description = "Cancelling"
         self.on_cancel()
 
+    def _look(self) -> None:
+        symbol, colour = look.state_look(self.state)
+        self.state_icon.value = symbol
+        self.state_icon.style.text_color = colour
+        self.state_label.style.text_color = colour
+        self.state_label.style.font_weight = "bold" if self.state in FINAL else ""
+
     def _changed(self) -> None:
         state = self.state + (f" ({self.detail})" if self.detail else "")
         self.state_label.value = self.install_text() if self.state == "installing" else state
+        self.state_label.tooltip = state
+        self._look()
         if self.runner:
             self.runner_label.value = f"<b>{html.escape(self.runner)}</b>"
+        if self.state in ("sending", "receiving"):
+            self._moving_since = time.monotonic()
         large = self.transfer_total >= LARGE_TRANSFER and self.state in ("sending", "receiving")
         large = large or (self.items is not None and self.state == "running")
         self.bar.layout.display = "" if large else "none"
-        if self.state in ("done", "failed"):
+        if self.state in FINAL:
             self.cancel_button.layout.display = "none"
             self.bar.layout.display = "none"
             self.bar.bar_style = "success" if self.state == "done" else "danger"
         self._refresh(force=True)
-        if self.state in ("done", "failed") and self._handle is not None:
-            self._handle.update(self.box)  # the saved text/plain shows the final line
+        if self.state in FINAL and self._handle is not None:
+            self._freeze()
+
+    def _freeze(self) -> None:
+        """Replace the live row by its static final state (what a saved notebook keeps)."""
+        moved = ""
+        if self.sent or self.received:
+            moved = f"↑ {format_bytes(self.sent)}  ↓ {format_bytes(self.received)}"
+        static = look.progress_html(
+            self.state,
+            self.detail,
+            self.runner,
+            self.elapsed_label.value,
+            moved,
+            title=self.summary(),
+        )
+        self._handle.update({"text/plain": self.summary(), "text/html": static}, raw=True)
+        self._handle = None
+        self.box.close()
 
     def _counted(self) -> None:
         assert self.items is not None
@@ -357,11 +414,31 @@ class WidgetProgress(Progress):
         if self.state in ("sending", "receiving") and self.transfer_total:
             done = self.sent if self.state == "sending" else self.received
             self.bar.value = min(1.0, done / self.transfer_total)
+            self.bytes_label.value = transfer_text(
+                self.state, done, self.transfer_total, now - self._moving_since
+            )
+        elif self.sent or self.received:
+            self.bytes_label.value = f"↑ {format_bytes(self.sent)}  ↓ {format_bytes(self.received)}"
         if self.items is not None:
             done, total, _ = self.items
             self.bar.value = done / max(total, 1)
-        if self.sent or self.received:
-            self.bytes_label.value = f"↑ {format_bytes(self.sent)}  ↓ {format_bytes(self.received)}"
+
+
+FINAL = ("done", "failed", "cancelled")
+"""The states a cell ends in."""
+
+
+def transfer_text(direction: str, done: int, total: int, seconds: float) -> str:
+    """``↑ 50.0 MB of 100.0 MB · 50% · 25.0 MB/s · 2 s left`` for a transfer under way."""
+    arrow = "↑" if direction == "sending" else "↓"
+    percent = 100 * done / total if total else 100.0
+    text = f"{arrow} {format_bytes(done)} of {format_bytes(total)} · {percent:3.0f}%"
+    if seconds > 0.2 and done:
+        rate = done / seconds
+        text += f" · {format_bytes(rate)}/s"
+        if done < total:
+            text += f" · {look.format_duration((total - done) / rate)} left"
+    return text
 
 
 class _SummaryBox(w.HBox):  # type: ignore[misc]

@@ -24,6 +24,15 @@ One session, from the client's point of view::
           ◀───────────────────────────── binary frames (values)
     execute ... (the next cell)
 
+Widgets (the Jupyter comm protocol) cross at any time once the session is open,
+in or between cells: the runner's kernel's comm messages go to the client as
+:class:`Comm`, the notebook frontend's answers go to the runner as
+:class:`CommMsg` (the runner's kernel handles each under the frontend's own
+message id, reports outputs it makes meanwhile as :class:`SideOutput`, and says
+:class:`CommDone` once idle again). Their binary buffers travel base64-encoded
+inside the message, apart from the value frames, so a widget update may cross
+a cell's values on the wire without disturbing them.
+
 A value is pickled with protocol 5: one pickle stream plus zero or more
 out-of-band buffers (array memory). Its *parts* are that stream and those
 buffers; a :class:`ValueHeader` declares each part's size, and the binary
@@ -48,6 +57,8 @@ cell is answered, so no answer ever crosses a result on the wire.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -220,8 +231,16 @@ class Execute(Message):
     fetch: tuple[str, ...] = ()
     deletes: tuple[str, ...] = ()
     timeout: float | None = None
+    parent: str = ""
+    """The notebook's request id: the runner's kernel runs the cell under it (see CommMsg)."""
+    count: int = 0
+    """The notebook's execution count, so a remote traceback says "Cell In[count]"."""
+
     packages: tuple[str, ...] = ()
     held: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.kind, "parent", self.parent, empty=True)
 
 
 @dataclass(frozen=True)
@@ -265,6 +284,129 @@ class Output(Message):
 OUTPUT_TYPES = frozenset(
     {"stream", "display_data", "update_display_data", "execute_result", "clear_output"}
 )
+
+COMM_TYPES = frozenset({"comm_open", "comm_msg", "comm_close"})
+"""The Jupyter comm messages a session forwards (widgets: ``jupyter.widget`` and
+``jupyter.widget.control`` targets, or any other)."""
+
+MAX_REQUEST_ID = 128
+"""Longest message id a :class:`CommMsg` or an :class:`Execute` may name."""
+
+
+def _check_request_id(kind: str, name: str, value: str, *, empty: bool = False) -> None:
+    """A Jupyter message id: printable ASCII without spaces, at most MAX_REQUEST_ID long."""
+    ok = (bool(value) or empty) and len(value) <= MAX_REQUEST_ID
+    ok = ok and all("!" <= ch <= "~" for ch in value)
+    if not ok:
+        raise ProtocolError(
+            f"{kind}.{name} must be a message id of 1 to {MAX_REQUEST_ID} printable ASCII "
+            f"characters without spaces, got {value!r:.60}"
+        )
+
+
+def _check_comm(kind: str, msg_type: str, content: dict[str, Any], buffers: Sequence[str]) -> None:
+    if msg_type not in COMM_TYPES:
+        raise ProtocolError(
+            f"{kind}.msg_type must be one of {sorted(COMM_TYPES)}, got {msg_type!r:.60}"
+        )
+    if not isinstance(content.get("comm_id"), str) or not content["comm_id"]:
+        raise ProtocolError(f"{kind}.content must name its comm_id (a non-empty string)")
+    for item in buffers:
+        if not isinstance(item, str):
+            raise ProtocolError(f"{kind}.buffers must be base64 strings")
+
+
+def encode_buffers(buffers: Sequence[bytes | bytearray | memoryview]) -> tuple[str, ...]:
+    """A comm message's binary buffers as the base64 strings a :class:`Comm` carries."""
+    return tuple(base64.b64encode(bytes(b)).decode("ascii") for b in buffers)
+
+
+def decode_buffers(buffers: Sequence[str]) -> list[bytes]:
+    """The bytes of base64-encoded comm buffers; :class:`ProtocolError` if one is not base64."""
+    try:
+        return [base64.b64decode(b, validate=True) for b in buffers]
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError(f"a comm buffer is not valid base64: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Comm(Message):
+    """Runner → client: a comm message of the runner's kernel (a widget opens, changes, closes).
+
+    ``msg_type`` is one of :data:`COMM_TYPES`; ``content`` and ``metadata``
+    are the Jupyter message's, unchanged; ``buffers`` its binary buffers,
+    base64. ``request`` is the :class:`CommMsg` the kernel was handling when it
+    sent this ("" when it came from a cell or a thread).
+    """
+
+    kind: ClassVar[str] = "comm"
+    msg_type: str
+    content: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    buffers: tuple[str, ...] = ()
+    request: str = ""
+
+    def __post_init__(self) -> None:
+        _check_comm(self.kind, self.msg_type, self.content, self.buffers)
+        _check_request_id(self.kind, "request", self.request, empty=True)
+
+
+@dataclass(frozen=True)
+class CommMsg(Message):
+    """Client → runner: the notebook frontend's message to a comm the runner's kernel opened.
+
+    ``request`` is the frontend's message id; the runner's kernel handles the
+    message under that id, so an ``Output`` widget there captures into the
+    right place here. Fields as in :class:`Comm`.
+    """
+
+    kind: ClassVar[str] = "comm-msg"
+    request: str
+    msg_type: str
+    content: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    buffers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_comm(self.kind, self.msg_type, self.content, self.buffers)
+        _check_request_id(self.kind, "request", self.request)
+
+
+@dataclass(frozen=True)
+class SideOutput(Message):
+    """Runner → client: an output of the runner's kernel outside any cell.
+
+    Made while it handled the :class:`CommMsg` ``request`` (a widget
+    callback), or by a thread after its cell ended (``request`` is then "").
+    """
+
+    kind: ClassVar[str] = "side-output"
+    msg_type: str
+    content: dict[str, Any]
+    request: str = ""
+
+    def __post_init__(self) -> None:
+        if self.msg_type not in OUTPUT_TYPES:
+            raise ProtocolError(
+                f"{self.kind}.msg_type must be one of {sorted(OUTPUT_TYPES)}, got "
+                f"{self.msg_type!r:.60}"
+            )
+        _check_request_id(self.kind, "request", self.request, empty=True)
+
+
+@dataclass(frozen=True)
+class CommDone(Message):
+    """Runner → client: the runner's kernel is done with the :class:`CommMsg` ``request``."""
+
+    kind: ClassVar[str] = "comm-done"
+    request: str
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.kind, "request", self.request)
+
+
+ASIDE = (Comm, SideOutput, CommDone, CommMsg)
+"""Messages that cross in any state of an open session, beside the cells."""
 
 
 class Status(StrEnum):
@@ -523,6 +665,10 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Ask,
         Answer,
         Error,
+        Comm,
+        CommMsg,
+        SideOutput,
+        CommDone,
         Register,
         Registered,
         Load,
@@ -840,6 +986,10 @@ _SENDER = {
     Ask: Role.RUNNER,
     Answer: Role.CLIENT,
     Error: Role.RUNNER,
+    Comm: Role.RUNNER,
+    SideOutput: Role.RUNNER,
+    CommDone: Role.RUNNER,
+    CommMsg: Role.CLIENT,
 }
 
 _TRANSITIONS: dict[tuple[State, type[Message]], State] = {
@@ -862,6 +1012,12 @@ _TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     # An interrupt may cross the result on the wire; it is then a no-op.
     (State.DOWNLOAD, Interrupt): State.DOWNLOAD,
     (State.IDLE, Interrupt): State.IDLE,
+    # Widgets talk in and between cells, whatever the values are doing.
+    **{
+        (state, kind): state
+        for state in (State.IDLE, State.UPLOAD, State.RUNNING, State.DOWNLOAD)
+        for kind in ASIDE
+    },
 }
 """Legal moves: (state, message type) → next state. An :class:`Error` closes from any state."""
 
@@ -921,7 +1077,7 @@ class Session:
     def receive(self, text: str | bytes) -> Message:
         """Decode a received text frame, check it is legal now, and advance."""
         message = decode(text)
-        if self._receiving_blobs() and not isinstance(message, Interrupt | Error):
+        if self._receiving_blobs() and not isinstance(message, (Interrupt, Error, *ASIDE)):
             raise ProtocolError(
                 f"got a {message.kind} message while "
                 f"{self._bytes_left()} bytes of values were still expected"

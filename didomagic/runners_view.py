@@ -6,7 +6,8 @@ pinned), tags, status (with the reason when it is not up), latency, OS and
 architecture, Python, CPUs, memory free/total, GPUs, sessions active/max,
 queue length, the limits each session runs under, and whether it installs
 packages (with how many cached environments). The widget adds a "Use" button
-per runner that makes it the notebook's default.
+per runner that makes it the notebook's default. Its cells never wrap and its
+buttons never shrink: a table wider than the notebook scrolls sideways.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import ipywidgets as w
 
+from didomagic import look
 from didomagic.discovery import RunnerView
 from didomagic.progress import format_bytes
 
@@ -115,7 +117,23 @@ def text_table(views: Sequence[RunnerView], default: str | None = None) -> str:
     return "\n".join(lines)
 
 
-_STATUS_COLOURS = {"up": "#1a7f37", "down": "#9a6700", "unreachable": "#cf222e"}
+_STATUS_COLOURS = {
+    "up": "var(--jp-success-color1, #1a7f37)",
+    "down": "var(--jp-warn-color1, #9a6700)",
+    "unreachable": "var(--jp-error-color1, #cf222e)",
+}
+
+
+STATUS_CUT = (
+    "display:inline-block;max-width:24em;overflow:hidden;text-overflow:ellipsis;"
+    "vertical-align:bottom"
+)
+"""A long reason (why a runner is unreachable) ends in an ellipsis; the tooltip has all of it."""
+
+
+def _cell(text: str) -> w.HTML:
+    """One table cell: on one line, numbers in tabular figures."""
+    return w.HTML(f'<span style="{look.NOWRAP}">{text}</span>')
 
 
 class RunnerTable(w.VBox):  # type: ignore[misc]
@@ -136,14 +154,14 @@ class RunnerTable(w.VBox):  # type: ignore[misc]
         self.default = default
         self._on_use = on_use
         self.buttons: dict[str, w.Button] = {}
-        header = [w.HTML(f"<b>{html.escape(c)}</b>") for c in ("", *COLUMNS)]
+        header = [_cell(f"<b>{html.escape(c)}</b>") for c in ("", *COLUMNS)]
         cells: list[w.Widget] = list(header)
         for view in self.views:
             r = row(view)
             button = w.Button(
                 description="Use",
                 tooltip=f"Run %%remote cells on {view.name} by default in this notebook",
-                layout=w.Layout(width="auto"),
+                layout=w.Layout(width="auto", min_width="max-content", flex="0 0 auto"),
                 disabled=view.status != "up",
             )
             button.on_click(lambda _, name=view.name: self.use(name))
@@ -153,17 +171,23 @@ class RunnerTable(w.VBox):  # type: ignore[misc]
                 text = html.escape(r[column])
                 if column == "status":
                     colour = _STATUS_COLOURS.get(view.status, "inherit")
-                    text = f'<span style="color:{colour}">●</span> {text}'
-                cells.append(w.HTML(text))
+                    text = (
+                        f'<span style="color:{colour}">●</span> <span title="{text}" '
+                        f'style="{STATUS_CUT}">{text}</span>'
+                    )
+                cells.append(_cell(text))
         grid = w.GridBox(
             cells,
             layout=w.Layout(
-                grid_template_columns=f"repeat({len(COLUMNS) + 1}, auto)",
+                grid_template_columns=f"repeat({len(COLUMNS) + 1}, max-content)",
                 grid_gap="0.2em 1em",
+                align_items="center",
+                width="max-content",
             ),
         )
         self.note = w.HTML()
-        super().__init__([grid, self.note])
+        scroller = w.Box([grid], layout=w.Layout(overflow="auto hidden", width="100%"))
+        super().__init__([scroller, self.note], layout=w.Layout(width="100%"))
         self._mark_default()
 
     def use(self, name: str) -> None:
@@ -189,3 +213,17 @@ class RunnerTable(w.VBox):  # type: ignore[misc]
         if bundle is not None:
             bundle["text/plain"] = text_table(self.views, self.default)
         return bundle
+
+    def static(self) -> dict[str, str]:
+        """The table as text and HTML, without widgets (what a saved notebook keeps)."""
+        rows = [row(v) for v in self.views]
+        marks = ["default" if self.default in (v.name, v.entry) else "" for v in self.views]
+        note = (
+            f"%%remote cells without --runner or --tags run on {self.default}."
+            if self.default
+            else ""
+        )
+        return {
+            "text/plain": text_table(self.views, self.default),
+            "text/html": look.table_html(COLUMNS, rows, marks, note),
+        }

@@ -18,14 +18,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from didomagic import localcode, serialize
+from didomagic import comms, localcode, serialize
 from didomagic.client import ANY_RUNNER, Requirements, RunnerConnection, open_connection
-from didomagic.errors import CellTooLarge, ConnectionLost
+from didomagic.errors import CellInterrupted, CellTooLarge, ConnectionLost
 from didomagic.loop import BackgroundLoop, background_loop
 from didomagic.progress import NoProgress, Progress
 from didomagic.protocol import Execute, Output, Result, Status
 from didomagic.resources import Responder
 from didomagic.transfer import Transfer
+from didomagic.uipoll import POLL, ShellPump
 from didomagic.urls import ConnectionURL
 from didomagic.versions import HeldVersions, InPlaceTracker
 
@@ -80,6 +81,9 @@ class RemoteSession:
         """The runner's name, once it has introduced itself."""
         self.description: dict[str, Any] = {}
         """The runner's description from its welcome (empty before the first cell)."""
+        self.comms: comms.CommBridge | None = None
+        """The proxies of the remote session's widgets in this kernel (None before it opens)."""
+        self._in_cell = False
 
     @property
     def connected(self) -> bool:
@@ -109,6 +113,15 @@ class RemoteSession:
             self.responder = _responder(self.url)
             self.description = dict(self._connection.welcome.runner)
             self.runner_name = self._connection.runner_name
+            ended = self.comms.notice() if self.comms is not None else None
+            if ended:
+                events.put(("notice", ended))
+            self.comms = comms.CommBridge(
+                comms.sender(self.loop, self._connection),
+                self.runner_name,
+                lambda: self._in_cell,
+            )
+            self._connection.listen(self.comms.arrive)
         events.put(("runner", self.description))
         return self._connection
 
@@ -152,14 +165,19 @@ class RemoteSession:
                     for v in request.values
                 ),
             )
-            outcome = await connection.execute(
-                request,
-                parts,
-                lambda output: events.put(("output", output)),
-                _throttled(events),
-                lambda m: events.put(("installing", m.count, m.line, m.done)),
-                self.responder,
-            )
+            assert self.comms is not None
+            self.comms.sink = events  # widget traffic goes through the cell's loop, in order
+            try:
+                outcome = await connection.execute(
+                    request,
+                    parts,
+                    lambda output: events.put(("output", output)),
+                    _throttled(events),
+                    lambda m: events.put(("installing", m.count, m.line, m.done)),
+                    self.responder,
+                )
+            finally:
+                self.comms.sink = None
             for v in request.values:  # the runner session now holds these bytes
                 if v.digest:
                     held[v.name] = v.digest
@@ -187,30 +205,20 @@ class RemoteSession:
         abandons it.
         """
         progress = progress or NoProgress()
+        request = replace(request, **comms.cell_identity())
         events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        pump = ShellPump.current()  # Cancel clicks and widget events, while this cell waits
+        self._in_cell = True
         future = self.loop.submit(self.execute_async(request, parts, events, versions))
         self._future = future
         future.add_done_callback(lambda _: events.put(None))
         progress.on_cancel = self.cancel
-        interrupted = False
-        while True:
-            try:
-                try:
-                    event = events.get(timeout=TICK)
-                except queue.Empty:
-                    progress.tick()
-                    continue
-                if event is None:
-                    break
-                dispatch(event, on_output, progress)
-            except KeyboardInterrupt:
-                if interrupted or self._connection is None or self._connection.running is None:
-                    future.cancel()
-                    self.close()
-                    progress.finish(False, "cancelled")
-                    raise
-                interrupted = True
-                self.cancel()
+        try:
+            self._wait(future, events, on_output, progress, pump)
+        finally:
+            self._in_cell = False
+            if pump is not None:
+                pump.release()
         try:
             result = future.result()
         except ConnectionLost as exc:
@@ -222,8 +230,45 @@ class RemoteSession:
             raise
         finally:
             self._future = None
-        progress.finish(result[0].status is Status.OK, _status_text(result[0]))
+        if result[0].status is Status.INTERRUPTED:
+            progress.cancelled()
+        else:
+            progress.finish(result[0].status is Status.OK, _status_text(result[0]))
         return result
+
+    def _wait(
+        self,
+        future: concurrent.futures.Future[Any],
+        events: queue.SimpleQueue[Event | None],
+        on_output: Callable[[Output], None],
+        progress: Progress,
+        pump: ShellPump | None,
+    ) -> None:
+        """Handle the cell's events on this thread until it ends (see :meth:`execute`)."""
+        interrupted = False
+        while True:
+            try:
+                if pump is not None:
+                    pump.poll()
+                try:
+                    event = events.get(timeout=POLL if pump is not None else TICK)
+                except queue.Empty:
+                    progress.tick()
+                    continue
+                if event is None:
+                    return
+                dispatch(event, on_output, progress)
+            except KeyboardInterrupt:
+                if interrupted or self._connection is None or self._connection.running is None:
+                    future.cancel()
+                    self.close()
+                    progress.cancelled("session abandoned")
+                    raise CellInterrupted(
+                        f"Interrupted: the session with runner {self.runner_name} was abandoned "
+                        "(its remote state is gone; the next cell opens a new one)."
+                    ) from None
+                interrupted = True
+                self.cancel()
 
     def cancel(self) -> None:
         """Interrupt the running cell; abandon a session still connecting (any thread)."""
@@ -287,6 +332,8 @@ def dispatch(event: Event, on_output: Callable[[Output], None], progress: Progre
         on_output(event[1])
     elif kind == "connecting":
         progress.connecting(event[1])
+    elif kind == "aside":
+        event[1].handle(event[2])
     elif kind == "notice":
         print(f"didomagic: {event[1]}", file=sys.stderr)
     elif kind == "queued":

@@ -42,6 +42,9 @@ INPUT_FILE = "in.bin"
 OUTPUT_FILE = "out.bin"
 """Where the agent writes the values going back, end to end."""
 
+COUNT_FILE = "count.json"
+"""The notebook's execution count for the next cell, so its tracebacks say "Cell In[n]"."""
+
 
 def write_json(path: Path, body: dict[str, Any]) -> None:
     """Write ``body`` to ``path`` atomically (a reader sees all of it or nothing)."""
@@ -134,7 +137,8 @@ class Agent:
         ns = self.shell.user_ns
         succeeded = bool(getattr(result, "success", False))
         names = serialize.names_to_return(ns, self._before, succeeded)
-        packed, failures = serialize.pack_names(ns, names)
+        widgets = {name for name in names if _is_widget(ns.get(name))}
+        packed, failures = serialize.pack_names(ns, [n for n in names if n not in widgets])
         changed, change_failures = self._versions.changed(ns, skip=names)
         packed += changed
         failures.update(change_failures)
@@ -163,6 +167,7 @@ class Agent:
             for item, offset in zip(packed, offsets, strict=True)
         ]
         failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
+        failures.update({name: WIDGET_STAYS for name in widgets})
         write_json(
             self.exchange / RESULT_FILE,
             {
@@ -172,6 +177,15 @@ class Agent:
             },
         )
         self._before, self._failures = {}, {}
+
+
+WIDGET_STAYS = "it is a widget, so it stays on the runner (it shows and answers in the notebook)"
+
+
+def _is_widget(value: Any) -> bool:
+    """An ipywidgets widget (it cannot be pickled; it lives where its comm is)."""
+    widgets = sys.modules.get("ipywidgets")
+    return widgets is not None and isinstance(value, widgets.Widget)
 
 
 def _versions(origin: dict[str, str]) -> str:
@@ -193,7 +207,29 @@ def install(exchange: str) -> None:
     agent = Agent(shell, Path(exchange))
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
-    shell.transform_cell = _plain_python_first(shell.transform_cell)
+    shell.set_custom_exc((KeyboardInterrupt,), _interrupted)
+    plain = _plain_python_first(shell.transform_cell)
+    shell.transform_cell = _counted(shell, agent.exchange, plain)
+
+
+def _interrupted(shell: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = None) -> list[str]:
+    """An interrupted cell's traceback is one line: formatting the full one costs a Cancel
+    hundreds of milliseconds, and the client shows the interrupt as one line anyway."""
+    return [f"{etype.__name__}: {value}" if str(value) else etype.__name__]
+
+
+def _counted(shell: Any, exchange: Path, transform: Any) -> Any:
+    """Number the next cell as the notebook did (IPython reads the count right after this)."""
+
+    def transform_cell(raw_cell: str) -> str:
+        path = exchange / COUNT_FILE
+        if path.exists():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                shell.execution_count = int(json.loads(path.read_text())["count"])
+            path.unlink(missing_ok=True)
+        return str(transform(raw_cell))
+
+    return transform_cell
 
 
 def _plain_python_first(transform: Any) -> Any:

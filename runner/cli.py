@@ -300,6 +300,12 @@ def serve_parser() -> argparse.ArgumentParser:
         help="stop when standard input closes (used by the embedded runner, so it "
         "dies with the notebook kernel that started it)",
     )
+    p.add_argument(
+        "--remove-state-on-exit",
+        action="store_true",
+        help="remove the --state-dir (token, certificate and its private key) when the "
+        "runner stops (used by the embedded runner, whose state is private to one kernel)",
+    )
     return p
 
 
@@ -860,6 +866,8 @@ async def serve(args: argparse.Namespace) -> None:
             shutil.rmtree(private_root, ignore_errors=True)
         if args.url_file:
             args.url_file.unlink(missing_ok=True)
+        if getattr(args, "remove_state_on_exit", False):
+            shutil.rmtree(state_dir, ignore_errors=True)
     logger.info("stopped")
 
 

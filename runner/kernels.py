@@ -40,7 +40,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import Dict, List, Unicode
 
-from didomagic.protocol import OUTPUT_TYPES, Status
+from didomagic.protocol import COMM_TYPES, OUTPUT_TYPES, Status
 from runner.errortext import cell_error
 from runner.limits import format_size
 from runner.sandbox import QUOTA_POLL, Box, Sandbox, runner_pythonpath
@@ -122,6 +122,8 @@ class Kernel:
         self._kc: Any = None
         self._iopub_task: asyncio.Task[None] | None = None
         self._listeners: dict[str, tuple[OutputCallback, asyncio.Event]] = {}
+        self.side: Callable[[dict[str, Any]], None] | None = None
+        """Takes comm messages and the iopub messages no cell claims (runner.comms)."""
 
     async def start(self) -> None:
         """Start the kernel process in its scratch directory and load the agent."""
@@ -163,22 +165,52 @@ class Kernel:
             msg = await self._kc.get_iopub_msg()
             parent = msg.get("parent_header", {}).get("msg_id")
             listener = self._listeners.get(parent)
-            if listener is None:
+            msg_type = msg["header"]["msg_type"]
+            if listener is None or msg_type in COMM_TYPES:
+                if self.side is not None:
+                    self.side(msg)
                 continue
             on_output, idle = listener
-            msg_type = msg["header"]["msg_type"]
             if msg_type in OUTPUT_TYPES:
                 on_output(msg_type, msg["content"])
             elif msg_type == "status" and msg["content"].get("execution_state") == "idle":
                 idle.set()
 
+    def send_shell(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        metadata: dict[str, Any],
+        buffers: list[bytes],
+        msg_id: str,
+    ) -> None:
+        """Send one message (a client's comm message) on the shell channel under ``msg_id``."""
+        msg = self._kc.session.msg(msg_type, content, metadata=metadata)
+        msg["header"]["msg_id"] = msg["msg_id"] = msg_id
+        self._kc.session.send(self._kc.shell_channel.socket, msg, buffers=buffers)
+
     async def _run(
-        self, code: str, *, silent: bool = False, on_output: OutputCallback | None = None
+        self,
+        code: str,
+        *,
+        silent: bool = False,
+        on_output: OutputCallback | None = None,
+        msg_id: str = "",
     ) -> dict[str, Any]:
-        """Execute ``code``; return its reply once the kernel is idle again."""
-        msg_id = self._kc.execute(
-            code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False
-        )
+        """Execute ``code`` (as request ``msg_id`` if given); return its reply once idle."""
+        content = {
+            "code": code,
+            "silent": silent,
+            "store_history": not silent,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": False,
+        }
+        msg = self._kc.session.msg("execute_request", content)
+        if msg_id:
+            msg["header"]["msg_id"] = msg["msg_id"] = msg_id
+        msg_id = msg["header"]["msg_id"]
+        self._kc.shell_channel.send(msg)
         idle = asyncio.Event()
         self._listeners[msg_id] = (on_output or (lambda t, c: None), idle)
         try:
@@ -231,8 +263,12 @@ class Kernel:
         on_output: OutputCallback,
         timeout: float | None = None,
         limit_name: str = "its timeout",
+        msg_id: str = "",
     ) -> CellOutcome:
-        """Run a cell, streaming its outputs; enforce ``timeout`` and the session's limits."""
+        """Run a cell, streaming its outputs; enforce ``timeout`` and the session's limits.
+
+        ``msg_id`` (the notebook's request id) is the cell's request id in the kernel.
+        """
         published: list[dict[str, Any]] = []  # the errors the kernel showed, to name a failure
 
         def forward(msg_type: str, content: dict[str, Any]) -> None:
@@ -240,7 +276,7 @@ class Kernel:
                 published.append(content)
             on_output(msg_type, content)
 
-        run = asyncio.ensure_future(self._run(code, on_output=forward))
+        run = asyncio.ensure_future(self._run(code, on_output=forward, msg_id=msg_id))
         death = asyncio.ensure_future(self._died())
         watched = {run, death}
         quota: asyncio.Future[str] | None = None

@@ -47,6 +47,7 @@ from didomagic.protocol import (
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
     Answer,
+    CommMsg,
     ErrorCode,
     Execute,
     Hello,
@@ -71,6 +72,7 @@ from runner import accept, admission, agent, resources, results, safefiles
 from runner.admission import RequestLimits
 from runner.broker import Broker
 from runner.certs import server_context
+from runner.comms import CommRelay
 from runner.envs import EnvCache
 from runner.health import with_health
 from runner.jobs import JOBS_PATH, JobService
@@ -441,6 +443,7 @@ class SessionHandler:
         self.upload: Upload | None = None
         self.interrupted = False
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.comms = CommRelay(lambda message: self.outbox.put_nowait(self.protocol.send(message)))
         self.writer: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         """When the session last received a frame or was busy with a cell."""
@@ -528,6 +531,7 @@ class SessionHandler:
         self.kernel = await self.server.pool.take()
         self.cache = ValueCache(self.kernel.cache)
         await self._attach_broker()
+        self.comms.attach(self.kernel)
         await self.ws.send(
             self.protocol.send(
                 Welcome(
@@ -662,6 +666,8 @@ class SessionHandler:
                     return
                 assert self.broker is not None
                 await self.broker.on_answer(message)
+            elif isinstance(message, CommMsg):
+                self.comms.forward(message)
 
     async def _within_size_limit(self, request: Execute | Answer) -> bool:
         """Refuse (and end the session) a cell or answer over --max-message-size or --max-values."""
@@ -755,6 +761,8 @@ class SessionHandler:
                 "origin": self.client_versions,
             },
         )
+        if request.count > 0:
+            agent.write_json(exchange / agent.COUNT_FILE, {"count": request.count})
         started = time.perf_counter()
 
         limit = self.server.settings.max_output
@@ -796,7 +804,9 @@ class SessionHandler:
             assert self.broker is not None
             self.broker.open_cell(request.cell)
             try:
-                outcome = await kernel.execute(request.code, forward, timeout, limit_name)
+                outcome = await kernel.execute(
+                    request.code, forward, timeout, limit_name, msg_id=request.parent
+                )
             finally:
                 self.broker.close_cell()
             await self.broker.settled()  # no answer may cross the result
@@ -842,6 +852,7 @@ class SessionHandler:
         if old is not None:
             await old.shutdown()
         await self._attach_broker()
+        self.comms.attach(self.kernel)
         logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
 
     async def _attach_broker(self) -> None:

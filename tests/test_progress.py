@@ -114,7 +114,7 @@ def test_cancel_interrupts_a_real_remote_cell(module_runner):
 
     code = "import time\nprint('started', flush=True)\ntime.sleep(60)"
     result, _ = session.execute(Execute("c", code), [], on_output, p)
-    assert result.status is Status.INTERRUPTED and p.state == "failed"
+    assert result.status is Status.INTERRUPTED and p.state == "cancelled"
     result, _ = session.execute(Execute("d", "x = 1"), [], lambda o: None, p)
     assert result.status is Status.OK  # the session goes on
     session.close()
@@ -155,3 +155,45 @@ def test_a_mediators_launch_note_shows_in_the_row_and_the_text():
     text.connecting("127.0.0.1:4941")
     text.queued(0, note)
     assert text.stream.getvalue() == f"didomagic: {note} (at 127.0.0.1:4941)\n"
+
+
+def test_done_failed_and_cancelled_differ_in_symbol_and_colour():
+    looks = {}
+    for end in ("done", "failed", "cancelled"):
+        p = WidgetProgress()
+        if end == "cancelled":
+            p.cancelled()
+        else:
+            p.finish(end == "done", "" if end == "done" else "E raised")
+        assert p.state == end and p.cancel_button.layout.display == "none"
+        looks[end] = (p.state_icon.value, p.state_label.style.text_color)
+    assert len({icon for icon, _ in looks.values()}) == 3
+    assert len({colour for _, colour in looks.values()}) == 3
+    assert p.elapsed_label.style.font_variant == "tabular-nums"
+
+
+def test_the_transfer_row_shows_total_percentage_rate_and_eta():
+    text = progress_module.transfer_text("sending", 25_000_000, 100_000_000, 2.0)
+    assert text == "↑ 25.0 MB of 100.0 MB ·  25% · 12.5 MB/s · 6 s left"
+    done = progress_module.transfer_text("receiving", 100_000_000, 100_000_000, 4.0)
+    assert done.startswith("↓ 100.0 MB of 100.0 MB · 100% · 25.0 MB/s") and "left" not in done
+    p = WidgetProgress()
+    p.transfer("sending", MB100 // 4, MB100)
+    assert "of 100.0 MB" in p.bytes_label.value and "25%" in p.bytes_label.value
+
+
+def test_a_finished_row_is_replaced_by_static_text_and_html():
+    p = WidgetProgress()
+    updates = []
+
+    class Handle:
+        def update(self, obj, **kw):
+            updates.append((obj, kw))
+
+    p._handle = Handle()
+    p.chose({"name": "big"})
+    p.finish(False, "ValueError raised")
+    ((bundle, kw),) = updates
+    assert kw == {"raw": True} and set(bundle) == {"text/plain", "text/html"}
+    assert bundle["text/plain"].startswith("didomagic: failed (ValueError raised) on big")
+    assert "✖ failed (ValueError raised)" in bundle["text/html"] and "big" in bundle["text/html"]
