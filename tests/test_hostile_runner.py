@@ -184,15 +184,18 @@ def test_a_planted_symlink_or_fifo_in_the_cache_is_not_written_through(
     served = threading.Event()
 
     async def go() -> list[str]:
-        connection = await open_connection(case)
-        result, buffers = await connection.execute(
-            Execute("c1", plant, fetch=("planted",)), [], lambda output: None
-        )
-        assert result.status is Status.OK, result.error
-        planted.extend(serialize.unpack([bytes(p) for p in buffers[0]]))
+        connection = await open_connection(case)  # raw messages: no reader task, so the
+        session, ws = connection.session, connection.ws  # test reads the websocket itself
+        await ws.send(session.send(Execute("c1", plant + "print('PLANTED', *planted)\n")))
+        for text in await _until_answer(ws):
+            session.receive(text)  # the session's state follows what the runner sent
+            body = json.loads(text)
+            if body["type"] == "result":
+                assert body["status"] == "ok", body
+            elif body["type"] == "output" and body["content"].get("name") == "stdout":
+                planted.extend(body["content"]["text"].split()[1:])
         assert planted, "the cell found no cache directory to plant in"
         header = ValueHeader("x", (len(payload),), digest=digest)
-        session, ws = connection.session, connection.ws
         with contextlib.suppress(ConnectionClosed):
             await ws.send(session.send(Execute("c2", "y = len(x)", (header,), ("y",))))
             for frame in session.frames([[memoryview(payload)]]):
