@@ -82,8 +82,11 @@ def run_cell(
     hidden: Iterable[str] = (),
     pool: SessionPool | None = None,
     progress: Progress | None = None,
+    session: RemoteSession | None = None,
 ) -> Any:
     """Run a cell on a runner with its namespace synced; return its displayed value.
+
+    ``session`` runs it in that session instead of choosing one (``--session``).
 
     Raises :class:`RemoteError` when the cell raises remotely (after syncing
     the names it bound before raising), :class:`CellTimeout`,
@@ -95,7 +98,7 @@ def run_cell(
     report_failures(failures, "sent")
     if local:
         return _run_local(pool.local, spec, namespace, transform, sent, transfer)
-    session = pool.session(runner, spec.tags, spec.os)
+    session = session or pool.session(runner, spec.tags, spec.os)
     request = Execute(
         cell=secrets.token_hex(8),
         code=spec.code,

@@ -17,7 +17,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +35,14 @@ from didomagic.errors import (
     ProtocolError,
     RunnerBusy,
     RunnerUnreachable,
+    SessionEnded,
     VersionMismatch,
 )
 from didomagic.protocol import (
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
+    Attach,
+    Attached,
     Channel,
     Error,
     ErrorCode,
@@ -47,12 +50,14 @@ from didomagic.protocol import (
     Hello,
     Info,
     Interrupt,
+    ListSessions,
     Output,
     Query,
     Queued,
     Result,
     Role,
     Session,
+    SessionList,
     State,
     Welcome,
     cloudpickle_version,
@@ -64,6 +69,9 @@ logger = logging.getLogger("didomagic.client")
 
 OPEN_TIMEOUT = 20.0
 """Seconds to reach a runner and complete both handshakes."""
+
+DETACH_CODE = 4001
+"""Close code of a client that lets go of a session without ending it (any but 1000 keeps it)."""
 
 _pinned: dict[tuple[str, str], bytes] = {}
 """Certificates already fetched and checked, by (address, fingerprint)."""
@@ -166,7 +174,8 @@ def _unreachable(url: ConnectionURL, exc: BaseException) -> RunnerUnreachable:
     return RunnerUnreachable(
         f"Cannot reach the runner at {url.address}: {reason}. Check that didomagic-runner is "
         "running there, that the address and port in the connection URL are right, and that "
-        "no firewall is in the way."
+        "no firewall is in the way.",
+        absent=isinstance(exc, ConnectionRefusedError),
     )
 
 
@@ -181,6 +190,10 @@ class RunnerConnection:
         self.welcome = welcome
         self.url = url
         self.running: str | None = None
+        self.received = 0
+        """Outputs of the running cell received so far."""
+        self.attached: Attached | None = None
+        """The runner's answer, for a connection that took a kept session back."""
 
     @property
     def runner_name(self) -> str:
@@ -204,8 +217,19 @@ class RunnerConnection:
         ``on_transfer(direction, done, total)`` follows the bytes of values
         moving ("sending" or "receiving"), once per binary frame.
         """
+        await self.send_cell(request, parts, on_transfer)
+        return await self.receive_result(request.cell, on_output, on_transfer)
+
+    async def send_cell(
+        self,
+        request: Execute,
+        parts: Sequence[Sequence[memoryview]],
+        on_transfer: Callable[[str, int, int], None] = lambda direction, done, total: None,
+    ) -> None:
+        """Send a cell and its values (the first half of :meth:`execute`)."""
         self.running = request.cell
-        try:
+        self.received = 0
+        async with self._translated():
             await self.ws.send(self.session.send(request))
             total = sum(v.nbytes for v in request.values if not v.cached)
             sent = 0
@@ -213,39 +237,59 @@ class RunnerConnection:
                 await self.ws.send(frame)
                 sent += frame.nbytes
                 on_transfer("sending", sent, total)
-            result: Result | None = None
-            buffers: list[list[bytearray]] = []
-            received = expected = 0
-            while result is None or self.session.state is not State.IDLE:
-                frame = await self.ws.recv()
-                if isinstance(frame, bytes):
-                    for chunk in self.session.receive_binary(frame):
-                        end = chunk.offset + chunk.data.nbytes
-                        buffers[chunk.value][chunk.part][chunk.offset : end] = chunk.data
-                    received += len(frame)
-                    on_transfer("receiving", received, expected)
-                    continue
-                message = self.session.receive(frame)
-                if isinstance(message, Output):
-                    on_output(message)
-                elif isinstance(message, Result):
-                    result = message
-                    buffers = [[bytearray(n) for n in v.sizes] for v in message.values]
-                    expected = sum(v.nbytes for v in message.values)
-                elif isinstance(message, Error):
-                    raise ProtocolError(f"the runner ended the session: {message.message}")
-            return result, buffers
+
+    async def receive_result(
+        self,
+        cell: str,
+        on_output: Callable[[Output], None],
+        on_transfer: Callable[[str, int, int], None] = lambda direction, done, total: None,
+    ) -> tuple[Result, list[list[bytearray]]]:
+        """Stream the outputs of ``cell`` and return its result and values.
+
+        :attr:`received` counts its outputs, so a reattach asks only for the rest.
+        """
+        self.running = cell
+        try:
+            async with self._translated():
+                result: Result | None = None
+                buffers: list[list[bytearray]] = []
+                received = expected = 0
+                while result is None or self.session.state is not State.IDLE:
+                    frame = await self.ws.recv()
+                    if isinstance(frame, bytes):
+                        for chunk in self.session.receive_binary(frame):
+                            end = chunk.offset + chunk.data.nbytes
+                            buffers[chunk.value][chunk.part][chunk.offset : end] = chunk.data
+                        received += len(frame)
+                        on_transfer("receiving", received, expected)
+                        continue
+                    message = self.session.receive(frame)
+                    if isinstance(message, Output):
+                        self.received += 1
+                        on_output(message)
+                    elif isinstance(message, Result):
+                        result = message
+                        buffers = [[bytearray(n) for n in v.sizes] for v in message.values]
+                        expected = sum(v.nbytes for v in message.values)
+                    elif isinstance(message, Error):
+                        raise ProtocolError(f"the runner ended the session: {message.message}")
+                return result, buffers
+        finally:
+            self.running = None
+
+    @contextlib.asynccontextmanager
+    async def _translated(self) -> AsyncIterator[None]:
+        """A protocol error closes the connection; a dropped one is :class:`ConnectionLost`."""
+        try:
+            yield
         except ProtocolError:
             await self.ws.close(1002, "protocol error")
             raise
         except ConnectionClosed as exc:
             raise ConnectionLost(
                 f"The connection to runner {self.runner_name} was lost while the cell was "
-                f"running ({exc}). The cell may or may not have finished there, and the "
-                "remote session's state is gone; the next cell opens a new session."
+                f"running ({exc})."
             ) from None
-        finally:
-            self.running = None
 
     async def interrupt(self) -> None:
         """Ask the runner to interrupt the running cell."""
@@ -254,8 +298,12 @@ class RunnerConnection:
                 await self.ws.send(self.session.send(Interrupt(self.running)))
 
     async def close(self) -> None:
-        """End the session (the runner frees its kernel)."""
+        """End the session (the runner frees its kernel at once)."""
         await self.ws.close()
+
+    async def detach(self) -> None:
+        """Let go of the connection; the runner keeps the session for its grace period."""
+        await self.ws.close(DETACH_CODE, "detached")
 
 
 async def dial(
@@ -349,13 +397,16 @@ async def open_connection(
     requirements: Requirements = ANY_RUNNER,
     on_queued: Callable[[int], None] = lambda position: None,
     timeout: float = OPEN_TIMEOUT,
+    headers: dict[str, str] | None = None,
 ) -> RunnerConnection:
     """Connect, authenticate and say hello; raise a :class:`ConnectError` subclass on failure.
 
     While the runner has no free slot and queues the session, ``on_queued``
     gets each new queue position; the wait in a queue has no time limit.
+    ``headers`` go with the websocket upgrade (the client identity, see
+    :data:`~didomagic.protocol.CLIENT_HEADER`).
     """
-    ws = await dial(url, timeout=timeout)
+    ws = await dial(url, headers=headers, timeout=timeout)
     return await handshake(ws, url, requirements, on_queued, timeout)
 
 
@@ -398,6 +449,70 @@ async def handshake(
     assert isinstance(reply, Welcome)
     logger.debug("session opened with runner %s", reply.runner.get("name"))
     return RunnerConnection(ws, session, reply, url)
+
+
+async def attach(
+    url: ConnectionURL,
+    session: str,
+    ticket: str,
+    cell: str = "",
+    received: int = 0,
+    headers: dict[str, str] | None = None,
+    timeout: float = OPEN_TIMEOUT,
+) -> RunnerConnection:
+    """Take a kept session back with its ticket; :attr:`RunnerConnection.attached` says how.
+
+    ``cell`` and ``received`` say which cell the client still waits for and how
+    many of its outputs it has. Raise :class:`SessionEnded` when the session is
+    gone, a :class:`ConnectError` subclass when the runner cannot be reached.
+    """
+    ws = await dial(url, headers=headers, timeout=timeout)
+    protocol = Session(Role.CLIENT)
+    request = Attach(
+        PROTOCOL_VERSION, python_version(), cloudpickle_version(), session, ticket, cell, received
+    )
+    try:
+        await ws.send(protocol.send(request))
+        reply = protocol.receive(await asyncio.wait_for(ws.recv(), timeout))
+    except (ConnectionClosed, TimeoutError) as exc:
+        await ws.close()
+        raise _unreachable(url, exc) from None
+    except ProtocolError:
+        await ws.close(1002, "protocol error")
+        raise
+    if isinstance(reply, Error):
+        await ws.close()
+        if reply.code is ErrorCode.NOT_FOUND:
+            raise SessionEnded(reply.message)
+        if reply.code is ErrorCode.NOT_READY:
+            raise RunnerUnreachable(reply.message, absent=True)
+        raise refusal(reply)
+    assert isinstance(reply, Attached)
+    welcome = Welcome(
+        PROTOCOL_VERSION, python_version(), cloudpickle_version(), session, reply.runner, ticket
+    )
+    connection = RunnerConnection(ws, protocol, welcome, url)
+    connection.attached = reply
+    return connection
+
+
+async def list_sessions(
+    url: ConnectionURL, headers: dict[str, str], timeout: float = OPEN_TIMEOUT
+) -> tuple[dict[str, Any], ...]:
+    """The sessions the client identity in ``headers`` holds on a runner (or behind a mediator)."""
+    ws = await dial(url, headers=headers, timeout=timeout)
+    protocol = Session(Role.CLIENT)
+    try:
+        await ws.send(protocol.send(ListSessions()))
+        reply = protocol.receive(await asyncio.wait_for(ws.recv(), timeout))
+    except (ConnectionClosed, TimeoutError) as exc:
+        raise _unreachable(url, exc) from None
+    finally:
+        await ws.close()
+    if isinstance(reply, Error):
+        raise refusal(reply)
+    assert isinstance(reply, SessionList)
+    return reply.sessions
 
 
 async def query(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> tuple[Info, float]:

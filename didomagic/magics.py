@@ -7,7 +7,7 @@ import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from didomagic import api
@@ -25,6 +25,7 @@ RUNNERS_USAGE = """\
 %runners remove NAME              forget one
 %runners use NAME                 run cells without --runner/--tags there (this notebook)
 %runners use --clear              back to $DIDOMAGIC_RUNNER or the embedded runner
+%runners sessions                 the remote sessions this user holds (%remote attach ID)
 %runners --text                   the listing as plain text, even in a notebook"""
 
 
@@ -35,7 +36,7 @@ class _RunnersParser(argparse.ArgumentParser):
 
 def _runners_parser() -> argparse.ArgumentParser:
     parser = _RunnersParser(prog="%runners", add_help=False)
-    actions = ["list", "add", "remove", "use"]
+    actions = ["list", "add", "remove", "use", "sessions"]
     parser.add_argument("action", nargs="?", default="list", choices=actions)
     parser.add_argument("target", nargs="?", default=None)
     parser.add_argument("--name", default=None)
@@ -90,18 +91,28 @@ class RemoteMagics(Magics):
     )
     @argument("--name", default="", help="a name for the --detach job")
     @argument(
+        "--session",
+        default=None,
+        help="run in this held remote session (an id from %%runners sessions), taking it back",
+    )
+    @argument(
         "--retries",
         type=int,
         default=0,
         help="with --detach: run the job again on another runner this often if its runner is lost",
     )
-    @cell_magic
-    def remote(self, line: str, cell: str) -> Any:
+    @line_cell_magic
+    def remote(self, line: str, cell: str | None = None) -> Any:
         """Run this cell on a runner; the values it reads go there, the ones it binds come back.
 
         Output streams into the cell as it is produced; a remote exception fails
-        the cell with the remote traceback.
+        the cell with the remote traceback. As a line magic: ``%remote attach
+        ID``, ``%remote detach [ID]``, ``%remote close ID`` (``%remote help``).
         """
+        from didomagic import reattach
+
+        if cell is None:
+            return reattach.line_command(line, self.shell.user_ns)
         args = parse_argstring(self.remote, line)
         if args.timeout is not None and not args.timeout > 0:
             raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
@@ -113,6 +124,10 @@ class RemoteMagics(Magics):
             raise UsageError(f"--retries must be 0 or more, got {args.retries}")
         if args.detach and args.local:
             raise UsageError("--detach and --local do not go together")
+        if args.session and (args.runner or args.tags or args.os or args.local or args.detach):
+            raise UsageError(
+                "--session runs in a held session: no --runner/--tags/--os/--local/--detach"
+            )
         spec = api.CellSpec(
             code=cell,
             push=args.push,
@@ -148,6 +163,7 @@ class RemoteMagics(Magics):
             local=args.local,
             transform=self.shell.transform_cell,
             hidden=self.shell.user_ns_hidden,
+            session=reattach.session_for(args.session) if args.session else None,
         )
 
     @line_magic
@@ -161,6 +177,11 @@ class RemoteMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"%runners: {exc}\n{RUNNERS_USAGE}") from None
         args = _runners_parser().parse_args(words)
+        if args.action == "sessions":
+            from didomagic.reattach import show_sessions
+
+            show_sessions()
+            return None
         if args.action == "add":
             if not args.target:
                 raise UsageError(f"%runners add needs a connection URL.\n{RUNNERS_USAGE}")

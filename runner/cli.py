@@ -77,6 +77,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _grace(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -212,6 +219,13 @@ def serve_parser() -> argparse.ArgumentParser:
         default=None,
         help="end a session that runs no cell for this many seconds and free its kernel "
         "(default: none); its next cell starts a new session",
+    )
+    p.add_argument(
+        "--session-grace",
+        type=_grace,
+        default=300.0,
+        help="keep a session whose connection dropped this many seconds, with its kernel "
+        "and running cell, for its client to reattach (default 300; 0 ends it at once)",
     )
     p.add_argument(
         "--mediator",
@@ -543,6 +557,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_output=args.max_output,
         cell_timeout=args.cell_timeout,
         idle_timeout=args.idle_timeout,
+        session_grace=args.session_grace,
         max_connections=args.max_connections,
         warm_kernels=args.warm_kernels,
         max_message_size=args.max_message_size,

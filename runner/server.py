@@ -2,9 +2,12 @@
 
 A connection is authenticated during the HTTP upgrade (``Authorization:
 Bearer``, compared in constant time), so an unauthenticated peer gets a 401
-before any websocket message is read and before any kernel is touched. Each
-authenticated connection is one session: it gets a kernel from the pool, runs
-cells one at a time, and its kernel and directories go when it closes.
+before any websocket message is read and before any kernel is touched. A
+connection's hello opens a session: it gets a kernel from the pool and runs
+cells one at a time. A client that closes the connection (code 1000) ends the
+session, and its kernel and directories go; a connection that merely drops
+leaves the session kept for ``--session-grace`` seconds, for a connection
+that presents its ticket to take it back (see :mod:`runner.keeping`).
 
 A runner serves at most ``max_sessions`` sessions at once. Further sessions
 wait in a queue of at most ``max_queue`` places, in order of arrival, and are
@@ -29,7 +32,7 @@ import os
 import platform
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -48,28 +51,35 @@ from didomagic.protocol import (
     CHUNK_SIZE,
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
+    Attach,
+    Attached,
     ErrorCode,
     Execute,
     Hello,
     Info,
     Interrupt,
+    ListSessions,
+    Message,
     Output,
     Query,
     Queued,
     Result,
     Role,
     Session,
+    SessionList,
     State,
     Status,
     ValueHeader,
     Welcome,
     check_compatible,
     cloudpickle_version,
+    encode,
     python_version,
 )
 from runner import agent, resources
 from runner.certs import server_context
-from runner.jobs import JOBS_PATH, JobService
+from runner.jobs import JOBS_PATH, JobService, owner_of
+from runner.keeping import OutputLog, SessionGone, SessionRegistry
 from runner.kernels import CellOutcome, Kernel, KernelPool
 from runner.limits import Limits, format_size
 from runner.sandbox import Sandbox
@@ -116,6 +126,8 @@ class RunnerSettings:
     """The longest any cell may run (a client's --timeout can only be shorter)."""
     idle_timeout: float | None = None
     """A session with no cell for this long is ended and its kernel freed."""
+    session_grace: float = 300.0
+    """Seconds a session whose connection dropped is kept for its client to come back."""
     max_connections: int = 64
     """Open websocket connections (any stage) beyond which new ones get a 503 at once."""
     warm_kernels: int = 1
@@ -192,6 +204,8 @@ class RunnerServer:
             sandbox=sandbox,
         )
         self.sessions: set[asyncio.Task[Any]] = set()
+        self.registry = SessionRegistry(settings.name)
+        """Every open session by id, attached or kept (see :mod:`runner.keeping`)."""
         self.active = 0
         """Sessions holding a slot."""
         self.waiting: list[asyncio.Future[None]] = []
@@ -236,6 +250,7 @@ class RunnerServer:
             "status": "up",
             "limits": self.settings.limits.describe(),
             "max_message_size": self.settings.max_message_size,
+            "session_grace": self.settings.session_grace,
             "warm_kernels": self.pool.ready,
             **self.machine(),
             **self.load(),
@@ -374,117 +389,267 @@ class RunnerServer:
             return
         await self.serve_connection(ws)
 
-    async def serve_connection(self, ws: Connection, peer: str | None = None) -> None:
-        """Serve one session on ``ws`` until it closes (direct or relayed)."""
+    async def serve_connection(
+        self, ws: Connection, peer: str | None = None, client: str | None = None
+    ) -> None:
+        """Serve one connection on ``ws`` until it closes (direct or relayed).
+
+        Its first message opens a session, takes a kept one back, or asks a
+        question. ``client`` is the client identity a mediator vouches for on a
+        relay; a direct connection's comes from its handshake header.
+        """
         task = asyncio.current_task()
         assert task is not None
         self.sessions.add(task)
+        peer = peer or peer_of(ws)
+        owner = owner_of(ws) if client is None else client
         try:
-            await SessionHandler(self, ws, peer).run()
+            protocol = Session(Role.RUNNER)
+            first = await _first_message(ws, protocol)
+            if isinstance(first, Hello):
+                await SessionHandler(self, owner, peer).run(ws, protocol, first)
+            elif isinstance(first, Attach):
+                try:
+                    kept = self.registry.claim(first.session, first.ticket, owner)
+                except SessionGone as exc:
+                    logger.info("refused to reattach a session from %s: gone or not its own", peer)
+                    await refuse(ws, ErrorCode.NOT_FOUND, str(exc))
+                    return
+                assert isinstance(kept, SessionHandler)
+                await kept.reattach(ws, protocol, first, peer)
+            elif isinstance(first, ListSessions):
+                held = [s.view() for s in self.registry.of(owner) if isinstance(s, SessionHandler)]
+                await ws.send(protocol.send(SessionList(tuple(held))))
+                await ws.close()
+            elif isinstance(first, Query):
+                info = Info(role="runner", runners=(self.describe(),), name=self.settings.name)
+                await ws.send(protocol.send(info))
+                await ws.close()
+        except TimeoutError:
+            await refuse(ws, ErrorCode.PROTOCOL, "No hello received in time.")
+        except ProtocolError as exc:
+            logger.warning("connection from %s: protocol error: %s", peer, exc)
+            await refuse(ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
+        except ConnectionClosed:
+            pass
         finally:
             self.sessions.discard(task)
 
+    def keep_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` as a task the server tracks until it ends."""
+        task = asyncio.create_task(coroutine)
+        self.sessions.add(task)
+        task.add_done_callback(self.sessions.discard)
+
+
+async def _first_message(ws: Connection, protocol: Session) -> Message:
+    """The first message of a connection (a hello, attach, query or list-sessions)."""
+    text = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
+    if not isinstance(text, str):
+        raise ProtocolError("expected a hello text message first")
+    return protocol.receive(text)
+
+
+@dataclass
+class _Finished:
+    """A cell's result, kept until the client has it (and until the next cell, to resend)."""
+
+    result: Result
+    offsets: list[int]
+    path: Path
+    delivered: bool = False
+
 
 class SessionHandler:
-    """One client session: its protocol state, its kernel, its cells."""
+    """One client session: its kernel, its cells, and the connection it is attached to.
 
-    def __init__(self, server: RunnerServer, ws: Connection, peer: str | None = None) -> None:
+    The session outlives its connection: when that drops without a close of
+    code 1000, the session waits ``--session-grace`` seconds, with its kernel
+    and any running cell going on and its outputs kept (see
+    :mod:`runner.keeping`), for a connection that takes it back (:meth:`reattach`).
+    """
+
+    def __init__(self, server: RunnerServer, owner: str, peer: str) -> None:
         self.server = server
-        self.ws = ws
-        self.peer = peer or peer_of(ws)
-        self.has_slot = False
-        self.id = secrets.token_urlsafe(16)
+        self.owner = owner
+        self.peer = peer
+        self.ws: Connection | None = None
+        """The connection the session is attached to (None while it waits for one)."""
         self.protocol = Session(Role.RUNNER)
+        """The protocol state of that connection."""
+        self.has_slot = False
+        self.id = server.registry.new_id()
+        self.ticket = secrets.token_urlsafe(24)
+        self.opened = time.time()
         self.kernel: Kernel | None = None
         self.cell_task: asyncio.Task[None] | None = None
+        self.cell_id = ""
+        self.last_cell = ""
+        """The first line of the last cell's code (for %runners sessions)."""
         self.upload: Upload | None = None
         self.interrupted = False
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.outputs = OutputLog(server.settings.max_output)
+        self.finished: _Finished | None = None
+        self._delivering = asyncio.Lock()
+        self.grace: asyncio.TimerHandle | None = None
+        self.closed = False
         self.writer: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         """When the session last received a frame or was busy with a cell."""
         self.client_versions: dict[str, str] = {}
         """The Python and cloudpickle versions the client says it pickles with."""
         self.cache = ValueCache(
-            (server.pool.private_root or server.pool.root) / f"cache-{self.id[:12]}"
+            (server.pool.private_root or server.pool.root) / f"cache-{self.log_id}{self.id[-4:]}"
         )
 
     @property
     def log_id(self) -> str:
-        """A short id for log lines (the full session id is a secret)."""
-        return self.id[:6]
+        """A short id for log lines (the part after the runner's instance id)."""
+        return self.id.rpartition(".")[2][:6]
 
-    async def run(self) -> None:
-        """Serve the session until the client leaves or breaks the protocol."""
+    def view(self) -> dict[str, Any]:
+        """What ``%runners sessions`` shows of this session."""
+        running = self.cell_task is not None and not self.cell_task.done()
+        waiting = self.finished is not None and not self.finished.delivered
+        return {
+            "id": self.id,
+            "runner": self.server.settings.name,
+            "opened": self.opened,
+            "age": time.time() - self.opened,
+            "last_cell": self.last_cell,
+            "state": "running" if running else "result waiting" if waiting else "idle",
+            "attached": self.ws is not None,
+        }
+
+    async def run(self, ws: Connection, protocol: Session, hello: Hello) -> None:
+        """Open the session on ``ws`` and serve it until the client leaves or breaks protocol."""
+        self.ws, self.protocol = ws, protocol
+        await self._attached(ws, lambda: self._open(hello))
+
+    async def reattach(self, ws: Connection, protocol: Session, attach: Attach, peer: str) -> None:
+        """Take the session over on ``ws``: replay missed outputs, then go on as before."""
         try:
-            if await self._handshake():
-                self.writer = asyncio.create_task(self._write_outbox())
-                await self._serve_cells()
+            _check_versions(attach.protocol, attach.python, attach.cloudpickle)
+        except VersionMismatch as exc:
+            await refuse(ws, ErrorCode.VERSION, str(exc).replace("this side", "this runner"))
+            return
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        old = self.ws
+        if old is not None:  # a connection not yet seen dead: the ticket holder takes over
+            self._detach()
+            old.transport.abort()
+        cell = self._resumable(attach.cell)
+        resume, _ = self.outputs.since(attach.received if attach.cell == cell else 0)
+        attached = Attached(self.id, cell, resume if cell else 0, self.server.describe())
+        await ws.send(protocol.send(attached))
+        self.ws, self.protocol, self.peer = ws, protocol, peer
+        if cell:
+            # Output in RUNNING stays RUNNING: the replayed texts need no new validation.
+            for text in self.outputs.since(resume)[1]:
+                self.outbox.put_nowait(text)
+            if self.cell_task is None or self.cell_task.done():
+                self.cell_task = asyncio.create_task(self._deliver_safely())
+        logger.info("session %s reattached from %s", self.log_id, peer)
+
+        async def serve() -> bool:
+            return await self._serve_cells(ws)
+
+        await self._attached(ws, serve)
+
+    def _resumable(self, waiting: str) -> str:
+        """The cell a reattached client gets outputs and a result of ("" for none)."""
+        if self.cell_task is not None and not self.cell_task.done():
+            return self.cell_id
+        finished = self.finished
+        if finished is not None and (not finished.delivered or finished.result.cell == waiting):
+            finished.delivered = False  # (again: the client says it did not get it all)
+            return finished.result.cell
+        return ""
+
+    async def _attached(self, ws: Connection, body: Callable[[], Awaitable[bool]]) -> None:
+        """Run ``body`` on ``ws``; then end the session, or keep it if the connection was lost."""
+        end = True
+        try:
+            end = await body()
         except ProtocolError as exc:
             logger.warning("session %s from %s: protocol error: %s", self.log_id, self.peer, exc)
-            await refuse(self.ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
+            await refuse(ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
         except ConnectionClosed:
-            pass
+            received = ws.protocol.close_rcvd
+            end = received is not None and received.code == 1000  # closed on purpose
         except Exception:
             logger.exception("session %s: internal error", self.log_id)
             await refuse(
-                self.ws,
+                ws,
                 ErrorCode.INTERNAL,
                 "Internal runner error; the runner's log has the details.",
             )
         finally:
-            await self._close()
+            if self.ws is ws:  # (not taken over by a newer connection meanwhile)
+                if end or not self.has_slot or self.server.settings.session_grace <= 0:
+                    await self._close("it was closed")
+                else:
+                    self._keep()
+
+    def _detach(self) -> None:
+        """Let go of the connection: queued outputs stay only in the log, an upload is void."""
+        self.ws = None
+        while not self.outbox.empty():
+            self.outbox.get_nowait()
+            self.outbox.task_done()
+        if self.upload is not None:  # the client sends the cell again when it is back
+            self.upload.close(keep=False)
+            self.upload = None
+
+    def _keep(self) -> None:
+        grace = self.server.settings.session_grace
+        self._detach()
+        self.grace = asyncio.get_running_loop().call_later(grace, self._expire)
+        logger.info(
+            "session %s: connection lost; kept for %g s (--session-grace)", self.log_id, grace
+        )
+
+    def _expire(self) -> None:
+        self.grace = None
+        grace = self.server.settings.session_grace
+        logger.info("session %s: no client came back within %g s; ending it", self.log_id, grace)
+        why = f"no client reattached within its grace period, --session-grace {grace:g} s"
+        self.server.keep_task(self._close(why))
 
     async def _write_outbox(self) -> None:
         """Send queued outputs in order, so a slow client never blocks the kernel."""
         while True:
             text = await self.outbox.get()
-            with contextlib.suppress(ConnectionClosed):
-                await self.ws.send(text)
+            ws = self.ws
+            if ws is not None:
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(text)
             self.outbox.task_done()
 
-    async def _handshake(self) -> bool:
-        try:
-            text = await asyncio.wait_for(self.ws.recv(), HELLO_TIMEOUT)
-        except TimeoutError:
-            await refuse(self.ws, ErrorCode.PROTOCOL, "No hello received in time.")
-            return False
-        if not isinstance(text, str):
-            raise ProtocolError("expected a hello text message first")
-        first = self.protocol.receive(text)
-        if isinstance(first, Query):
-            await self.ws.send(
-                self.protocol.send(
-                    Info(
-                        role="runner",
-                        runners=(self.server.describe(),),
-                        name=self.server.settings.name,
-                    )
-                )
-            )
-            await self.ws.close()
-            return False
-        assert isinstance(first, Hello)
+    async def _open(self, first: Hello) -> bool:
+        """Check versions, take a slot and a kernel, welcome; then serve cells."""
+        ws = self.ws
+        assert ws is not None
         self.client_versions = {"python": first.python, "cloudpickle": first.cloudpickle}
         try:
-            check_compatible(
-                protocol=first.protocol,
-                python=first.python,
-                cloudpickle=first.cloudpickle,
-                side="client",
-            )
+            _check_versions(first.protocol, first.python, first.cloudpickle)
         except VersionMismatch as exc:
             logger.warning("refused a session from %s: %s", self.peer, exc)
             await refuse(
-                self.ws,
+                ws,
                 ErrorCode.VERSION,
                 str(exc).replace("this side", f"runner {self.server.settings.name}"),
             )
-            return False
-        if not await self._take_slot():
-            return False
+            return True
+        if not await self._take_slot(ws):
+            return True
         self.kernel = await self.server.pool.take()
-        await self.ws.send(
+        self.server.registry.add(self)
+        self.writer = asyncio.create_task(self._write_outbox())
+        await ws.send(
             self.protocol.send(
                 Welcome(
                     protocol=PROTOCOL_VERSION,
@@ -492,19 +657,20 @@ class SessionHandler:
                     cloudpickle=cloudpickle_version(),
                     session=self.id,
                     runner=self.server.describe(),
+                    ticket=self.ticket,
                 )
             )
         )
         logger.info("session %s opened from %s (kernel %s)", self.log_id, self.peer, self.kernel.id)
-        return True
+        return await self._serve_cells(ws)
 
-    async def _take_slot(self) -> bool:
+    async def _take_slot(self, ws: Connection) -> bool:
         """Get a session slot, waiting in the queue if there is room; False if refused."""
         try:
             ticket = self.server.try_admit()
         except _Busy as exc:
             logger.info("refused a session from %s: busy", self.peer)
-            await refuse(self.ws, ErrorCode.BUSY, str(exc))
+            await refuse(ws, ErrorCode.BUSY, str(exc))
             return False
         if ticket is None:
             self.has_slot = True
@@ -517,13 +683,13 @@ class SessionHandler:
         )
         moved = asyncio.Event()
         self.server.load_listeners.append(moved.set)
-        closed = asyncio.ensure_future(self.ws.wait_closed())
+        closed = asyncio.ensure_future(ws.wait_closed())
         told = 0
         try:
             while not ticket.done():
                 position = self.server.position(ticket)
                 if position != told:
-                    await self.ws.send(self.protocol.send(Queued(position)))
+                    await ws.send(self.protocol.send(Queued(position)))
                     told = position
                 moved.clear()
                 changed = asyncio.ensure_future(moved.wait())
@@ -538,7 +704,7 @@ class SessionHandler:
                 self.server.leave_queue(ticket)
         if ticket.done() and not ticket.cancelled():
             self.has_slot = True
-            if closed.done() or self.ws.close_code is not None:
+            if closed.done() or ws.close_code is not None:
                 return False  # admitted just as the client left; _close gives the slot back
             logger.info("session %s left the queue", self.log_id)
             return True
@@ -549,12 +715,12 @@ class SessionHandler:
             self.cell_task is None or self.cell_task.done()
         )
 
-    async def _next_frame(self) -> str | bytes | None:
+    async def _next_frame(self, ws: Connection) -> str | bytes | None:
         """The next frame; None once the session has stayed idle past --idle-timeout."""
         limit = self.server.settings.idle_timeout
         if limit is None:
-            return await self.ws.recv()
-        receiving = asyncio.ensure_future(self.ws.recv())
+            return await ws.recv()
+        receiving = asyncio.ensure_future(ws.recv())
         while True:
             # Look again at least every second: a running cell may end meanwhile.
             wait = min(1.0, max(0.0, limit - (time.monotonic() - self.last_activity)))
@@ -570,17 +736,18 @@ class SessionHandler:
                     await receiving
                 return None
 
-    async def _serve_cells(self) -> None:
+    async def _serve_cells(self, ws: Connection) -> bool:
+        """Serve cells on ``ws``; True once the session should end (raise when ``ws`` closes)."""
         while True:
-            frame = await self._next_frame()
+            frame = await self._next_frame(ws)
             if frame is None:
                 logger.info(
                     "session %s: idle for %g s (--idle-timeout); ending it",
                     self.log_id,
                     self.server.settings.idle_timeout,
                 )
-                await self.ws.close(1000, IDLE_CLOSE_REASON)
-                return
+                await ws.close(1000, IDLE_CLOSE_REASON)
+                return True
             if isinstance(frame, bytes):
                 assert self.upload is not None
                 for chunk in self.protocol.receive_binary(frame):
@@ -591,8 +758,11 @@ class SessionHandler:
             message = self.protocol.receive(frame)
             if isinstance(message, Execute):
                 assert self.kernel is not None
-                if not await self._within_size_limit(message):
-                    return
+                if not await self._within_size_limit(ws, message):
+                    return True
+                self._forget_finished()  # the client has the last result: a new cell starts
+                self.cell_id, self.last_cell = message.cell, _first_line(message.code)
+                self.outputs.reset()
                 self.upload = Upload(message, self.kernel.exchange, self.cache)
                 self.interrupted = False
                 if self.protocol.state is State.RUNNING:
@@ -600,7 +770,7 @@ class SessionHandler:
             elif isinstance(message, Interrupt):
                 await self._interrupt()
 
-    async def _within_size_limit(self, request: Execute) -> bool:
+    async def _within_size_limit(self, ws: Connection, request: Execute) -> bool:
         """Refuse (and end the session) a cell declaring more bytes than --max-message-size."""
         limit = self.server.settings.max_message_size
         size = sum(v.nbytes for v in request.values if not v.cached)
@@ -613,7 +783,7 @@ class SessionHandler:
             limit,
         )
         await refuse(
-            self.ws,
+            ws,
             ErrorCode.BAD_REQUEST,
             f"The cell declares {format_size(size)} of values; this runner accepts at most "
             f"{format_size(limit)} per cell (--max-message-size). Nothing was allocated.",
@@ -648,11 +818,12 @@ class SessionHandler:
             pass
         except Exception:
             logger.exception("session %s: cell failed inside the runner", self.log_id)
-            await refuse(
-                self.ws,
-                ErrorCode.INTERNAL,
-                "Internal runner error; the runner's log has the details.",
-            )
+            if self.ws is not None:
+                await refuse(
+                    self.ws,
+                    ErrorCode.INTERNAL,
+                    "Internal runner error; the runner's log has the details.",
+                )
 
     async def _run_cell_inner(self, request: Execute, values: list[dict[str, Any]]) -> None:
         assert self.kernel is not None
@@ -675,9 +846,13 @@ class SessionHandler:
 
         def forward(msg_type: str, content: dict[str, Any]) -> None:
             nonlocal sent
+            output = Output(request.cell, msg_type, content)
+            if self.ws is None:  # kept for a reattach; beyond --max-output the oldest go
+                self.outputs.add(encode(output))
+                return
             if sent > limit:
                 return  # cut: the cell goes on, its further output is dropped
-            text = self.protocol.send(Output(request.cell, msg_type, content))
+            text = self.protocol.send(output)
             sent += len(text)
             if sent > limit:
                 logger.info("session %s: output cut at --max-output", self.log_id)
@@ -692,6 +867,7 @@ class SessionHandler:
                         },
                     )
                 )
+            self.outputs.add(text)
             self.outbox.put_nowait(text)
 
         if self.interrupted:  # interrupted while its values were still arriving
@@ -731,18 +907,47 @@ class SessionHandler:
         result = Result(
             request.cell, status, tuple(values), tuple(deleted), failures, outcome.error
         )
-        await self.ws.send(self.protocol.send(result))
-        try:
-            if values:
-                view = serialize.map_file(out_path)
-                parts = [
-                    serialize.slice_parts(view, offset, v.sizes)
-                    for offset, v in zip(offsets, values, strict=True)
-                ]
-                for frame in self.protocol.frames(parts):
-                    await self.ws.send(frame)
-        finally:
-            out_path.unlink(missing_ok=True)
+        self.finished = _Finished(result, offsets, out_path)
+        await self._deliver()
+
+    async def _deliver_safely(self) -> None:
+        """:meth:`_deliver` as a task of its own (after a reattach)."""
+        with contextlib.suppress(ConnectionClosed):
+            await self._deliver()
+
+    async def _deliver(self) -> None:
+        """Send the finished cell's result and values, on the attached connection.
+
+        Without one, or if it drops meanwhile, the result waits for a reattach.
+        """
+        async with self._delivering:
+            while (finished := self.finished) is not None and not finished.delivered:
+                ws, protocol = self.ws, self.protocol
+                if ws is None:
+                    return
+                try:
+                    await self.outbox.join()  # every output leaves before the result
+                    if self.ws is not ws:
+                        continue
+                    result = finished.result
+                    await ws.send(protocol.send(result))
+                    if result.values:
+                        view = serialize.map_file(finished.path)
+                        parts = [
+                            serialize.slice_parts(view, offset, v.sizes)
+                            for offset, v in zip(finished.offsets, result.values, strict=True)
+                        ]
+                        for frame in protocol.frames(parts):
+                            await ws.send(frame)
+                    finished.delivered = True
+                except ConnectionClosed:
+                    if self.ws is ws:
+                        return  # lost: kept, and delivered again on reattach
+
+    def _forget_finished(self) -> None:
+        if self.finished is not None:
+            self.finished.path.unlink(missing_ok=True)
+            self.finished = None
 
     def _collect(
         self, exchange: Path
@@ -763,7 +968,14 @@ class SessionHandler:
         self.kernel = await self.server.pool.take()
         logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
 
-    async def _close(self) -> None:
+    async def _close(self, why: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.registry.remove(self, why)
+        if self.grace is not None:
+            self.grace.cancel()
+        self.ws = None
         if self.writer is not None:
             self.writer.cancel()
         if self.cell_task is not None and not self.cell_task.done():
@@ -774,6 +986,7 @@ class SessionHandler:
                 await self.cell_task
         if self.upload is not None:
             self.upload.close(keep=False)
+        self._forget_finished()
         self.cache.clear()
         if self.has_slot:  # the client is gone: the next session may start while this
             self.has_slot = False  # kernel shuts down
@@ -782,6 +995,16 @@ class SessionHandler:
             await self.kernel.shutdown()
             self.server.collect_garbage_soon()
             logger.info("session %s closed", self.log_id)
+
+
+def _first_line(code: str) -> str:
+    """The first non-blank line of a cell, shortened (what %runners sessions shows)."""
+    line = next((s.strip() for s in code.splitlines() if s.strip()), "")
+    return line if len(line) <= 60 else line[:59] + "…"
+
+
+def _check_versions(protocol: int, python: str, cloudpickle: str) -> None:
+    check_compatible(protocol=protocol, python=python, cloudpickle=cloudpickle, side="client")
 
 
 class _Busy(Exception):

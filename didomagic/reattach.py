@@ -1,0 +1,237 @@
+"""Remote sessions that outlive a connection or the notebook's kernel, from the magics.
+
+``%runners sessions`` lists the sessions this user holds on the configured
+runners and mediators (and on any runner a ticket names); ``%remote attach
+ID`` takes one back so that the next cells run in its namespace, ``%remote
+detach`` lets go of one without ending it, and ``%remote close ID`` ends one.
+``%%remote --session ID`` runs one cell in a held session.
+
+The line form of ``%remote`` dispatches on its first word through
+:data:`COMMANDS`; :func:`command` adds one.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from didomagic import display, tickets
+from didomagic.client import list_sessions
+from didomagic.config import client_secret
+from didomagic.errors import ConnectError
+from didomagic.loop import background_loop
+from didomagic.pool import SessionPool, default_pool
+from didomagic.protocol import CLIENT_HEADER, Output
+from didomagic.session import RemoteSession
+from didomagic.urls import ConnectionURL
+
+REMOTE_USAGE = """\
+%%remote [options]      run the cell on a runner (%%remote? lists the options)
+%remote attach ID       take a held session back: the next cells run in its namespace
+%remote detach [ID]     let go of a session (the current one) without ending it
+%remote close ID        end a held session now; its remote state is gone
+%runners sessions       the sessions this user holds: runner, age, last cell, state"""
+
+Command = Callable[[list[str], MutableMapping[str, Any]], Any]
+
+COMMANDS: dict[str, Command] = {}
+"""The ``%remote`` line commands by name."""
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    """Register a ``%remote NAME ...`` line command."""
+
+    def register(function: Command) -> Command:
+        COMMANDS[name] = function
+        return function
+
+    return register
+
+
+def line_command(line: str, namespace: MutableMapping[str, Any]) -> Any:
+    """Run one ``%remote`` line command (``attach ID``, ``detach``, ``close ID``, ...)."""
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"%remote: {exc}\n{REMOTE_USAGE}") from None
+    if not words or words[0] in ("help", "-h", "--help"):
+        print(REMOTE_USAGE)
+        return None
+    handler = COMMANDS.get(words[0])
+    if handler is None:
+        raise UsageError(f"%remote: unknown command {words[0]!r}.\n{REMOTE_USAGE}")
+    return handler(words[1:], namespace)
+
+
+def _one_id(words: list[str], what: str) -> str:
+    if len(words) != 1:
+        raise UsageError(f"%remote {what} needs one session id (see %runners sessions).")
+    return words[0]
+
+
+@command("attach")
+def attach(words: list[str], namespace: MutableMapping[str, Any]) -> Any:
+    """``%remote attach ID``: take the session back; a cell it ran meanwhile delivers here."""
+    from didomagic.api import apply_values, raise_for_status, report_failures
+    from didomagic.progress import make_progress
+
+    ticket = tickets.find(_one_id(words, "attach"))
+    session = default_pool().adopt(ticket)
+    shown: list[display.RemoteResult] = []
+
+    def on_output(output: Output) -> None:
+        result = display.show(output)
+        if result is not None:
+            shown.append(result)
+
+    outcome = session.resume(on_output, make_progress())
+    print(
+        f"didomagic: attached session {ticket.session} on runner {session.runner_name}; "
+        "cells without --runner or --tags run there now."
+    )
+    if outcome is None:
+        return None
+    result, buffers = outcome
+    returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
+    failures = dict(result.failures)
+    failures.update(apply_values(namespace, returned, result.deleted, session.url.safe_results))
+    report_failures(failures, "synced")
+    raise_for_status(result, session.runner_name)
+    return shown[-1] if shown else None
+
+
+@command("detach")
+def detach(words: list[str], namespace: MutableMapping[str, Any]) -> None:
+    """``%remote detach [ID]``: let go of a session; it waits on its runner for its grace."""
+    pool = default_pool()
+    if len(words) > 1:
+        raise UsageError("%remote detach takes at most one session id.")
+    session = pool.find(words[0]) if words else (pool.attached or pool.last)
+    if session is None or not session.session_id:
+        raise UsageError(
+            "%remote detach: this notebook holds no such session (see %runners sessions)."
+        )
+    grace = session.description.get("session_grace")
+    session_id, runner = session.session_id, session.runner_name
+    session.detach()
+    pool.forget(session)
+    print(
+        f"didomagic: detached session {session_id}; runner {runner} keeps it"
+        + (f" for {float(grace):g} s (--session-grace)" if grace else "")
+        + f". %remote attach {session_id} takes it back."
+    )
+
+
+@command("close")
+def close(words: list[str], namespace: MutableMapping[str, Any]) -> None:
+    """``%remote close ID``: end a held session now (its remote state is gone)."""
+    session_id = _one_id(words, "close")
+    pool = default_pool()
+    session = pool.find(session_id)
+    if session is None:
+        ticket = tickets.find(session_id)
+        session = RemoteSession(ConnectionURL.parse(ticket.url), ticket=ticket)
+    session_id, runner = session.session_id, session.runner_name
+    session.close()
+    pool.forget(session)
+    print(f"didomagic: closed session {session_id} on runner {runner}; its remote state is gone.")
+
+
+def session_for(session_id: str, pool: SessionPool | None = None) -> RemoteSession:
+    """The session ``%%remote --session ID`` runs its cell in (taken back on first use)."""
+    pool = pool or default_pool()
+    held = pool.find(session_id)
+    if held is not None:
+        return held
+    ticket = tickets.find(session_id)
+    existing = pool.find(ticket.session)
+    return existing or pool.hold(ticket)
+
+
+def held_sessions(pool: SessionPool | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The sessions this user holds on every configured runner and mediator (and ticket's).
+
+    Returns them (each with ``via``, the name it was found through, and
+    ``ticket``, whether this user's ticket file has it) and the places that
+    could not be asked.
+    """
+    pool = pool or default_pool()
+    places: dict[str, tuple[str, ConnectionURL]] = {}
+    for entry in pool.entries():
+        places.setdefault(entry.url.address, (entry.name, entry.url))
+    held = tickets.load()
+    for ticket in held:
+        url = ConnectionURL.parse(ticket.url)
+        places.setdefault(url.address, (ticket.runner, url))
+    headers = {CLIENT_HEADER: client_secret()}
+
+    async def ask_all() -> list[tuple[str, tuple[dict[str, Any], ...] | ConnectError]]:
+        import asyncio
+
+        async def ask(name: str, url: ConnectionURL) -> Any:
+            try:
+                return name, await list_sessions(url, headers)
+            except ConnectError as exc:
+                return name, exc
+
+        return list(await asyncio.gather(*(ask(n, u) for n, u in places.values())))
+
+    answers = background_loop().run(ask_all())
+    ours = {t.session for t in held}
+    rows: dict[str, dict[str, Any]] = {}
+    failed = []
+    for name, answer in answers:
+        if isinstance(answer, ConnectError):
+            failed.append(f"{name} ({str(answer).split('. ')[0]})")
+            continue
+        for item in answer:
+            rows.setdefault(
+                str(item.get("id")), {**item, "via": name, "ticket": item.get("id") in ours}
+            )
+    return list(rows.values()), failed
+
+
+def text_table(rows: list[dict[str, Any]]) -> str:
+    """The sessions as a plain-text table."""
+    if not rows:
+        return "didomagic: this user holds no remote sessions on the configured runners."
+    header = ("ID", "RUNNER", "AGE", "STATE", "LAST CELL")
+    lines = [header]
+    for row in sorted(rows, key=lambda r: float(r.get("opened") or 0)):
+        state = str(row.get("state", "?")) + ("" if row.get("attached") else ", detached")
+        if not row.get("ticket"):
+            state += ", no ticket here"
+        lines.append(
+            (
+                str(row.get("id")),
+                str(row.get("runner", row.get("via"))),
+                _age(float(row.get("age") or 0)),
+                state,
+                str(row.get("last_cell") or ""),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def show_sessions() -> None:
+    """``%runners sessions``: print the table (and the places that did not answer)."""
+    rows, failed = held_sessions()
+    print(text_table(rows))
+    if failed:
+        print("didomagic: could not ask " + "; ".join(failed), file=sys.stderr)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
