@@ -6,6 +6,7 @@ Also the runner list's administration (:func:`add_runner`, :func:`remove_runner`
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
@@ -252,10 +253,16 @@ _pool: SessionPool | None = None
 
 
 def default_pool() -> SessionPool:
-    """The process-wide :class:`SessionPool` the magics use."""
+    """The process-wide :class:`SessionPool` the magics use.
+
+    It is closed when the process exits normally (a kernel shut down on
+    purpose), which ends its remote sessions at once rather than leaving them
+    to wait out their grace period.
+    """
     global _pool
     if _pool is None:
         _pool = SessionPool()
+        atexit.register(_pool.close)
     return _pool
 
 

@@ -441,3 +441,94 @@ def test_a_runner_that_is_gone_ends_the_cell_with_connection_lost(runner_factory
     cell.finish()
     assert isinstance(cell.error, ConnectionLost)
     assert "it was stopped or restarted" in str(cell.error)
+
+
+class NotebookKernel:
+    """A real notebook kernel (ipykernel through jupyter_client) with its own didomagic config."""
+
+    def __init__(self, config: Path) -> None:
+        from jupyter_client import KernelManager
+
+        self.manager = KernelManager(kernel_name="python3")
+        env = {**os.environ, "DIDOMAGIC_CONFIG": str(config), "DIDOMAGIC_PROGRESS": "text"}
+        self.manager.start_kernel(env=env)
+        self.client = self._connect()
+
+    def _connect(self):  # type: ignore[no-untyped-def]
+        client = self.manager.client()
+        client.start_channels()
+        client.wait_for_ready(timeout=TIMEOUT)
+        return client
+
+    def run(self, code: str) -> str:
+        """Execute ``code``; return everything it showed (streams, results, errors)."""
+        shown: list[str] = []
+
+        def hook(message: dict) -> None:  # type: ignore[type-arg]
+            content = message["content"]
+            if message["msg_type"] == "stream":
+                shown.append(content["text"])
+            elif message["msg_type"] in ("execute_result", "display_data"):
+                shown.append(content["data"].get("text/plain", ""))
+            elif message["msg_type"] == "error":
+                shown.append(f"{content['ename']}: {content['evalue']}")
+
+        self.client.execute_interactive(code, output_hook=hook, timeout=2 * TIMEOUT)
+        return "".join(shown)
+
+    def kill_and_restart(self) -> None:
+        """Kill the kernel process (no goodbye to anyone) and start a fresh one."""
+        self.client.stop_channels()
+        self.manager.restart_kernel(now=True)
+        self.client = self._connect()
+
+    def shutdown(self) -> None:
+        """Shut the kernel down on purpose."""
+        self.client.stop_channels()
+        self.manager.shutdown_kernel()
+
+
+def test_a_restarted_notebook_kernel_reattaches_with_remote_attach(runner_factory, tmp_path):
+    runner = runner_factory("--session-grace", "120")
+    config = tmp_path / "notebook-config" / "config.json"
+    kernel = NotebookKernel(config)
+    try:
+        kernel.run("%load_ext didomagic")
+        shown = kernel.run(f"%%remote --runner {runner.url}\nx = 41\nprint('remote x is set')")
+        assert "remote x is set" in shown, shown
+        held = json.loads(config.with_name("sessions.json").read_text())["sessions"]
+        assert (
+            len(held) == 1
+            and stat.S_IMODE(config.with_name("sessions.json").stat().st_mode) == 0o600
+        )
+        session_id = held[0]["session"]
+        was_kept = kept(runner)
+        kernel.kill_and_restart()
+        wait_until(was_kept, "the runner to keep the session of the killed kernel")
+        kernel.run("%load_ext didomagic")
+        listing = kernel.run("%runners sessions")
+        row = next(line for line in listing.splitlines() if session_id in line)
+        assert "idle, detached" in row and "x = 41" in row and " r " in row, listing
+        shown = kernel.run(f"%remote attach {session_id}")
+        assert f"attached session {session_id}" in shown, shown
+        assert "42" in kernel.run("%%remote\ny = x + 1\nprint(y)")  # the same remote namespace
+        assert "43" in kernel.run("print(y + 1)")  # and y came back to the notebook
+        assert "detached session" in kernel.run("%remote detach")
+        assert "41" in kernel.run(f"%%remote --session {session_id}\nprint(x)")
+        shown = kernel.run(f"%remote close {session_id}")
+        assert f"closed session {session_id}" in shown, shown
+        wait_until(lambda: session_id.split(".")[1][:6] + " closed" in runner.log, "the end")
+        assert session_id not in kernel.run("%runners sessions")
+        assert "unknown command 'bogus'" in kernel.run("%remote bogus")
+    finally:
+        kernel.shutdown()
+
+
+def test_a_kernel_shut_down_on_purpose_ends_its_sessions_at_once(runner_factory, tmp_path):
+    runner = runner_factory("--session-grace", "600", "--max-sessions", "1")
+    kernel = NotebookKernel(tmp_path / "config" / "config.json")
+    kernel.run("%load_ext didomagic")
+    assert "ok" in kernel.run(f"%%remote --runner {runner.url}\nprint('ok')")
+    kernel.shutdown()
+    wait_until(lambda: " closed" in runner.log, "the runner to end the session")
+    assert "connection lost; kept" not in runner.log
