@@ -218,6 +218,8 @@ class RunnerServer:
         self._machine: dict[str, Any] = {}
         self._measuring: asyncio.Task[None] | None = None
         self._gc_pending: asyncio.TimerHandle | None = None
+        self.stopping = False
+        """Set by :meth:`stop`: sessions end with their connections, none is kept."""
 
     def machine(self) -> dict[str, Any]:
         """The machine's description, as last measured (see :meth:`_measure`)."""
@@ -345,6 +347,7 @@ class RunnerServer:
 
     async def stop(self) -> None:
         """Stop accepting, end every session, shut every kernel down."""
+        self.stopping = True
         if self._measuring is not None:
             self._measuring.cancel()
         if self.jobs is not None:
@@ -352,6 +355,8 @@ class RunnerServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        kept = [s for s in self.registry.open.values() if isinstance(s, SessionHandler)]
+        await asyncio.gather(*(s.close("the runner stopped") for s in kept), return_exceptions=True)
         await self.pool.close()
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -589,10 +594,20 @@ class SessionHandler:
             )
         finally:
             if self.ws is ws:  # (not taken over by a newer connection meanwhile)
-                if end or not self.has_slot or self.server.settings.session_grace <= 0:
-                    await self._close("it was closed")
+                if end or not self._keepable():
+                    await self.close("it was closed")
                 else:
                     self._keep()
+
+    def _keepable(self) -> bool:
+        """Whether a lost connection leaves this session kept (it has a client to come back)."""
+        server = self.server
+        return bool(
+            self.has_slot
+            and self.owner
+            and server.settings.session_grace > 0
+            and not server.stopping
+        )
 
     def _detach(self) -> None:
         """Let go of the connection: queued outputs stay only in the log, an upload is void."""
@@ -617,7 +632,7 @@ class SessionHandler:
         grace = self.server.settings.session_grace
         logger.info("session %s: no client came back within %g s; ending it", self.log_id, grace)
         why = f"no client reattached within its grace period, --session-grace {grace:g} s"
-        self.server.keep_task(self._close(why))
+        self.server.keep_task(self.close(why))
 
     async def _write_outbox(self) -> None:
         """Send queued outputs in order, so a slow client never blocks the kernel."""
@@ -657,7 +672,7 @@ class SessionHandler:
                     cloudpickle=cloudpickle_version(),
                     session=self.id,
                     runner=self.server.describe(),
-                    ticket=self.ticket,
+                    ticket=self.ticket if self._keepable() else "",
                 )
             )
         )
@@ -968,7 +983,8 @@ class SessionHandler:
         self.kernel = await self.server.pool.take()
         logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
 
-    async def _close(self, why: str) -> None:
+    async def close(self, why: str) -> None:
+        """End the session now: its cell, kernel, values and slot go (``why`` is recorded)."""
         if self.closed:
             return
         self.closed = True
