@@ -63,7 +63,7 @@ from typing import Any, ClassVar
 
 from didomagic.errors import ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Bumped on any change that an older peer could misread."""
 
 CLIENT_HEADER = "X-Didomagic-Client"

@@ -532,3 +532,39 @@ def test_a_kernel_shut_down_on_purpose_ends_its_sessions_at_once(runner_factory,
     kernel.shutdown()
     wait_until(lambda: " closed" in runner.log, "the runner to end the session")
     assert "connection lost; kept" not in runner.log
+
+
+def test_output_beyond_max_output_while_disconnected_drops_the_oldest_with_a_note(
+    runner_factory, forwarders, tmp_path
+):
+    runner = runner_factory("--session-grace", "60", "--max-output", "4000")
+    forwarder = forward(forwarders, runner.url)
+    session = RemoteSession(forwarder.url)
+    first, cue1 = waiting_cell(tmp_path, "cue1")
+    second, cue2 = waiting_cell(tmp_path, "cue2")
+    wrote = tmp_path / "wrote"
+    code = (
+        "print('start', flush=True)\n"
+        + first
+        + "for i in range(300):\n    print(f'line {i}', flush=True)\n"
+        + f"pathlib.Path({str(wrote)!r}).touch()\n"
+        + second
+        + "print('end', flush=True)\n"
+    )
+    cell = Cell(session, code)
+    cell.wait_for("start")
+    was_kept = kept(runner)
+    forwarder.cut()
+    wait_until(was_kept, "the runner to keep the session")
+    cue1.touch()
+    wait_until(wrote.exists, "the cell to print while disconnected")
+    forwarder.restore()
+    cell.wait_for("line 299")
+    cue2.touch()
+    cell.finish()
+    assert cell.error is None, cell.error
+    text = cell.text
+    assert "line 0\n" not in text  # the oldest went, the newest stayed
+    assert "outputs printed while disconnected were dropped" in text
+    assert text.index("dropped") < text.index("line 299") < text.index("end")
+    session.close()
