@@ -194,6 +194,8 @@ class RunnerConnection:
         """Outputs of the running cell received so far."""
         self.attached: Attached | None = None
         """The runner's answer, for a connection that took a kept session back."""
+        self.ended_by_runner = False
+        """Whether the runner closed the connection on purpose (code 1000): nothing to take back."""
 
     @property
     def runner_name(self) -> str:
@@ -286,6 +288,7 @@ class RunnerConnection:
             await self.ws.close(1002, "protocol error")
             raise
         except ConnectionClosed as exc:
+            self.ended_by_runner = exc.rcvd is not None and exc.rcvd.code == 1000
             raise ConnectionLost(
                 f"The connection to runner {self.runner_name} was lost while the cell was "
                 f"running ({exc})."

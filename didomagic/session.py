@@ -177,11 +177,13 @@ class RemoteSession:
         self._connection = None
         if isinstance(exc, SessionEnded):
             raise exc
+        if lost.ended_by_runner:
+            await self._drop_ticket()
         if self.ticket is None or self._grace() <= 0:
             raise ConnectionLost(
                 f"{exc} The cell may or may not have finished there, and the remote session's "
-                "state is gone (the runner keeps no session after its connection dropped: "
-                "--session-grace 0); the next cell opens a new session."
+                "state is gone (the runner ended the session, or keeps none after its "
+                "connection dropped: --session-grace 0); the next cell opens a new session."
             ) from None
         received = lost.received
         try:

@@ -131,14 +131,21 @@ class SessionRegistry:
             return session
         raise SessionGone(self._gone(session_id, ticket, owner))
 
-    def _gone(self, session_id: str, ticket: str, owner: str) -> str:
+    def gone(self, session_id: str) -> str:
+        """Why a session that just ended is gone (for its own client, who just proved it)."""
+        ended = self._ended.get(session_id)
+        return self._gone(session_id, "", ended.owner if ended else "", trusted=True)
+
+    def _gone(self, session_id: str, ticket: str, owner: str, trusted: bool = False) -> str:
         name = self.runner_name
         after = GONE[0].upper() + GONE[1:]
         ended = self._ended.get(session_id)
-        if (
-            ended is not None
-            and hmac.compare_digest(ended.ticket_digest, _digest(ticket))
-            and hmac.compare_digest(ended.owner, owner)
+        if ended is not None and (
+            trusted
+            or (
+                hmac.compare_digest(ended.ticket_digest, _digest(ticket))
+                and hmac.compare_digest(ended.owner, owner)
+            )
         ):
             when = clock(ended.when)
             return f"Runner {name}: session {session_id} ended at {when} ({ended.why}). {after}"

@@ -499,6 +499,8 @@ class SessionHandler:
         self._delivering = asyncio.Lock()
         self.grace: asyncio.TimerHandle | None = None
         self.closed = False
+        self.welcomed = False
+        """Set once the client has the welcome (and its ticket): only then is it kept."""
         self.writer: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         """When the session last received a frame or was busy with a cell."""
@@ -539,6 +541,9 @@ class SessionHandler:
         except VersionMismatch as exc:
             await refuse(ws, ErrorCode.VERSION, str(exc).replace("this side", "this runner"))
             return
+        if self.closed:
+            await refuse(ws, ErrorCode.NOT_FOUND, self.server.registry.gone(self.id))
+            return
         if self.grace is not None:
             self.grace.cancel()
             self.grace = None
@@ -549,8 +554,14 @@ class SessionHandler:
         cell = self._resumable(attach.cell)
         resume, _ = self.outputs.since(attach.received if attach.cell == cell else 0)
         attached = Attached(self.id, cell, resume if cell else 0, self.server.describe())
-        await ws.send(protocol.send(attached))
+        try:
+            await ws.send(protocol.send(attached))
+        except ConnectionClosed:
+            if self.ws is None and not self.closed:
+                self._keep()  # that connection went at once: wait for the next
+            raise
         self.ws, self.protocol, self.peer = ws, protocol, peer
+        self.last_activity = time.monotonic()
         if cell:
             # Output in RUNNING stays RUNNING: the replayed texts need no new validation.
             for text in self.outputs.since(resume)[1]:
@@ -672,10 +683,12 @@ class SessionHandler:
                     cloudpickle=cloudpickle_version(),
                     session=self.id,
                     runner=self.server.describe(),
-                    ticket=self.ticket if self._keepable() else "",
+                    ticket=self.ticket if self.owner and self.server.settings.session_grace else "",
                 )
             )
         )
+        self.welcomed = True
+        self.last_activity = time.monotonic()  # (taking a kernel may have taken a while)
         logger.info("session %s opened from %s (kernel %s)", self.log_id, self.peer, self.kernel.id)
         return await self._serve_cells(ws)
 

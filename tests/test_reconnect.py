@@ -150,7 +150,8 @@ class Cell:
     def wait_for(self, text: str) -> None:
         """Block until ``text`` has arrived among the outputs."""
         with self.arrived:
-            assert self.arrived.wait_for(lambda: text in self.text, TIMEOUT), self.text
+            arrived = self.arrived.wait_for(lambda: text in self.text, TIMEOUT)
+            assert arrived, (self.text[-300:], self.error, self.progress.getvalue())
 
     def finish(self) -> None:
         """Block until the cell's thread is done."""
@@ -559,12 +560,14 @@ def test_output_beyond_max_output_while_disconnected_drops_the_oldest_with_a_not
     cue1.touch()
     wait_until(wrote.exists, "the cell to print while disconnected")
     forwarder.restore()
-    cell.wait_for("line 299")
+    cell.wait_for("were dropped")
     cue2.touch()
     cell.finish()
     assert cell.error is None, cell.error
     text = cell.text
     assert "line 0\n" not in text  # the oldest went, the newest stayed
-    assert "outputs printed while disconnected were dropped" in text
-    assert text.index("dropped") < text.index("line 299") < text.index("end")
+    # Lines still on their way from the kernel at the reattach arrive live, and live output
+    # is cut at --max-output as always: either way nothing beyond the limit arrives.
+    assert "line 299" in text or "(--max-output) was cut here" in text
+    assert len(text) < 3 * 4000
     session.close()
