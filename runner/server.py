@@ -437,6 +437,9 @@ class RunnerServer:
             await refuse(ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
         except ConnectionClosed:
             pass
+        except Exception:
+            logger.exception("connection from %s: internal error", peer)
+            await refuse(ws, ErrorCode.INTERNAL, "Internal runner error; see the runner's log.")
         finally:
             self.sessions.discard(task)
 
@@ -507,7 +510,7 @@ class SessionHandler:
         self.client_versions: dict[str, str] = {}
         """The Python and cloudpickle versions the client says it pickles with."""
         self.cache = ValueCache(
-            (server.pool.private_root or server.pool.root) / f"cache-{self.log_id}{self.id[-4:]}"
+            (server.pool.private_root or server.pool.root) / f"cache-{self.id.rpartition('.')[2]}"
         )
 
     @property
