@@ -147,9 +147,7 @@ def session_for(session_id: str, pool: SessionPool | None = None) -> RemoteSessi
     held = pool.find(session_id)
     if held is not None:
         return held
-    ticket = tickets.find(session_id)
-    existing = pool.find(ticket.session)
-    return existing or pool.hold(ticket)
+    return pool.hold(tickets.find(session_id))
 
 
 def held_sessions(pool: SessionPool | None = None) -> tuple[list[dict[str, Any]], list[str]]:

@@ -287,7 +287,11 @@ class RemoteSession:
             old, self._connection = self._connection, None
             if old is not None and not old.closed:
                 await old.detach()
-            connection = await self._reattach(events, "", 0)
+            try:
+                connection = await self._reattach(events, "", 0)
+            except ConnectionLost:  # the session is gone
+                await self._drop_ticket()
+                raise
             self._connection = connection
             self._held.clear()  # (what it holds is not known here)
             cell = connection.attached.cell if connection.attached else ""
