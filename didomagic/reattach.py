@@ -154,13 +154,14 @@ def held_sessions(pool: SessionPool | None = None) -> tuple[list[dict[str, Any]]
     """The sessions this user holds on every configured runner and mediator (and ticket's).
 
     Returns them (each with ``via``, the name it was found through, and
-    ``ticket``, whether this user's ticket file has it) and the places that
-    could not be asked.
+    ``ticket``, whether this user's ticket file has it) and the configured
+    places that could not be asked.
     """
     pool = pool or default_pool()
     places: dict[str, tuple[str, ConnectionURL]] = {}
     for entry in pool.entries():
         places.setdefault(entry.url.address, (entry.name, entry.url))
+    configured = set(places)
     held = tickets.load()
     for ticket in held:
         url = ConnectionURL.parse(ticket.url)
@@ -174,7 +175,8 @@ def held_sessions(pool: SessionPool | None = None) -> tuple[list[dict[str, Any]]
             try:
                 return name, await list_sessions(url, headers)
             except ConnectError as exc:
-                return name, exc
+                # A runner known only from a ticket may be long gone (an embedded one).
+                return name, exc if url.address in configured else ()
 
         return list(await asyncio.gather(*(ask(n, u) for n, u in places.values())))
 

@@ -503,15 +503,28 @@ def test_a_restarted_notebook_kernel_reattaches_with_remote_attach(runner_factor
             and stat.S_IMODE(config.with_name("sessions.json").stat().st_mode) == 0o600
         )
         session_id = held[0]["session"]
+        # A long cell is running when the notebook's kernel is killed.
+        started, cue = tmp_path / "started", tmp_path / "cue"
+        wait, _ = waiting_cell(tmp_path, "cue")
+        kernel.client.execute(
+            f"%%remote --runner {runner.url}\n"
+            f"pathlib_started = __import__('pathlib').Path({str(started)!r})\n"
+            "pathlib_started.touch()\n" + wait + "z = x * 2\nprint('finished remotely')"
+        )
+        wait_until(started.exists, "the long cell to start")
         was_kept = kept(runner)
         kernel.kill_and_restart()
         wait_until(was_kept, "the runner to keep the session of the killed kernel")
         kernel.run("%load_ext didomagic")
         listing = kernel.run("%runners sessions")
         row = next(line for line in listing.splitlines() if session_id in line)
-        assert "idle, detached" in row and "x = 41" in row and " r " in row, listing
+        assert "running, detached" in row and "pathlib_started" in row and " r " in row, listing
+        cue.touch()  # it finishes while no notebook is there
+        wait_until(lambda: runner.log.count(" ok in ") >= 2, "the cell to finish on the runner")
         shown = kernel.run(f"%remote attach {session_id}")
         assert f"attached session {session_id}" in shown, shown
+        assert "finished remotely" in shown  # its output, and its values, arrive here
+        assert "82" in kernel.run("print(z)")
         assert "42" in kernel.run("%%remote\ny = x + 1\nprint(y)")  # the same remote namespace
         assert "43" in kernel.run("print(y + 1)")  # and y came back to the notebook
         assert "detached session" in kernel.run("%remote detach")
@@ -570,4 +583,31 @@ def test_output_beyond_max_output_while_disconnected_drops_the_oldest_with_a_not
     # is cut at --max-output as always: either way nothing beyond the limit arrives.
     assert "line 299" in text or "(--max-output) was cut here" in text
     assert len(text) < 3 * 4000
+    session.close()
+
+
+def test_a_reattached_cell_can_still_be_interrupted(runner_factory, forwarders, tmp_path):
+    runner = runner_factory("--session-grace", "60")
+    forwarder = forward(forwarders, runner.url)
+    session = RemoteSession(forwarder.url)
+    first, cue = waiting_cell(tmp_path, "cue")
+    forever, _ = waiting_cell(tmp_path, "never")
+    cell = Cell(
+        session, "print('up', flush=True)\n" + first + "print('away', flush=True)\n" + forever
+    )
+    cell.wait_for("up")
+    was_kept = kept(runner)
+    forwarder.cut()
+    wait_until(was_kept, "the runner to keep the session")
+    cue.touch()
+    assert forwarder.knocked.wait(TIMEOUT)
+    forwarder.restore()
+    cell.wait_for("away")  # replayed: the client is back in the cell
+    session.cancel()  # the stop button
+    cell.finish()
+    assert cell.error is None and cell.result is not None
+    assert cell.result.status.value == "interrupted"
+    after = Cell(session, "ok = 1", ("ok",))
+    after.finish()
+    assert after.values == {"ok": 1}
     session.close()
