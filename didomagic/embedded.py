@@ -56,6 +56,8 @@ class EmbeddedRunner:
             "--warm-kernels",
             "1",
             "--exit-on-stdin-eof",
+            "--session-grace",  # it stops with this kernel: no session to come back to
+            "0",
         ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
