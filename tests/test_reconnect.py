@@ -478,8 +478,16 @@ class NotebookKernel:
         return "".join(shown)
 
     def kill_and_restart(self) -> None:
-        """Kill the kernel process (no goodbye to anyone) and start a fresh one."""
+        """Kill the kernel process (no goodbye to anyone) and start a fresh one.
+
+        (A restart from Jupyter interrupts the kernel first, which interrupts a
+        running remote cell, as the stop button does; a dying kernel does not.)
+        """
         self.client.stop_channels()
+        provisioner = self.manager.provisioner
+        assert provisioner is not None and provisioner.pid is not None
+        os.kill(provisioner.pid, signal.SIGKILL)
+        wait_until(lambda: not self.manager.is_alive(), "the kernel to die")
         self.manager.restart_kernel(now=True)
         self.client = self._connect()
 
