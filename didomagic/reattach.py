@@ -110,7 +110,7 @@ def detach(words: list[str], namespace: MutableMapping[str, Any]) -> None:
     pool = default_pool()
     if len(words) > 1:
         raise UsageError("%remote detach takes at most one session id.")
-    session = pool.find(words[0]) if words else (pool.attached or pool.last)
+    session = pool.find(tickets.find(words[0]).session) if words else pool.attached or pool.last
     if session is None or not session.session_id:
         raise UsageError(
             "%remote detach: this notebook holds no such session (see %runners sessions)."
@@ -129,12 +129,11 @@ def detach(words: list[str], namespace: MutableMapping[str, Any]) -> None:
 @command("close")
 def close(words: list[str], namespace: MutableMapping[str, Any]) -> None:
     """``%remote close ID``: end a held session now (its remote state is gone)."""
-    session_id = _one_id(words, "close")
+    ticket = tickets.find(_one_id(words, "close"))
     pool = default_pool()
-    session = pool.find(session_id)
-    if session is None:
-        ticket = tickets.find(session_id)
-        session = RemoteSession(ConnectionURL.parse(ticket.url), ticket=ticket)
+    session = pool.find(ticket.session) or RemoteSession(
+        ConnectionURL.parse(ticket.url), ticket=ticket
+    )
     session_id, runner = session.session_id, session.runner_name
     session.close()
     pool.forget(session)
@@ -143,11 +142,7 @@ def close(words: list[str], namespace: MutableMapping[str, Any]) -> None:
 
 def session_for(session_id: str, pool: SessionPool | None = None) -> RemoteSession:
     """The session ``%%remote --session ID`` runs its cell in (taken back on first use)."""
-    pool = pool or default_pool()
-    held = pool.find(session_id)
-    if held is not None:
-        return held
-    return pool.hold(tickets.find(session_id))
+    return (pool or default_pool()).hold(tickets.find(session_id))
 
 
 def held_sessions(pool: SessionPool | None = None) -> tuple[list[dict[str, Any]], list[str]]:
