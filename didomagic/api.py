@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import replace
 from typing import Any
 
-from didomagic import display, serialize
-from didomagic.errors import CellTimeout, KernelDied, RemoteError
+from didomagic import display, files, packages, serialize
+from didomagic.errors import CellTimeout, KernelDied, PackageError, RemoteError
 from didomagic.namespace import transform_cell
 from didomagic.pool import (
     RUNNER_ENV,
@@ -60,6 +60,7 @@ __all__ = [
     "Transfer",
     "add_runner",
     "apply_values",
+    "cell_packages",
     "default_pool",
     "dispatch",
     "plan_transfer",
@@ -99,47 +100,74 @@ def run_cell(
     if local:
         return _run_local(pool.local, spec, namespace, transform, sent, transfer)
     session = session or pool.session(runner, spec.tags, spec.os)
+    safe = session.url.safe_results
+    sent.append(files.bundle_value(session.responder.state, spec.files, safe=safe))
+    versions = session.versions.of(namespace, sent)
     request = Execute(
         cell=secrets.token_hex(8),
         code=spec.code,
-        values=tuple(_header(p) for p in sent),
+        values=tuple(_header(p, versions.get(p.name, "")) for p in sent),
         fetch=tuple(transfer.fetch),
         deletes=tuple(transfer.deletes),
         timeout=spec.timeout,
+        packages=cell_packages(spec, sent, transform),
     )
     shown: list[display.RemoteResult] = []
 
     def on_output(output: Output) -> None:
-        result = display.show(output)
+        result = display.show(output, session.url.safe_results)
         if result is not None:
             shown.append(result)
 
     result, buffers = session.execute(
-        request, [p.parts for p in sent], on_output, progress or make_progress()
+        request, [p.parts for p in sent], on_output, progress or make_progress(), versions
     )
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
-    failures = dict(result.failures)
-    failures.update(apply_values(namespace, returned, result.deleted, session.url.safe_results))
+    returned = files.take_back(returned, session.responder.state, spec.files, safe=safe)
+    failures = packages.hint_failures(result.failures, session.runner_name)
+    unapplied = apply_values(namespace, returned, result.deleted, safe, transfer.expected())
+    session.versions.after_cell(namespace, returned, result.failures, unapplied, result.deleted)
+    failures.update(unapplied)
     report_failures(failures, "synced")
     raise_for_status(result, session.runner_name)
     return shown[-1] if shown else None
 
 
-def _header(packed: serialize.Packed) -> ValueHeader:
-    """A value's header, with a content digest when it is large enough to be worth caching."""
+def cell_packages(
+    spec: CellSpec, sent: list[serialize.Packed], transform: Callable[[str], str] = transform_cell
+) -> tuple[str, ...]:
+    """The requirements a cell sends: its ``pip`` and, with ``match``, what it uses."""
+    mode = spec.packages or packages.default_mode()
+    streams = (p.parts[0] for p in sent if p.parts)
+    return packages.requested(spec.pip, mode, spec.code, streams, transform)
+
+
+def _header(packed: serialize.Packed, digest: str = "") -> ValueHeader:
+    """A value's header, with a content digest when it is large enough to be worth caching.
+
+    ``digest``: the value's digest if already computed (its version).
+    """
     header = packed.header
     if packed.nbytes < CACHE_MIN:
         return header
-    return replace(header, digest=packed.digest())
+    return replace(header, digest=digest or packed.digest())
 
 
 def raise_for_status(result: Result, runner: str) -> None:
     """Raise the error that matches a cell's status (nothing for a cell that succeeded)."""
     error = result.error or {}
     if result.status is Status.ERROR:
-        raise RemoteError(
-            error.get("ename", "Error"), error.get("evalue", ""), error.get("traceback", []), runner
+        ename, evalue = error.get("ename", "Error"), error.get("evalue", "")
+        traceback = list(error.get("traceback", []))
+        if ename in PackageError.ENAMES:
+            raise PackageError(ename, evalue, traceback, runner)
+        hint = (
+            packages.missing_module_hint(evalue, runner) if ename == "ModuleNotFoundError" else None
         )
+        if hint is not None:
+            evalue = hint
+            traceback.append(f"didomagic: {hint}")
+        raise RemoteError(ename, evalue, traceback, runner)
     if result.status is Status.INTERRUPTED:
         raise KeyboardInterrupt(f"the cell was interrupted on runner {runner}")
     if result.status is Status.TIMEOUT:
@@ -159,7 +187,12 @@ def _run_local(
     outcome = session.execute(transform(spec.code), spec.code, sent, transfer)
     failures = dict(outcome.failures)
     failures.update(
-        apply_values(namespace, [(p.name, p.parts) for p in outcome.values], outcome.deleted)
+        apply_values(
+            namespace,
+            [(p.name, p.parts) for p in outcome.values],
+            outcome.deleted,
+            expected=transfer.expected(),
+        )
     )
     report_failures(failures, "synced")
     if outcome.error is not None:

@@ -42,6 +42,7 @@ from didomagic.errors import (
     RunnerBusy,
 )
 from didomagic.loop import background_loop
+from didomagic.packages import default_mode, requested
 from didomagic.progress import NoProgress, Progress, make_progress
 from didomagic.protocol import Execute, Output, Result, Submit
 
@@ -49,13 +50,16 @@ BUSY_WAIT = 30.0
 """Seconds a map's session waits for a busy runner while other sessions do the items."""
 
 
-def _request(values: Sequence[serialize.Packed], timeout: float | None) -> Execute:
+def _request(
+    values: Sequence[serialize.Packed], timeout: float | None, pip: Sequence[str] = ()
+) -> Execute:
     return Execute(
         cell=secrets.token_hex(8),
         code=CALL_CODE,
         values=tuple(p.header for p in values),
         fetch=(RESULT_NAME,),
         timeout=timeout,
+        packages=tuple(pip),
     )
 
 
@@ -80,8 +84,8 @@ def _outcome(
     return unwrap(values[RESULT_NAME], runner)
 
 
-def _show(output: Output) -> None:
-    display.show(output)
+def _show(output: Output, safe: bool = False) -> None:
+    display.show(output, safe)
 
 
 # --------------------------------------------------------------------------- run
@@ -96,6 +100,8 @@ def run(
     runner: str | None = None,
     timeout: float | None = None,
     pool: SessionPool | None = None,
+    pip: Sequence[str] = (),
+    packages: str = "",
     **kwargs: Any,
 ) -> Any:
     """Call ``fn(*args, **kwargs)`` on a runner and return its result.
@@ -103,11 +109,18 @@ def run(
     The runner is chosen as for ``%%remote``: ``runner`` (URL or name), else
     ``tags``/``os``, else the notebook's default. Output streams here; a remote
     exception is re-raised with the remote traceback attached as a note.
+    ``pip`` and ``packages="match"`` ask for packages as ``%%remote --pip`` and
+    ``--packages match`` do (the match looks at what the call's pickles need).
     """
     session = (pool or default_pool()).session(runner, tuple(tags), os)
     packed = pack_call(fn, args, kwargs)
+    mode = packages or default_mode()
+    pins = requested(pip, mode, "", (p.parts[0] for p in packed if p.parts))
     result, buffers = session.execute(
-        _request(packed, timeout), [p.parts for p in packed], _show, NoProgress()
+        _request(packed, timeout, pins),
+        [p.parts for p in packed],
+        lambda output: _show(output, session.url.safe_results),
+        NoProgress(),
     )
     return _outcome(result, buffers, session.runner_name, session.url.safe_results)
 
@@ -182,7 +195,7 @@ async def run_async(
     progress = NoProgress()
     try:
         while (event := await sink.queue.get()) is not None:
-            dispatch(event, _show, progress)
+            dispatch(event, lambda output: _show(output, session.url.safe_results), progress)
     except asyncio.CancelledError:
         session.cancel()
         raise
@@ -288,7 +301,7 @@ def map(
             if event is None:
                 break
             if event[0] == "output":
-                _show(event[1])
+                _show(event[1], any(w.session.url.safe_results for w in workers))
             elif event[0] == "item":
                 done += 1
                 failed += 0 if event[2] else 1

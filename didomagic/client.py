@@ -38,9 +38,12 @@ from didomagic.errors import (
     SessionEnded,
     VersionMismatch,
 )
+from didomagic.inbound import Inbound
 from didomagic.protocol import (
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
+    Answer,
+    Ask,
     Attach,
     Attached,
     Channel,
@@ -49,6 +52,7 @@ from didomagic.protocol import (
     Execute,
     Hello,
     Info,
+    Installing,
     Interrupt,
     ListSessions,
     Output,
@@ -61,11 +65,18 @@ from didomagic.protocol import (
     State,
     Welcome,
     cloudpickle_version,
+    expect,
     python_version,
 )
+from didomagic.resources import Responder
 from didomagic.urls import ConnectionURL
 
 logger = logging.getLogger("didomagic.client")
+
+NO_ANSWERS = Responder(
+    {}, "this connection answers no requests: a detached job carries its modules with it"
+)
+"""Refuses every ask: for connections with no notebook behind them (job holders)."""
 
 OPEN_TIMEOUT = 20.0
 """Seconds to reach a runner and complete both handshakes."""
@@ -196,6 +207,7 @@ class RunnerConnection:
         """The runner's answer, for a connection that took a kept session back."""
         self.ended_by_runner = False
         """Whether the runner closed the connection on purpose (code 1000): nothing to take back."""
+        self._answer_lock = asyncio.Lock()  # an answer's frames follow it, unbroken
 
     @property
     def runner_name(self) -> str:
@@ -213,14 +225,20 @@ class RunnerConnection:
         parts: Sequence[Sequence[memoryview]],
         on_output: Callable[[Output], None],
         on_transfer: Callable[[str, int, int], None] = lambda direction, done, total: None,
+        on_installing: Callable[[Installing], None] = lambda message: None,
+        responder: Responder = NO_ANSWERS,
     ) -> tuple[Result, list[list[bytearray]]]:
         """Run one cell: send it and its values, stream outputs, return the result and values.
 
         ``on_transfer(direction, done, total)`` follows the bytes of values
-        moving ("sending" or "receiving"), once per binary frame.
+        moving ("sending" or "receiving"), once per binary frame;
+        ``on_installing`` gets the runner's package installation progress. The
+        kernel's asks while the cell runs are answered by ``responder``.
         """
         await self.send_cell(request, parts, on_transfer)
-        return await self.receive_result(request.cell, on_output, on_transfer)
+        return await self.receive_result(
+            request.cell, on_output, on_transfer, on_installing, responder
+        )
 
     async def send_cell(
         self,
@@ -245,23 +263,25 @@ class RunnerConnection:
         cell: str,
         on_output: Callable[[Output], None],
         on_transfer: Callable[[str, int, int], None] = lambda direction, done, total: None,
+        on_installing: Callable[[Installing], None] = lambda message: None,
+        responder: Responder = NO_ANSWERS,
     ) -> tuple[Result, list[list[bytearray]]]:
-        """Stream the outputs of ``cell`` and return its result and values.
+        """Stream the outputs of ``cell``, answer its asks, return its result and values.
 
         :attr:`received` counts its outputs, so a reattach asks only for the rest.
         """
         self.running = cell
+        answering: set[asyncio.Task[None]] = set()
         try:
             async with self._translated():
                 result: Result | None = None
-                buffers: list[list[bytearray]] = []
+                inbound = Inbound()
                 received = expected = 0
                 while result is None or self.session.state is not State.IDLE:
                     frame = await self.ws.recv()
                     if isinstance(frame, bytes):
                         for chunk in self.session.receive_binary(frame):
-                            end = chunk.offset + chunk.data.nbytes
-                            buffers[chunk.value][chunk.part][chunk.offset : end] = chunk.data
+                            inbound.add(chunk)
                         received += len(frame)
                         on_transfer("receiving", received, expected)
                         continue
@@ -269,15 +289,23 @@ class RunnerConnection:
                     if isinstance(message, Output):
                         self.received += 1
                         on_output(message)
+                    elif isinstance(message, Installing):
+                        on_installing(message)
+                    elif isinstance(message, Ask):
+                        task = asyncio.create_task(self._answer(message, responder))
+                        answering.add(task)
+                        task.add_done_callback(answering.discard)
                     elif isinstance(message, Result):
                         result = message
-                        buffers = [[bytearray(n) for n in v.sizes] for v in message.values]
+                        inbound = Inbound(message.values)
                         expected = sum(v.nbytes for v in message.values)
                     elif isinstance(message, Error):
                         raise ProtocolError(f"the runner ended the session: {message.message}")
-                return result, buffers
+                return result, inbound.parts
         finally:
             self.running = None
+            for task in list(answering):
+                task.cancel()
 
     @contextlib.asynccontextmanager
     async def _translated(self) -> AsyncIterator[None]:
@@ -293,6 +321,24 @@ class RunnerConnection:
                 f"The connection to runner {self.runner_name} was lost while the cell was "
                 f"running ({exc})."
             ) from None
+
+    async def _answer(self, ask: Ask, responder: Responder) -> None:
+        """Answer one ask (the handler runs in a worker thread), then send its parts."""
+        reply = await asyncio.to_thread(responder.answer, ask)
+        parts = [memoryview(p).cast("B") for p in reply.parts]
+        answer = Answer(
+            ask.cell,
+            ask.id,
+            reply.status,
+            reply.message,
+            reply.meta,
+            tuple(p.nbytes for p in parts),
+        )
+        async with self._answer_lock:
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(self.session.send(answer))
+                for frame in self.session.frames([parts]):
+                    await self.ws.send(frame)
 
     async def interrupt(self) -> None:
         """Ask the runner to interrupt the running cell."""
@@ -398,14 +444,15 @@ ANY_RUNNER = Requirements()
 async def open_connection(
     url: ConnectionURL,
     requirements: Requirements = ANY_RUNNER,
-    on_queued: Callable[[int], None] = lambda position: None,
+    on_queued: Callable[[int, str], None] = lambda position, note: None,
     timeout: float = OPEN_TIMEOUT,
     headers: dict[str, str] | None = None,
 ) -> RunnerConnection:
     """Connect, authenticate and say hello; raise a :class:`ConnectError` subclass on failure.
 
     While the runner has no free slot and queues the session, ``on_queued``
-    gets each new queue position; the wait in a queue has no time limit.
+    gets each new queue position and note (a mediator's word on a runner it
+    launches for the session); the wait in a queue has no time limit.
     ``headers`` go with the websocket upgrade (the client identity, see
     :data:`~didomagic.protocol.CLIENT_HEADER`).
     """
@@ -417,7 +464,7 @@ async def handshake(
     ws: Any,
     url: ConnectionURL | None,
     requirements: Requirements = ANY_RUNNER,
-    on_queued: Callable[[int], None] = lambda position: None,
+    on_queued: Callable[[int, str], None] = lambda position, note: None,
     timeout: float = OPEN_TIMEOUT,
     channel: Channel = Channel.CELLS,
 ) -> RunnerConnection:
@@ -436,7 +483,7 @@ async def handshake(
         await ws.send(session.send(hello))
         reply = session.receive(await asyncio.wait_for(ws.recv(), timeout))
         while isinstance(reply, Queued):
-            on_queued(reply.position)
+            on_queued(reply.position, reply.note)
             reply = session.receive(await ws.recv())
     except (ConnectionClosed, TimeoutError) as exc:
         await ws.close()
@@ -449,7 +496,7 @@ async def handshake(
     if isinstance(reply, Error):
         await ws.close()
         raise refusal(reply)
-    assert isinstance(reply, Welcome)
+    reply = expect(reply, Welcome)
     logger.debug("session opened with runner %s", reply.runner.get("name"))
     return RunnerConnection(ws, session, reply, url)
 
@@ -536,7 +583,7 @@ async def query(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> tuple[Info
         await ws.close()
     if isinstance(reply, Error):
         raise refusal(reply)
-    assert isinstance(reply, Info)
+    reply = expect(reply, Info)
     return reply, latency
 
 

@@ -18,14 +18,15 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from didomagic import display, serialize
+from didomagic import display, files, localcode, serialize
 from didomagic.api import (
     CellSpec,
     SessionPool,
     apply_values,
+    cell_packages,
     default_pool,
     plan_transfer,
     raise_for_status,
@@ -39,8 +40,11 @@ from didomagic.errors import (
     ConnectError,
     DidomagicError,
     JobError,
+    ProtocolError,
     RunnerUnreachable,
 )
+from didomagic.filebundle import FileOptions
+from didomagic.inbound import Inbound
 from didomagic.loop import background_loop
 from didomagic.namespace import transform_cell
 from didomagic.protocol import (
@@ -58,6 +62,7 @@ from didomagic.protocol import (
     Result,
     State,
     Submit,
+    expect,
 )
 from didomagic.urls import ConnectionURL
 
@@ -86,8 +91,7 @@ async def _request(url: ConnectionURL, message: Any) -> JobList:
         await connection.close()
     if isinstance(reply, Error):
         raise _job_error(reply)
-    assert isinstance(reply, JobList)
-    return reply
+    return expect(reply, JobList)
 
 
 async def submit_async(
@@ -104,7 +108,9 @@ async def submit_async(
         await connection.close()
     if isinstance(reply, Error):
         raise _job_error(reply)
-    assert isinstance(reply, JobList) and reply.jobs
+    reply = expect(reply, JobList)
+    if len(reply.jobs) != 1:
+        raise ProtocolError(f"a submission was answered with {len(reply.jobs)} jobs, not one")
     return reply.jobs[0]
 
 
@@ -115,7 +121,10 @@ async def list_async(url: ConnectionURL, ids: Sequence[str] = ()) -> list[dict[s
 
 async def cancel_async(url: ConnectionURL, job_id: str) -> dict[str, Any]:
     """Cancel a job; return its record as it is now."""
-    return (await _request(url, CancelJob(job_id))).jobs[0]
+    jobs = (await _request(url, CancelJob(job_id))).jobs
+    if len(jobs) != 1:
+        raise ProtocolError(f"a cancellation was answered with {len(jobs)} jobs, not one")
+    return jobs[0]
 
 
 async def delete_async(url: ConnectionURL, job_id: str) -> None:
@@ -130,21 +139,19 @@ async def pull_async(url: ConnectionURL, job_id: str) -> tuple[JobData, list[lis
     try:
         await connection.ws.send(session.send(Pull(job_id)))
         data: JobData | None = None
-        buffers: list[list[bytearray]] = []
+        inbound = Inbound()
         while data is None or session.state is not State.IDLE:
             frame = await connection.ws.recv()
             if isinstance(frame, bytes):
                 for chunk in session.receive_binary(frame):
-                    end = chunk.offset + chunk.data.nbytes
-                    buffers[chunk.value][chunk.part][chunk.offset : end] = chunk.data
+                    inbound.add(chunk)
                 continue
             message = session.receive(frame)
             if isinstance(message, Error):
                 raise _job_error(message)
-            assert isinstance(message, JobData)
-            data = message
-            buffers = [[bytearray(n) for n in v.sizes] for v in message.values]
-        return data, buffers
+            data = expect(message, JobData)
+            inbound = Inbound(data.values)
+        return data, inbound.parts
     finally:
         await connection.close()
 
@@ -300,6 +307,10 @@ def submit_request(
     """Send a submission, retrying once with the same request id if the connection drops."""
     name, url = holder
     parts = [p.parts for p in packed]
+    bundle = localcode.bundle_for(localcode.CodeState(), localcode.imports_of(request.code))
+    if bundle is not None:  # the job may run when this notebook is gone: its modules go now
+        request = replace(request, values=(bundle.header, *request.values))
+        parts = [bundle.parts, *parts]
     try:
         record = background_loop().run(submit_async(url, request, parts))
     except (RunnerUnreachable, ConnectError) as first:
@@ -328,6 +339,8 @@ def submit_cell(
     transfer = plan_transfer(spec, namespace, transform, hidden)
     packed, failures = serialize.pack_names(namespace, transfer.send)
     report_failures(failures, "sent")
+    # the job's files go with it: no notebook may be there to serve them when it runs
+    packed.append(files.bundle_value({}, spec.files, safe=holder[1].safe_results, lazy=False))
     request = Submit(
         request_id=secrets.token_urlsafe(16),
         code=spec.code,
@@ -339,6 +352,7 @@ def submit_cell(
         os=spec.os,
         retries=retries,
         timeout=spec.timeout,
+        packages=cell_packages(spec, packed, transform),
     )
     return submit_request(holder, request, packed)
 
@@ -354,12 +368,16 @@ def pull_into(
     data, buffers = handle.pull()
     shown = None
     for output in data.outputs:
-        result = display.show(Output(job_id, output["msg_type"], output["content"]))
+        result = display.show(
+            Output(job_id, output["msg_type"], output["content"]), handle.holder.safe_results
+        )
         if result is not None:
             shown = result
     failures = dict(data.failures)
     returned = [(v.name, parts) for v, parts in zip(data.values, buffers, strict=True)]
-    failures.update(apply_values(namespace, returned, data.deleted, handle.holder.safe_results))
+    safe = handle.holder.safe_results
+    returned = files.take_back(returned, None, FileOptions(), safe=safe)
+    failures.update(apply_values(namespace, returned, data.deleted, safe))
     report_failures(failures, "synced")
     result = Result(job_id, data.status, data.values, data.deleted, data.failures, data.error)
     raise_for_status(result, str(data.job.get("runner") or handle.holder_name))

@@ -33,7 +33,9 @@ class RunnerView:
     mediator: bool
     """True when the runner is reached through a mediator (``url`` is the mediator's)."""
     description: dict[str, Any]
-    """What the runner reported, plus ``status``, ``reason`` and ``latency`` (seconds)."""
+    """What the runner reported, plus ``status``, ``reason``, ``latency`` (seconds) and
+    ``identity``: how it was verified (by its mediator's credential check, or by the
+    certificate this client pinned)."""
 
     @property
     def name(self) -> str:
@@ -76,8 +78,16 @@ async def _survey_one(entry: Entry, timeout: float) -> list[RunnerView]:
         description.setdefault("status", "up")
         if not mediator:
             description.setdefault("name", entry.name)
+            description["identity"] = _pinned(entry.url)  # what this client verified itself
         views.append(RunnerView(entry.name, entry.url, mediator, description))
     return views
+
+
+def _pinned(url: ConnectionURL) -> str:
+    """How a runner reached directly proved who it is: the certificate this client pinned."""
+    if url.fingerprint is None:
+        return "certificate checked against the system CAs"
+    return f"pinned certificate {url.fingerprint[:16]}"
 
 
 async def survey_async(

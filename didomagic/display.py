@@ -7,6 +7,7 @@ from typing import Any
 
 from IPython.display import clear_output, publish_display_data
 
+from didomagic.inert import inert_bundle
 from didomagic.protocol import Output
 
 
@@ -27,9 +28,23 @@ class RemoteResult:
         return str(self.data.get("text/plain", "<remote result>"))
 
 
-def show(output: Output) -> RemoteResult | None:
-    """Show one remote output here; return it instead when it is the cell's result."""
+def show(output: Output, safe: bool = False) -> RemoteResult | None:
+    """Show one remote output here; return it instead when it is the cell's result.
+
+    ``safe`` (``--safe-results``): rich outputs keep only their inert MIME
+    types (see :mod:`didomagic.inert`); what was dropped is said in one line.
+    """
     content = output.content
+    if safe and output.msg_type in ("display_data", "update_display_data", "execute_result"):
+        data, dropped = inert_bundle(content.get("data") or {})
+        if dropped:
+            print(
+                f"didomagic: --safe-results dropped {', '.join(dropped)} from this output "
+                "(it could run code in the notebook's front end)",
+                file=sys.stderr,
+            )
+        metadata = {k: v for k, v in (content.get("metadata") or {}).items() if k in data}
+        content = {**content, "data": data, "metadata": metadata}
     if output.msg_type == "stream":
         stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
         stream.write(content.get("text", ""))

@@ -19,8 +19,11 @@ as that one paragraph, without the plumbing's traceback::
     ├── JobError                  a detached job cannot be found, pulled or submitted
     ├── RunnerStartError          the embedded runner did not start
     ├── ItemFailed                one call of map() failed; carries its index
+    ├── FileRefused               a path the notebook side will not serve (PermissionError)
+    ├── FilesTooLarge             files over a --files-limit (names the biggest)
     └── CellFailed                the cell ran but did not finish normally
         ├── RemoteError           the cell raised; carries the remote traceback
+        │   └── PackageError      the runner could not give the cell the packages it asked for
         ├── CellTimeout           --timeout expired; the cell was interrupted
         └── KernelDied            the runner's kernel died during the cell
 """
@@ -141,6 +144,29 @@ class RemoteError(CellFailed):
         return [*self.traceback, f"RemoteError: {self}"]
 
 
+class PackageError(RemoteError):
+    """The runner could not give the cell its packages; the cell did not run.
+
+    ``ename`` says why: ``PackageInstallError`` (the installer's own message
+    follows), ``PackageVersionConflict`` (the kernel already imported another
+    version: start a fresh session), ``InstallsDisabled`` (``--no-install``)
+    or ``PackageRequestError`` (a requirement the runner does not accept).
+    The session and its state are intact.
+    """
+
+    ENAMES = frozenset(
+        {"PackageInstallError", "PackageVersionConflict", "InstallsDisabled", "PackageRequestError"}
+    )
+
+    def __init__(self, ename: str, evalue: str, traceback: list[str], runner: str = "") -> None:
+        super().__init__(ename, evalue, traceback, runner)
+        where = f"runner {runner}" if runner else "the runner"
+        self.args = (f"{ename} on {where}, so the cell did not run: {evalue}",)
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"PackageError: {self}"]
+
+
 class CellTimeout(CellFailed):
     """The cell ran longer than its timeout and was interrupted."""
 
@@ -166,6 +192,14 @@ class ItemFailed(DidomagicError):
         self.cancelled = cancelled or []
         """Items stopped or never started because of the failure (``cancel_on_error``)."""
         super().__init__(f"map item {index} failed: {type(error).__name__}: {error}")
+
+
+class FileRefused(DidomagicError, PermissionError):
+    """A runner asked for a path the notebook side does not serve (outside the root, excluded)."""
+
+
+class FilesTooLarge(DidomagicError):
+    """The files a cell would send up front are over the size limit (the message names them)."""
 
 
 class JobError(DidomagicError):

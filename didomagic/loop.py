@@ -13,6 +13,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from didomagic.eventloops import loop_factory
+
 T = TypeVar("T")
 
 
@@ -20,7 +22,7 @@ class BackgroundLoop:
     """An event loop running forever on a daemon thread."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory()()
         self.thread = threading.Thread(
             target=self.loop.run_forever, daemon=True, name="didomagic-io"
         )

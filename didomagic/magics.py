@@ -1,20 +1,53 @@
-"""The ``%%remote`` cell magic and the ``%runners`` line magic: argument parsing over the API."""
+"""The ``%%remote`` cell magic, ``%remote on|off|attach|...``, ``%%local``, ``%runners``, ``%jobs``.
+
+Argument parsing over the API. The magics' defaults are traitlets on
+:class:`RemoteMagics`, settable in ``ipython_config.py`` or with
+``%config RemoteMagics.default_tags = ['gpu']``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Enum, Float, List, Unicode
 
-from didomagic import api
+from didomagic import api, linecommands, reattach
+from didomagic.autoremote import RemoteMode, run_here
+from didomagic.errors import ConfigurationError
+from didomagic.filebundle import DEFAULT_FILES_LIMIT, DEFAULT_RETURN_LIMIT, FileOptions
+from didomagic.files import parse_size
+from didomagic.linecommands import LineCall, command
+from didomagic.progress import make_progress
 
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def cell_pins(pip: list[str] | None, requirements: str | None) -> tuple[str, ...]:
+    """``--pip`` and ``--requirements`` as one tuple of requirement strings."""
+    from didomagic import packages
+
+    try:
+        pins = [packages.check_requirement(p) for p in pip or ()]
+        if requirements:
+            pins += packages.read_requirements(
+                requirements,
+                lambda option: print(
+                    f"didomagic: {requirements}: {option} skipped (runners install from "
+                    "their own index)",
+                    file=sys.stderr,
+                ),
+            )
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
+    return tuple(pins)
 
 
 RUNNERS_USAGE = """\
@@ -22,6 +55,8 @@ RUNNERS_USAGE = """\
 %runners add URL [--name NAME]    remember a runner's or mediator's connection URL
     [--client-cert F --client-key F]  present this certificate (runners with --client-ca)
     [--safe-results]                  accept only plain data back from this runner
+%runners add NAME --token T       add a runner %runners discover found, pinned to its fingerprint
+%runners discover [--timeout S]   runners and mediators that advertise on the local network
 %runners remove NAME              forget one
 %runners use NAME                 run cells without --runner/--tags there (this notebook)
 %runners use --clear              back to $DIDOMAGIC_RUNNER or the embedded runner
@@ -36,7 +71,7 @@ class _RunnersParser(argparse.ArgumentParser):
 
 def _runners_parser() -> argparse.ArgumentParser:
     parser = _RunnersParser(prog="%runners", add_help=False)
-    actions = ["list", "add", "remove", "use", "sessions"]
+    actions = ["list", "add", "remove", "use", "discover", "sessions"]
     parser.add_argument("action", nargs="?", default="list", choices=actions)
     parser.add_argument("target", nargs="?", default=None)
     parser.add_argument("--name", default=None)
@@ -45,12 +80,97 @@ def _runners_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-key", default=None)
     parser.add_argument("--safe-results", action="store_true")
     parser.add_argument("--text", action="store_true")
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--timeout", type=float, default=None)
     return parser
+
+
+@command(
+    "on", "%remote on [options]    run every following cell remotely, with these %%remote options"
+)
+def _remote_on(call: LineCall) -> None:
+    """``%remote on [options]``: every following cell runs remotely with those options."""
+    call.magics._parse(call.rest)  # a mistake is reported now, not at every cell
+    call.magics.mode.start(call.rest)
+    print(
+        "didomagic: remote mode on: every cell runs remotely"
+        + (f" with {call.rest.strip()}" if call.rest.strip() else "")
+        + " until %remote off (%%local runs one cell here)."
+    )
+
+
+@command("off", "%remote off             back to running cells here")
+def _remote_off(call: LineCall) -> None:
+    """``%remote off``: cells run here again."""
+    if call.words:
+        raise UsageError(f"%remote off takes nothing after it.\n{linecommands.usage()}")
+    was = call.magics.mode.on
+    call.magics.mode.stop()
+    print(
+        "didomagic: remote mode off: cells run here."
+        if was
+        else "didomagic: remote mode was not on."
+    )
 
 
 @magics_class
 class RemoteMagics(Magics):
-    """Magics that run notebook cells on didomagic runners."""
+    """Magics that run notebook cells on didomagic runners.
+
+    Defaults for every ``%%remote`` cell are the traits below (``%config
+    RemoteMagics`` lists them); a cell's own options win.
+    """
+
+    default_runner = Unicode(
+        "",
+        help="Runner (a connection URL or a configured name) for cells that name none "
+        "(no --runner, --tags or --os). '%runners use' overrides it for the notebook. "
+        "Empty: $DIDOMAGIC_RUNNER, else an embedded runner on this machine.",
+    ).tag(config=True)
+    default_tags = List(
+        Unicode(),
+        default_value=[],
+        help="Tags a runner must have, for cells that give no --runner, --tags or --os "
+        "(e.g. ['gpu']).",
+    ).tag(config=True)
+    default_os = Unicode(
+        "", help="OS a runner must run (linux, darwin, windows), for cells that give none."
+    ).tag(config=True)
+    timeout = Float(
+        None,
+        allow_none=True,
+        help="Seconds after which a remote cell is interrupted, for cells without --timeout "
+        "(None: no limit).",
+    ).tag(config=True)
+    progress = Enum(
+        ["auto", "widget", "text", "none"],
+        default_value="auto",
+        help="How a remote cell shows its progress: a widget row, a text line, nothing, or "
+        "auto (the widget where ipywidgets can show one, else text).",
+    ).tag(config=True)
+    sync = Bool(
+        True,
+        help="Send the values a cell reads and fetch the ones it binds automatically "
+        "(False: as --no-sync, only --push/--pull names travel).",
+    ).tag(config=True)
+    packages = Enum(
+        ["match", "none"],
+        default_value=None,
+        allow_none=True,
+        help="'match': every cell as --packages match (the notebook's versions of the "
+        "packages it uses go to the runner); 'none': never. None: $DIDOMAGIC_PACKAGES, "
+        "else none.",
+    ).tag(config=True)
+    safe_results = Bool(
+        False,
+        help="Runners added with '%runners add' accept only plain data back (as "
+        "--safe-results), unless the command says otherwise.",
+    ).tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.mode = RemoteMode(shell)
+        """The notebook-wide mode (``%remote on``)."""
 
     @magic_arguments()
     @argument(
@@ -89,11 +209,58 @@ class RemoteMagics(Magics):
         action="store_true",
         help="submit the cell as a job and return at once; %%jobs pull ID gets its results",
     )
+    @argument(
+        "--pip",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a package the runner's kernel must have, e.g. pandas==2.2.3 (repeatable); the "
+        "runner installs it into a cached environment if it lacks it",
+    )
+    @argument("--requirements", default=None, metavar="FILE", help="packages from this file")
+    @argument(
+        "--packages",
+        choices=["match", "none"],
+        default=None,
+        help="match: give the runner this notebook's versions of the packages the cell "
+        "imports and its values need (default: RemoteMagics.packages, else "
+        "$DIDOMAGIC_PACKAGES, else none)",
+    )
+    @argument(
+        "--new-session",
+        action="store_true",
+        help="end this notebook's session on the runner first: the cell starts in a fresh "
+        "kernel (remote state is lost)",
+    )
     @argument("--name", default="", help="a name for the --detach job")
     @argument(
         "--session",
         default=None,
         help="run in this held remote session (an id from %%runners sessions), taking it back",
+    )
+    @argument(
+        "--files",
+        type=_names,
+        default=(),
+        help="send these files up front (data.csv,images/*.png), for subprocesses and jobs",
+    )
+    @argument(
+        "--get",
+        type=_names,
+        default=(),
+        help="bring these files back from the runner whatever their size (out/*.bin)",
+    )
+    @argument(
+        "--files-limit",
+        type=parse_size,
+        default=DEFAULT_FILES_LIMIT,
+        help="the most one file served, or all --files, may hold (default 1G)",
+    )
+    @argument(
+        "--return-limit",
+        type=parse_size,
+        default=DEFAULT_RETURN_LIMIT,
+        help="files the cell writes come back by themselves up to this total (default 20M)",
     )
     @argument(
         "--retries",
@@ -106,14 +273,31 @@ class RemoteMagics(Magics):
         """Run this cell on a runner; the values it reads go there, the ones it binds come back.
 
         Output streams into the cell as it is produced; a remote exception fails
-        the cell with the remote traceback. As a line magic: ``%remote attach
-        ID``, ``%remote detach [ID]``, ``%remote close ID`` (``%remote help``).
+        the cell with the remote traceback. As a line magic: ``%remote on
+        [options]`` runs every following cell remotely, ``%remote off`` stops that;
+        ``%remote attach ID``, ``%remote detach [ID]`` and ``%remote close ID``
+        handle held sessions (``%remote help`` lists them all).
         """
-        from didomagic import reattach
-
         if cell is None:
-            return reattach.line_command(line, self.shell.user_ns)
-        args = parse_argstring(self.remote, line)
+            return linecommands.dispatch(line, self)
+        with self.mode.suspended():
+            return self._remote_cell(line, cell)
+
+    def _parse(self, line: str) -> Any:
+        try:
+            return parse_argstring(self.remote, line)
+        except UsageError as exc:
+            raise UsageError(f"%%remote: {exc}\n{linecommands.usage()}") from None
+
+    @cell_magic
+    def local(self, line: str, cell: str) -> Any:
+        """Run this cell here, in the notebook, while ``%remote on`` is in force."""
+        if line.strip():
+            raise UsageError("%%local takes no options")
+        return run_here(self.shell, cell)
+
+    def _remote_cell(self, line: str, cell: str) -> Any:
+        args = self._parse(line)
         if args.timeout is not None and not args.timeout > 0:
             raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         if args.runner and (args.tags or args.os):
@@ -124,19 +308,32 @@ class RemoteMagics(Magics):
             raise UsageError(f"--retries must be 0 or more, got {args.retries}")
         if args.detach and args.local:
             raise UsageError("--detach and --local do not go together")
-        if args.session and (args.runner or args.tags or args.os or args.local or args.detach):
+        if args.session and (
+            args.runner or args.tags or args.os or args.local or args.detach or args.new_session
+        ):
             raise UsageError(
-                "--session runs in a held session: no --runner/--tags/--os/--local/--detach"
+                "--session runs in a held session: no --runner/--tags/--os/--local/--detach/"
+                "--new-session"
             )
+        runner, tags, os = args.runner, args.tags, args.os
+        if not (runner or tags or os):  # the cell names nothing: the configured defaults
+            tags, os = tuple(self.default_tags), self.default_os
+            if not (tags or os) and self.default_runner and api.default_pool().default is None:
+                runner = self.default_runner
         spec = api.CellSpec(
             code=cell,
             push=args.push,
             pull=args.pull,
-            sync=not args.no_sync,
-            timeout=args.timeout,
-            tags=args.tags,
-            os=args.os,
+            sync=self.sync and not args.no_sync,
+            timeout=args.timeout if args.timeout is not None else self.timeout,
+            tags=tags,
+            os=os,
+            pip=cell_pins(args.pip, args.requirements),
+            packages=args.packages or self.packages or "",
+            files=FileOptions(args.files, args.get, args.files_limit, args.return_limit),
         )
+        if args.new_session and not args.local:
+            api.default_pool().session(runner, tags, os).close()
         if args.detach:
             from didomagic import detached as jobs
 
@@ -144,7 +341,7 @@ class RemoteMagics(Magics):
                 spec,
                 self.shell.user_ns,
                 name=args.name,
-                runner=args.runner,
+                runner=runner,
                 retries=args.retries,
                 transform=self.shell.transform_cell,
                 hidden=self.shell.user_ns_hidden,
@@ -159,10 +356,13 @@ class RemoteMagics(Magics):
         return api.run_cell(
             spec,
             self.shell.user_ns,
-            runner=args.runner,
+            runner=runner,
             local=args.local,
             transform=self.shell.transform_cell,
             hidden=self.shell.user_ns_hidden,
+            progress=None
+            if args.local
+            else make_progress(None if self.progress == "auto" else self.progress),
             session=reattach.session_for(args.session) if args.session else None,
         )
 
@@ -178,19 +378,30 @@ class RemoteMagics(Magics):
             raise UsageError(f"%runners: {exc}\n{RUNNERS_USAGE}") from None
         args = _runners_parser().parse_args(words)
         if args.action == "sessions":
-            from didomagic.reattach import show_sessions
+            reattach.show_sessions()
+            return None
+        if args.action == "discover":
+            from didomagic import lan
 
-            show_sessions()
+            found = lan.discover_and_remember(args.timeout or lan.DISCOVER_TIMEOUT)
+            print(lan.text_table(found, [e.url for e in api.default_pool().entries()]))
             return None
         if args.action == "add":
             if not args.target:
                 raise UsageError(f"%runners add needs a connection URL.\n{RUNNERS_USAGE}")
+            target = args.target
+            if "://" not in target and args.token is not None:  # a discovered one, by name
+                from didomagic import lan
+
+                found = lan.find(target, args.timeout or lan.DISCOVER_TIMEOUT)
+                target = str(lan.connection_url(found, args.token))
+                args.name = args.name or found.name
             entry = api.add_runner(
-                args.target,
+                target,
                 args.name,
                 client_cert=args.client_cert,
                 client_key=args.client_key,
-                safe_results=args.safe_results,
+                safe_results=args.safe_results or self.safe_results,
             )
             print(f"didomagic: added {entry.name} ({entry.url.address})")
             return None

@@ -1,13 +1,14 @@
 """Progress of a remote cell: a compact widget in a notebook, a few plain lines elsewhere.
 
 A :class:`Progress` is driven from the notebook's main thread with the cell's
-events: ``connecting``, ``queued`` (position k), the ``runner`` chosen,
-``sending`` / ``receiving`` bytes, ``running`` (``reconnecting`` attempt k
-when the connection dropped), and finally ``done`` or ``failed``.
-:class:`WidgetProgress` shows them as one ipywidgets row with a Cancel button;
-:class:`TextProgress` prints a line only for what is worth a line (a queue
-position, a large transfer, a cell still running after a few seconds and then
-its end), so quick cells print nothing. :func:`make_progress`
+events: ``connecting``, ``queued`` (position k, or a mediator's note on a
+runner it launches), the ``runner`` chosen, ``sending`` / ``receiving``
+bytes, ``running`` (``reconnecting`` attempt k when the connection dropped),
+and finally ``done`` or ``failed``. :class:`WidgetProgress` shows them as one
+ipywidgets row with a Cancel button; :class:`TextProgress` prints a line only
+for what is worth a line (a queue position or launch note, a large transfer, a
+cell still running after a few seconds and then its end), so quick cells print
+nothing. :func:`make_progress`
 picks one (``DIDOMAGIC_PROGRESS=widget|text|none`` overrides the choice).
 """
 
@@ -44,6 +45,11 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def packages_text(count: int) -> str:
+    """``1 package``, ``3 packages``."""
+    return f"{count} package" + ("" if count == 1 else "s")
+
+
 def runner_label(description: dict[str, Any]) -> str:
     """``name [tag,tag]`` for a runner description."""
     tags = ",".join(description.get("tags") or ())
@@ -65,6 +71,10 @@ class Progress:
         self.received = 0
         self.transfer_total = 0
         self.items: tuple[int, int, int] | None = None
+        self.install_count = 0
+        self.install_line = ""
+        self.install_started = 0.0
+        self.install_seconds = 0.0
         self.on_cancel: Callable[[], None] = lambda: None
 
     @property
@@ -76,9 +86,16 @@ class Progress:
         """Opening a session with ``target``."""
         self._set("connecting", target)
 
-    def queued(self, position: int) -> None:
-        """Waiting in the runner's queue at ``position`` (1 is next)."""
-        self._set("queued", f"position {position}")
+    def queued(self, position: int, note: str = "") -> None:
+        """Waiting in the runner's queue at ``position`` (1 is next), or as ``note`` says.
+
+        A mediator launching a runner for the session sends a note instead of a
+        position ("launching a runner: Slurm job 12, pending (Resources)").
+        """
+        if note:
+            self._set("waiting", note)
+        else:
+            self._set("queued", f"position {position}")
 
     def chose(self, description: dict[str, Any]) -> None:
         """The session is open on this runner."""
@@ -98,6 +115,38 @@ class Progress:
             self._refresh(force=True)
         else:
             self._refresh()
+
+    def installing(self, count: int, line: str, done: bool = False) -> None:
+        """The runner installs ``count`` packages for the cell (0: still resolving).
+
+        ``line`` is the installer's latest output line; ``done``: they are in
+        place and the cell runs now.
+        """
+        if self.state != "installing" and not done:
+            self.install_started = time.monotonic()
+        self.install_count = max(self.install_count, count)
+        if done:
+            self.install_seconds = time.monotonic() - self.install_started
+            self._installed()
+            self._set("running", "")
+            return
+        listed = line.startswith(("+ ", "- "))  # one distribution of the installer's list
+        if line and not (listed and self.install_line):
+            self.install_line = line
+        self._set("installing", "")
+
+    def install_text(self) -> str:
+        """``installing 3 packages, 1.2 s: <the installer's last line>``."""
+        what = (
+            f"installing {packages_text(self.install_count)}"
+            if self.install_count
+            else "resolving packages"
+        )
+        seconds = time.monotonic() - self.install_started
+        return f"{what}, {seconds:.1f} s" + (f": {self.install_line}" if self.install_line else "")
+
+    def _installed(self) -> None:
+        """The packages are in place (see :attr:`install_seconds`)."""
 
     def counted(self, done: int, total: int, failed: int = 0) -> None:
         """``done`` of ``total`` items finished, ``failed`` of them failed (for map)."""
@@ -148,6 +197,8 @@ class Progress:
         """One line: runner, state, elapsed, bytes."""
         where = f" on {self.runner}" if self.runner else ""
         detail = f" ({self.detail})" if self.detail else ""
+        if self.state == "installing":
+            detail = f" ({self.install_text()})"
         moved = ""
         if self.sent or self.received:
             moved = f", sent {format_bytes(self.sent)}, received {format_bytes(self.received)}"
@@ -174,12 +225,20 @@ class TextProgress(Progress):
         self.printed += 1
 
     def _changed(self) -> None:
+        if self.state == "installing":
+            if self.install_count and not self._announced_install:
+                self._announced_install = True
+                what = packages_text(self.install_count)
+                self._print(f"installing {what} on {self.runner} ...")
+            return
         if self.state == "queued":
             self._print(f"queued ({self.detail}) at {self.detail_target()}")
         elif self.state == "reconnecting":
             self._print(f"{self.detail} ({self.detail_target()})")
         elif self.detail == "reconnected":
             self._print(f"reconnected to {self.detail_target()}; the cell goes on")
+        elif self.state == "waiting":
+            self._print(f"{self.detail} (at {self.detail_target()})")
         elif self.state in ("sending", "receiving"):
             self._transfer_started = time.monotonic()
             if self.transfer_total >= LARGE_TRANSFER:
@@ -198,6 +257,13 @@ class TextProgress(Progress):
             self._print(f"{self.detail} ({self.elapsed:.1f} s)")
 
     _quarter = 0
+    _announced_install = False
+
+    def _installed(self) -> None:
+        if self._announced_install:
+            what = packages_text(self.install_count)
+            said = f": {self.install_line}" if self.install_line else ""
+            self._print(f"installed {what} in {self.install_seconds:.1f} s{said}")
 
     def detail_target(self) -> str:
         """Where the session is queued (the runner once known, else the address)."""
@@ -278,7 +344,7 @@ class WidgetProgress(Progress):
         state = self.state + (f" ({self.detail})" if self.detail else "")
         if self.state == "reconnecting":
             state = self.detail  # "connection lost; reconnecting (3)…"
-        self.state_label.value = state
+        self.state_label.value = self.install_text() if self.state == "installing" else state
         if self.runner:
             self.runner_label.value = f"<b>{html.escape(self.runner)}</b>"
         large = self.transfer_total >= LARGE_TRANSFER and self.state in ("sending", "receiving")
@@ -303,6 +369,8 @@ class WidgetProgress(Progress):
             return
         self._drawn = now
         self.elapsed_label.value = f"{self.elapsed:.1f} s"
+        if self.state == "installing":
+            self.state_label.value = self.install_text()
         if self.state in ("sending", "receiving") and self.transfer_total:
             done = self.sent if self.state == "sending" else self.received
             self.bar.value = min(1.0, done / self.transfer_total)

@@ -14,8 +14,12 @@ One session, from the client's point of view::
           ◀───────────────────────────── welcome    (or error, then close)
     execute ───────────────────────────▶            declares values + their sizes
     binary frames (values) ────────────▶
+          ◀───────────────────────────── installing (when the cell asks for packages)
           ◀───────────────────────────── output     stream, display_data, ...
     interrupt ─────────────────────────▶            (any time while running)
+          ◀───────────────────────────── ask        the kernel needs a resource
+    answer ────────────────────────────▶            declares its parts' sizes
+    binary frames (the answer's parts) ▶
           ◀───────────────────────────── result     declares returned values
           ◀───────────────────────────── binary frames (values)
     execute ... (the next cell)
@@ -48,22 +52,30 @@ destination.
 :class:`Session` enforces the order above with a transition table. A message
 that is not legal in the current state raises :class:`ProtocolError`, so each
 side rejects out-of-order or unexpected input in one place.
+
+While a cell runs, its kernel may need something only the notebook side has (a
+module's source, a file): the runner sends an :class:`Ask` and the client
+replies with one :class:`Answer` whose parts follow at once as binary frames,
+sized first like values. Several asks may be open at a time; each answer names
+its ask, and the runner sends the cell's result only once every ask of the
+cell is answered, so no answer ever crosses a result on the wire.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum, StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from didomagic.errors import ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """Bumped on any change that an older peer could misread."""
 
 CLIENT_HEADER = "X-Didomagic-Client"
@@ -77,6 +89,20 @@ SMALL_PART = 64 << 10
 
 MAX_TEXT_SIZE = 16 << 20
 """Largest control message accepted (16 MiB: a cell's source fits with room)."""
+
+CODE_VALUE = "__didomagic_code__"
+"""The reserved value name of a cell's code bundle (see ``didomagic.localcode``): its parts
+are a JSON manifest and module sources, read by the runner kernel, never bound to a name."""
+
+MAX_OPEN_ASKS = 256
+"""Asks a runner may have waiting for their answers at once, per session."""
+MAX_DEPTH = 64
+"""Deepest nesting of lists and objects accepted inside a message's free-form fields."""
+
+DIGEST_LENGTH = 32
+"""Hex digits of a value's digest (XXH3-128, as ``serialize.Digester`` writes it)."""
+
+_DIGEST = re.compile(f"[0-9a-f]{{{DIGEST_LENGTH}}}")
 
 
 def python_version() -> str:
@@ -141,10 +167,16 @@ class Hello(Message):
 
 @dataclass(frozen=True)
 class Queued(Message):
-    """Runner → client, before the welcome: every slot is busy; ``position`` 1 is next."""
+    """Runner → client, before the welcome: every slot is busy; ``position`` 1 is next.
+
+    A mediator that is launching a runner for the session sends ``position``
+    0 and a ``note`` on where the launch stands ("launching a runner: Slurm
+    job 12, pending (Resources)"), again whenever it changes.
+    """
 
     kind: ClassVar[str] = "queued"
     position: int
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -242,7 +274,12 @@ class Execute(Message):
     """Client → runner: run ``code``; the declared values follow as binary frames.
 
     ``fetch`` names are sent back after the cell if they are bound then;
-    ``deletes`` are names the cell deletes, reported back if they are gone.
+    ``deletes`` are names the cell deletes, reported back if they are gone;
+    ``held`` are names the cell reads whose value the runner's session holds
+    at the version the client has (no bytes travel; the kernel keeps its own).
+    ``packages`` are requirements (``name==1.0``, ``name>=2``) the cell's
+    kernel must see, installed by the runner from its own index if needed
+    (see ``runner.envs``); never URLs, paths or index options.
     """
 
     kind: ClassVar[str] = "execute"
@@ -252,6 +289,24 @@ class Execute(Message):
     fetch: tuple[str, ...] = ()
     deletes: tuple[str, ...] = ()
     timeout: float | None = None
+    packages: tuple[str, ...] = ()
+    held: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Installing(Message):
+    """Runner → client, before the cell runs: packages are being installed for it.
+
+    ``count`` is how many distributions go in (0 while resolving); ``line``
+    is the installer's latest output line; ``done`` marks the last message,
+    sent once the packages are in place (the cell runs next).
+    """
+
+    kind: ClassVar[str] = "installing"
+    cell: str
+    count: int
+    line: str = ""
+    done: bool = False
 
 
 @dataclass(frozen=True)
@@ -310,6 +365,54 @@ class Result(Message):
     error: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class Ask(Message):
+    """Runner → client, while a cell runs: its kernel needs a resource from the notebook side.
+
+    ``resource`` says what sort (``"module"``, ``"file"``, ...: one handler per
+    sort on the client), ``name`` which one, ``args`` small extra details.
+    ``id`` is the runner's, unique among the session's open asks.
+    """
+
+    kind: ClassVar[str] = "ask"
+    cell: str
+    id: str
+    resource: str
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+class AnswerStatus(StrEnum):
+    """What became of an :class:`Ask`."""
+
+    FOUND = "found"
+    NOT_FOUND = "not-found"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Answer(Message):
+    """Client → runner: the reply to the :class:`Ask` ``id``; its parts follow as binary frames.
+
+    ``message`` says why for a resource not found or refused; ``meta`` is the
+    handler's JSON description of what it sends; ``sizes`` the byte size of
+    each part, in order (the frames carry them end to end, like a value's).
+    """
+
+    kind: ClassVar[str] = "answer"
+    cell: str
+    id: str
+    status: AnswerStatus
+    message: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    sizes: tuple[int, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the answer's parts."""
+        return sum(self.sizes)
+
+
 class ErrorCode(StrEnum):
     """Why a runner ends a session with an :class:`Error`."""
 
@@ -355,6 +458,7 @@ class Submit(Message):
     os: str = ""
     retries: int = 0
     timeout: float | None = None
+    packages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -450,6 +554,14 @@ class Load(Message):
 
 
 @dataclass(frozen=True)
+class LogLines(Message):
+    """Runner → mediator: log lines the runner wrote since its last ones (the status page)."""
+
+    kind: ClassVar[str] = "log"
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Dial(Message):
     """Mediator → runner: open a relay connection for a client session, naming ``ticket``.
 
@@ -482,14 +594,18 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ListSessions,
         SessionList,
         Execute,
+        Installing,
         Interrupt,
         Output,
         Result,
+        Ask,
+        Answer,
         Error,
         Register,
         Registered,
         Load,
         Dial,
+        LogLines,
         Leave,
         Submit,
         ListJobs,
@@ -500,6 +616,16 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         JobData,
     )
 }
+
+
+M = TypeVar("M", bound=Message)
+
+
+def expect(message: Message, cls: type[M]) -> M:
+    """Return ``message`` if it is a ``cls``; else raise :class:`ProtocolError` naming both."""
+    if not isinstance(message, cls):
+        raise ProtocolError(f"expected a {cls.kind} message, got {message.kind}")
+    return message
 
 
 # --------------------------------------------------------------------------- encoding
@@ -529,6 +655,10 @@ def decode(text: str | bytes) -> Message:
         body = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"control message is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(
+            f"control message is nested too deeply (at most {MAX_DEPTH} levels)"
+        ) from None
     if not isinstance(body, dict):
         raise ProtocolError("control message must be a JSON object")
     kind = body.pop("type", None)
@@ -569,6 +699,11 @@ def _as_int(kind: str, name: str, v: Any) -> int:
     return int(v)
 
 
+def _as_bool(kind: str, name: str, v: Any) -> bool:
+    _check(kind, name, isinstance(v, bool), "true or false", v)
+    return bool(v)
+
+
 def _as_str(kind: str, name: str, v: Any) -> str:
     _check(kind, name, isinstance(v, str), "a string", v)
     return str(v)
@@ -585,8 +720,28 @@ def _as_str_tuple(kind: str, name: str, v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _as_sizes(kind: str, name: str, v: Any) -> tuple[int, ...]:
+    ok = isinstance(v, list) and all(type(s) is int and s >= 0 for s in v)
+    _check(kind, name, ok, "a list of sizes (integers >= 0)", v)
+    return tuple(v)
+
+
+def _check_depth(kind: str, name: str, v: Any) -> None:
+    """Raise unless ``v`` nests lists and objects at most :data:`MAX_DEPTH` deep."""
+    stack = [(v, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"{kind}.{name} is nested too deeply (at most {MAX_DEPTH} levels)")
+        if type(item) is dict:
+            stack.extend((x, depth + 1) for x in item.values())
+        elif type(item) is list:
+            stack.extend((x, depth + 1) for x in item)
+
+
 def _as_object(kind: str, name: str, v: Any) -> dict[str, Any]:
     _check(kind, name, isinstance(v, dict), "a JSON object", v)
+    _check_depth(kind, name, v)
     return dict(v)
 
 
@@ -603,6 +758,7 @@ def _as_str_map(kind: str, name: str, v: Any) -> dict[str, str]:
 def _as_object_tuple(kind: str, name: str, v: Any) -> tuple[dict[str, Any], ...]:
     ok = isinstance(v, list) and all(isinstance(x, dict) for x in v)
     _check(kind, name, ok, "a list of JSON objects", v)
+    _check_depth(kind, name, v)
     return tuple(dict(x) for x in v)
 
 
@@ -646,6 +802,11 @@ def _as_values(kind: str, name: str, v: Any) -> tuple[ValueHeader, ...]:
             'a list of {"name": str, "sizes": [int >= 0, ...], "digest"?: str, "cached"?: bool}',
             item,
         )
+        if digest and not _DIGEST.fullmatch(digest):
+            raise ProtocolError(
+                f"{kind}.{name}: value {value_name!r:.60} has the digest {digest!r:.60}; a "
+                f"digest is empty or exactly {DIGEST_LENGTH} lower-case hex digits"
+            )
         headers.append(ValueHeader(value_name, tuple(sizes), digest, cached))
     return tuple(headers)
 
@@ -664,6 +825,7 @@ def _enum_of(enum: type[Enum]) -> Callable[[str, str, Any], Any]:
 
 _FIELD_TYPES: dict[str, Callable[[str, str, Any], Any]] = {
     "int": _as_int,
+    "bool": _as_bool,
     "str": _as_str,
     "tuple[str, ...]": _as_str_tuple,
     "dict[str, Any]": _as_object,
@@ -673,7 +835,9 @@ _FIELD_TYPES: dict[str, Callable[[str, str, Any], Any]] = {
     "float": _as_seconds,
     "tuple[dict[str, Any], ...]": _as_object_tuple,
     "tuple[ValueHeader, ...]": _as_values,
+    "tuple[int, ...]": _as_sizes,
     "Status": _enum_of(Status),
+    "AnswerStatus": _enum_of(AnswerStatus),
     "ErrorCode": _enum_of(ErrorCode),
 }
 
@@ -728,6 +892,7 @@ class State(StrEnum):
     IDLE = "idle"  # ready for the next cell
     UPLOAD = "upload"  # execute sent; its values are in flight
     RUNNING = "running"  # the cell runs on the runner
+    ANSWER = "answer"  # the cell runs; an answer's parts are in flight
     DOWNLOAD = "download"  # result sent; its values are in flight
     WAIT = "wait"  # a jobs request sent, waiting for its answer
     CLOSED = "closed"
@@ -753,7 +918,10 @@ _SENDER = {
     Info: Role.RUNNER,
     Welcome: Role.RUNNER,
     Output: Role.RUNNER,
+    Installing: Role.RUNNER,
     Result: Role.RUNNER,
+    Ask: Role.RUNNER,
+    Answer: Role.CLIENT,
     Error: Role.RUNNER,
 }
 
@@ -770,8 +938,14 @@ _TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     (State.IDLE, Execute): State.UPLOAD,
     (State.UPLOAD, Interrupt): State.UPLOAD,
     (State.RUNNING, Output): State.RUNNING,
+    (State.RUNNING, Installing): State.RUNNING,
     (State.RUNNING, Interrupt): State.RUNNING,
-    (State.RUNNING, Result): State.DOWNLOAD,
+    (State.RUNNING, Result): State.DOWNLOAD,  # only once every ask is answered
+    (State.RUNNING, Ask): State.RUNNING,
+    (State.RUNNING, Answer): State.ANSWER,  # then RUNNING once its parts have arrived
+    (State.ANSWER, Ask): State.ANSWER,
+    (State.ANSWER, Output): State.ANSWER,
+    (State.ANSWER, Interrupt): State.ANSWER,
     # An interrupt may cross the result on the wire; it is then a no-op.
     (State.DOWNLOAD, Interrupt): State.DOWNLOAD,
     (State.IDLE, Interrupt): State.IDLE,
@@ -819,6 +993,8 @@ class Session:
         self.state = State.HELLO
         self._pending: deque[tuple[int, int, int]] = deque()  # (value, part, size) to move
         self._offset = 0  # bytes of the current part already moved
+        self.asks: set[str] = set()
+        """Ids of the asks sent (or received) and not answered yet."""
 
     # -- control messages
 
@@ -851,17 +1027,36 @@ class Session:
             raise ProtocolError(
                 f"{message.kind} message is not allowed in state {self.state.value!r}"
             )
+        if isinstance(message, Ask | Answer | Result):
+            self._track_ask(message)
         if isinstance(message, Execute | Result | Submit | JobData):
             self._expect(message.values)
+        elif isinstance(message, Answer):
+            self._expect((ValueHeader(message.id, message.sizes),))
         if isinstance(message, Attached) and message.cell:
             nxt = State.RUNNING  # the cell's outputs and result follow
         self.state = nxt
         self._settle()
 
+    def _track_ask(self, message: Ask | Answer | Result) -> None:
+        """Each ask is answered once, by its id; a result comes only after every answer."""
+        if isinstance(message, Ask):
+            if message.id in self.asks:
+                raise ProtocolError(f"ask id {message.id!r:.40} is already open")
+            if len(self.asks) >= MAX_OPEN_ASKS:
+                raise ProtocolError(f"more than {MAX_OPEN_ASKS} asks open at once")
+            self.asks.add(message.id)
+        elif isinstance(message, Answer):
+            if message.id not in self.asks:
+                raise ProtocolError(f"answer to an ask that is not open: {message.id!r:.40}")
+            self.asks.discard(message.id)
+        elif self.asks:
+            raise ProtocolError(f"result message while {len(self.asks)} asks are unanswered")
+
     # -- binary frames
 
     def _receiving_blobs(self) -> bool:
-        upload_in = self.state is State.UPLOAD and self.role is Role.RUNNER
+        upload_in = self.state in (State.UPLOAD, State.ANSWER) and self.role is Role.RUNNER
         download_in = self.state is State.DOWNLOAD and self.role is Role.CLIENT
         return upload_in or download_in
 
@@ -884,6 +1079,8 @@ class Session:
             return
         if self.state is State.UPLOAD:
             self.state = _AFTER_UPLOAD[self.channel]
+        elif self.state is State.ANSWER:
+            self.state = State.RUNNING
         elif self.state is State.DOWNLOAD:
             self.state = State.IDLE
 
@@ -929,7 +1126,7 @@ class Session:
         goes as zero-copy slices of at most :data:`CHUNK_SIZE` bytes; runs of
         small parts are joined into frames of at most that size.
         """
-        sending = (self.state is State.UPLOAD and self.role is Role.CLIENT) or (
+        sending = (self.state in (State.UPLOAD, State.ANSWER) and self.role is Role.CLIENT) or (
             self.state is State.DOWNLOAD and self.role is Role.RUNNER
         )
         if self._pending and not sending:
@@ -971,6 +1168,7 @@ class Session:
 _LINK_SENDER = {
     Register: Role.RUNNER,
     Load: Role.RUNNER,
+    LogLines: Role.RUNNER,
     Leave: Role.RUNNER,
     Registered: Role.MEDIATOR,
     Dial: Role.MEDIATOR,

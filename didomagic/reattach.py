@@ -6,15 +6,13 @@ ID`` takes one back so that the next cells run in its namespace, ``%remote
 detach`` lets go of one without ending it, and ``%remote close ID`` ends one.
 ``%%remote --session ID`` runs one cell in a held session.
 
-The line form of ``%remote`` dispatches on its first word through
-:data:`COMMANDS`; :func:`command` adds one.
+The commands register with :func:`didomagic.linecommands.command`, the one
+dispatcher of ``%remote``'s line form.
 """
 
 from __future__ import annotations
 
-import shlex
 import sys
-from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -23,48 +21,12 @@ from didomagic import display, tickets
 from didomagic.client import list_sessions
 from didomagic.config import client_secret
 from didomagic.errors import ConnectError
+from didomagic.linecommands import LineCall, command
 from didomagic.loop import background_loop
 from didomagic.pool import SessionPool, default_pool
 from didomagic.protocol import CLIENT_HEADER, Output
 from didomagic.session import RemoteSession
 from didomagic.urls import ConnectionURL
-
-REMOTE_USAGE = """\
-%%remote [options]      run the cell on a runner (%%remote? lists the options)
-%remote attach ID       take a held session back: the next cells run in its namespace
-%remote detach [ID]     let go of a session (the current one) without ending it
-%remote close ID        end a held session now; its remote state is gone
-%runners sessions       the sessions this user holds: runner, age, last cell, state"""
-
-Command = Callable[[list[str], MutableMapping[str, Any]], Any]
-
-COMMANDS: dict[str, Command] = {}
-"""The ``%remote`` line commands by name."""
-
-
-def command(name: str) -> Callable[[Command], Command]:
-    """Register a ``%remote NAME ...`` line command."""
-
-    def register(function: Command) -> Command:
-        COMMANDS[name] = function
-        return function
-
-    return register
-
-
-def line_command(line: str, namespace: MutableMapping[str, Any]) -> Any:
-    """Run one ``%remote`` line command (``attach ID``, ``detach``, ``close ID``, ...)."""
-    try:
-        words = shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"%remote: {exc}\n{REMOTE_USAGE}") from None
-    if not words or words[0] in ("help", "-h", "--help"):
-        print(REMOTE_USAGE)
-        return None
-    handler = COMMANDS.get(words[0])
-    if handler is None:
-        raise UsageError(f"%remote: unknown command {words[0]!r}.\n{REMOTE_USAGE}")
-    return handler(words[1:], namespace)
 
 
 def _one_id(words: list[str], what: str) -> str:
@@ -73,13 +35,13 @@ def _one_id(words: list[str], what: str) -> str:
     return words[0]
 
 
-@command("attach")
-def attach(words: list[str], namespace: MutableMapping[str, Any]) -> Any:
+@command("attach", "%remote attach ID       take a held session back: the next cells run in it")
+def attach(call: LineCall) -> Any:
     """``%remote attach ID``: take the session back; a cell it ran meanwhile delivers here."""
     from didomagic.api import apply_values, raise_for_status, report_failures
     from didomagic.progress import make_progress
 
-    ticket = tickets.find(_one_id(words, "attach"))
+    ticket = tickets.find(_one_id(call.words, "attach"))
     session = default_pool().adopt(ticket)
     shown: list[display.RemoteResult] = []
 
@@ -98,16 +60,19 @@ def attach(words: list[str], namespace: MutableMapping[str, Any]) -> Any:
     result, buffers = outcome
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
     failures = dict(result.failures)
+    namespace = call.magics.shell.user_ns
     failures.update(apply_values(namespace, returned, result.deleted, session.url.safe_results))
     report_failures(failures, "synced")
     raise_for_status(result, session.runner_name)
     return shown[-1] if shown else None
 
 
-@command("detach")
-def detach(words: list[str], namespace: MutableMapping[str, Any]) -> None:
+@command(
+    "detach", "%remote detach [ID]     let go of a session (the current one) without ending it"
+)
+def detach(call: LineCall) -> None:
     """``%remote detach [ID]``: let go of a session; it waits on its runner for its grace."""
-    pool = default_pool()
+    pool, words = default_pool(), call.words
     if len(words) > 1:
         raise UsageError("%remote detach takes at most one session id.")
     session = pool.find(tickets.find(words[0]).session) if words else pool.attached or pool.last
@@ -126,10 +91,10 @@ def detach(words: list[str], namespace: MutableMapping[str, Any]) -> None:
     )
 
 
-@command("close")
-def close(words: list[str], namespace: MutableMapping[str, Any]) -> None:
+@command("close", "%remote close ID        end a held session now; its remote state is gone")
+def close(call: LineCall) -> None:
     """``%remote close ID``: end a held session now (its remote state is gone)."""
-    ticket = tickets.find(_one_id(words, "close"))
+    ticket = tickets.find(_one_id(call.words, "close"))
     pool = default_pool()
     session = pool.find(ticket.session) or RemoteSession(
         ConnectionURL.parse(ticket.url), ticket=ticket

@@ -1,10 +1,12 @@
 """The ``%runners`` listing: a plain-text table, and a widget table with the runner choice.
 
-Both show, for each runner: name, address, tags, status (with the reason when
-it is not up), latency, OS and architecture, Python, CPUs, memory free/total,
-GPUs, sessions active/max, queue length and the limits each session runs
-under. The widget adds a "Use" button per runner that makes it the notebook's
-default.
+Both show, for each runner: name, address, the identity that was verified
+(the credential its mediator checked, or the certificate this notebook
+pinned), tags, status (with the reason when it is not up), latency, OS and
+architecture, Python, CPUs, memory free/total, GPUs, sessions active/max,
+queue length, the limits each session runs under, and whether it installs
+packages (with how many cached environments). The widget adds a "Use" button
+per runner that makes it the notebook's default.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from didomagic.progress import format_bytes
 COLUMNS = (
     "name",
     "address",
+    "identity",
     "tags",
     "status",
     "latency",
@@ -32,6 +35,7 @@ COLUMNS = (
     "sessions",
     "queue",
     "limits",
+    "packages",
 )
 
 
@@ -44,6 +48,17 @@ def _gpus(description: dict[str, Any]) -> str:
         memory = gpu.get("memory_total")
         parts.append(f"{gpu.get('name', 'GPU')} ({format_bytes(memory)})" if memory else "GPU")
     return "; ".join(parts)
+
+
+def _packages(description: dict[str, Any], up: bool) -> str:
+    """``installs (uv 0.13.9), 2 envs``, ``no installs``, or ``-`` when unknown."""
+    packages = description.get("packages")
+    if not up or not isinstance(packages, dict):
+        return "-"
+    if not packages.get("install"):
+        return "no installs"
+    installer = f" ({packages['installer']})" if packages.get("installer") else ""
+    return f"installs{installer}, {packages.get('environments', 0)} envs"
 
 
 def row(view: RunnerView) -> dict[str, str]:
@@ -63,6 +78,7 @@ def row(view: RunnerView) -> dict[str, str]:
     return {
         "name": view.name,
         "address": view.address,
+        "identity": str(d.get("identity") or "-"),
         "tags": ",".join(d.get("tags") or ()) or "-",
         "status": status,
         "latency": latency,
@@ -74,6 +90,7 @@ def row(view: RunnerView) -> dict[str, str]:
         "sessions": f"{d.get('sessions', 0)}/{d.get('max_sessions', '?')}" if up else "-",
         "queue": f"{d.get('queue', 0)}/{d.get('max_queue', 0)}" if up else "-",
         "limits": ", ".join(d.get("limits") or ()) or ("none" if up else "-"),
+        "packages": _packages(d, up),
     }
 
 

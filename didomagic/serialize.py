@@ -7,22 +7,34 @@ frames and the runner keeps them in one file per value, laid end to end.
 
 A name that cannot be pickled or unpickled does not stop the others: the
 functions here return the failures by name with the reason.
+
+Functions and classes defined in the notebook travel by value, and cloudpickle
+would give each one a fresh globals dict of its own. Here they are bound to
+the *live* ``__main__`` namespace where they are unpacked instead (the runner
+kernel's on the runner, the notebook's when they come back), so a method that
+calls ``eval('df1')`` or reads a global defined later finds it, as it would
+locally. The globals the function names travel with it and are written into
+that namespace, as cloudpickle writes them into its fresh dict.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import mmap
 import os
 import pickle
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cloudpickle
 import xxhash
 
+from didomagic.budget import DecodeBudget, DecodeTooLarge
 from didomagic.protocol import ValueHeader
 
 PICKLE_PROTOCOL = 5
@@ -98,12 +110,73 @@ _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 """Types the standard pickler writes exactly as cloudpickle would, without its setup cost."""
 
 
+_MAIN: contextvars.ContextVar[MutableMapping[str, Any] | None] = contextvars.ContextVar(
+    "didomagic_main_namespace", default=None
+)
+"""The namespace by-value ``__main__`` functions are bound to while a value is unpacked."""
+
+
+def live_main() -> MutableMapping[str, Any]:
+    """The live ``__main__`` namespace of this process (what unpacking binds functions to).
+
+    Named in pickles by reference, so it must stay importable under this name.
+    """
+    namespace = _MAIN.get()
+    if namespace is not None:
+        return namespace
+    return vars(sys.modules["__main__"])
+
+
+class _LiveMain:
+    """Stands, in a pickle, for the ``__main__`` globals of by-value functions."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return live_main, ()
+
+
+_LIVE_MAIN = _LiveMain()
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, except that by-value ``__main__`` functions keep the live namespace."""
+
+    def _function_getnewargs(self, func: Any) -> tuple[Any, ...]:
+        code, base_globals, *rest = super()._function_getnewargs(func)
+        if func.__globals__ is _MAIN.get() or base_globals.get("__name__") == "__main__":
+            base_globals = _LIVE_MAIN  # one object: pickled once, shared by every function
+        return (code, base_globals, *rest)
+
+
+@contextlib.contextmanager
+def binding_to(namespace: MutableMapping[str, Any] | None) -> Iterator[None]:
+    """Make ``namespace`` the live ``__main__`` one while values are packed or unpacked.
+
+    Packing, functions whose globals it is travel as ``__main__``'s;
+    unpacking, by-value ``__main__`` functions get it as their globals.
+    cloudpickle also sets ``__builtins__`` in a function's globals; the
+    namespace's own entry is put back afterwards.
+    """
+    if namespace is None:
+        yield
+        return
+    token = _MAIN.set(namespace)
+    builtins_before = namespace.get("__builtins__", _MISSING)
+    try:
+        yield
+    finally:
+        _MAIN.reset(token)
+        if builtins_before is not _MISSING:
+            namespace["__builtins__"] = builtins_before
+
+
 def pack(name: str, value: Any) -> Packed:
     """Pickle one value with out-of-band buffers; raise if it cannot be pickled."""
     if type(value) in _SCALARS:  # about 20x faster for the many small values of a cell
         return Packed(name, (memoryview(pickle.dumps(value, protocol=PICKLE_PROTOCOL)),))
     buffers: list[pickle.PickleBuffer] = []
-    stream = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    with io.BytesIO() as file:
+        _Pickler(file, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append).dump(value)
+        stream = file.getvalue()
     return Packed(name, (memoryview(stream), *(_flat(b) for b in buffers)))
 
 
@@ -113,23 +186,26 @@ def pack_names(
     """Pack every name bound in ``namespace``; return the packed values and the failures."""
     packed: list[Packed] = []
     failures: dict[str, str] = {}
-    for name in names:
-        if name not in namespace:
-            continue
-        try:
-            packed.append(pack(name, namespace[name]))
-        except Exception as exc:
-            failures[name] = f"could not be pickled: {describe(exc)}"
+    with binding_to(namespace if isinstance(namespace, MutableMapping) else None):
+        for name in names:
+            if name not in namespace:
+                continue
+            try:
+                packed.append(pack(name, namespace[name]))
+            except Exception as exc:
+                failures[name] = f"could not be pickled: {describe(exc)}"
     return packed, failures
 
 
 def unpack(parts: Sequence[bytes | bytearray | memoryview], safe: bool = False) -> Any:
     """Rebuild a value from its parts (pickle stream first, then its buffers).
 
-    With ``safe``, only plain data is accepted (see :class:`PlainDataUnpickler`).
+    With ``safe``, only plain data is accepted (see :class:`PlainDataUnpickler`),
+    of a size bounded by the bytes received (see :mod:`didomagic.budget`).
     """
     if safe:
-        return PlainDataUnpickler(io.BytesIO(parts[0]), buffers=parts[1:]).load()
+        budget = DecodeBudget(sum(memoryview(p).nbytes for p in parts))
+        return PlainDataUnpickler(io.BytesIO(parts[0]), budget, buffers=parts[1:]).load()
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
@@ -137,16 +213,22 @@ def unpack_into(
     namespace: MutableMapping[str, Any],
     values: Iterable[tuple[str, Sequence[Any]]],
     safe: bool = False,
+    main: MutableMapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Unpickle ``(name, parts)`` pairs into ``namespace``; return the failures by name."""
+    """Unpickle ``(name, parts)`` pairs into ``namespace``; return the failures by name.
+
+    ``main``: the live namespace by-value functions are bound to (see
+    :func:`binding_to`); by default ``namespace`` itself.
+    """
     failures: dict[str, str] = {}
-    for name, parts in values:
-        try:
-            namespace[name] = unpack(parts, safe)
-        except NotPlainData as exc:
-            failures[name] = str(exc)
-        except Exception as exc:
-            failures[name] = f"could not be unpickled: {describe(exc)}"
+    with binding_to(namespace if main is None else main):
+        for name, parts in values:
+            try:
+                namespace[name] = unpack(parts, safe)
+            except (NotPlainData, DecodeTooLarge) as exc:
+                failures[name] = str(exc)
+            except Exception as exc:
+                failures[name] = f"could not be unpickled: {describe(exc)}"
     return failures
 
 
@@ -183,14 +265,19 @@ class PlainDataUnpickler(pickle.Unpickler):
 
     Any other global (a class, a function: anything whose call could run code)
     is refused before it is looked up, so a hostile runner cannot make the
-    notebook run code by returning a crafted pickle.
+    notebook run code by returning a crafted pickle; and the constructors that
+    can build more than they were given are charged to ``budget`` first.
     """
+
+    def __init__(self, file: IO[bytes], budget: DecodeBudget, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.budget = budget
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in PLAIN_DATA or (
             module.startswith("numpy") and name.endswith("DType") and "dtypes" in module
         ):
-            return super().find_class(module, name)
+            return self.budget.guard(module, name, super().find_class(module, name))
         raise NotPlainData(
             f"refused by safe-results: unpickling it needs {module}.{name}, which is not plain "
             "data (numbers, strings, bytes, containers of them, numpy arrays); return plain "

@@ -16,11 +16,11 @@ import contextlib
 import queue
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
-from didomagic import reconnect, serialize, tickets
+from didomagic import localcode, reconnect, serialize, tickets
 from didomagic.client import ANY_RUNNER, Requirements, RunnerConnection, attach, open_connection
 from didomagic.config import client_secret
 from didomagic.errors import CellTooLarge, ConnectionLost, DidomagicError, SessionEnded
@@ -28,8 +28,10 @@ from didomagic.loop import BackgroundLoop, background_loop
 from didomagic.progress import NoProgress, Progress
 from didomagic.protocol import CLIENT_HEADER, Execute, Output, Result, Status
 from didomagic.reconnect import DEFAULT_GRACE
+from didomagic.resources import Responder
 from didomagic.transfer import Transfer
 from didomagic.urls import ConnectionURL
+from didomagic.versions import HeldVersions, InPlaceTracker
 
 IDLE_ENDED = "idle-timeout"
 """The close reason a runner gives when it ends an idle session."""
@@ -82,6 +84,10 @@ class RemoteSession:
         self._future: concurrent.futures.Future[Any] | None = None
         self._held: dict[str, str] = {}
         """Digest of each large value the remote session holds, by name (see CACHE_MIN)."""
+        self.versions = HeldVersions()
+        """Which version of each value the remote kernel's namespace holds."""
+        self.responder = _responder(url)
+        """Answers the remote kernel's asks with the registered handlers (see resources)."""
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
         self.runner_name = ticket.runner if ticket else url.address
         """The runner's name, once it has introduced itself."""
@@ -120,7 +126,9 @@ class RemoteSession:
                     connection = await self._reattach(events, "", 0)
                     if connection.attached is not None and connection.attached.cell:
                         # A cell no one waits for any more (abandoned): let it finish.
-                        await connection.receive_result(connection.attached.cell, _ignore)
+                        await connection.receive_result(
+                            connection.attached.cell, _ignore, responder=self.responder
+                        )
                     self._connection = connection
                 except ConnectionLost as exc:  # the session is gone
                     events.put(("notice", str(exc)))
@@ -136,11 +144,13 @@ class RemoteSession:
         connection = await open_connection(
             self.url,
             self.requirements,
-            on_queued=lambda k: events.put(("queued", k)),
+            on_queued=lambda k, note: events.put(("queued", k, note)),
             headers=self._identity,
         )
         self._connection = connection
         self._held.clear()  # a new remote session holds no values yet
+        self.versions.clear()
+        self.responder = _responder(self.url)
         self.description = dict(connection.welcome.runner)
         self.runner_name = connection.runner_name
         welcome = connection.welcome
@@ -195,7 +205,7 @@ class RemoteSession:
         attached = connection.attached
         assert attached is not None
         if attached.cell and attached.cell != cell:  # an older cell's result comes first
-            await connection.receive_result(attached.cell, _ignore)
+            await connection.receive_result(attached.cell, _ignore, responder=self.responder)
         elif attached.cell:
             connection.received = attached.resume
             if attached.resume > received:
@@ -217,14 +227,34 @@ class RemoteSession:
         request: Execute,
         parts: Sequence[Sequence[memoryview]],
         events: EventSink,
+        versions: Mapping[str, str] | None = None,
     ) -> tuple[Result, list[list[bytearray]]]:
         """Open the session if needed and run one cell (on the I/O loop); report to ``events``.
 
-        A connection that drops meanwhile is reopened and the session taken
-        back; the cell goes on (or is sent again if the runner never got it all).
+        ``versions``: the version of each value (see :class:`HeldVersions`); a
+        value the remote kernel holds at that version is not sent. A connection
+        that drops meanwhile is reopened and the session taken back; the cell
+        goes on (or is sent again if the runner never got it all).
         """
         async with self._busy:
+            if not self.connected:  # the slow first look, before the runner's idle clock runs
+                await asyncio.to_thread(localcode.warm_up)
             connection = await self.connect_async(events)
+            if versions is not None:
+                values, parts, names = self.versions.hold(request.values, parts, versions)
+                request = replace(request, values=values, held=names)
+            code = localcode.state_of(self.responder.state)
+            bundle = None
+            if not localcode.shipped(request.values):  # stats and reads: off the I/O loop
+                bundle = await asyncio.to_thread(
+                    localcode.bundle_for,
+                    code,
+                    names_only=self.url.safe_results,
+                    budget=localcode.PUSH_BUDGET,
+                )
+            if bundle is not None:  # the notebook's modules go first, before any value
+                request = replace(request, values=(bundle.header, *request.values))
+                parts = [bundle.parts, *parts]
             held = self._held
             _check_size(request, held, self.description)
             request = replace(
@@ -241,7 +271,11 @@ class RemoteSession:
                     if send:
                         await connection.send_cell(request, parts, on_transfer)
                     outcome = await connection.receive_result(
-                        request.cell, lambda output: events.put(("output", output)), on_transfer
+                        request.cell,
+                        lambda output: events.put(("output", output)),
+                        on_transfer,
+                        lambda m: events.put(("installing", m.count, m.line, m.done)),
+                        self.responder,
                     )
                     break
                 except ConnectionLost as exc:
@@ -251,6 +285,12 @@ class RemoteSession:
             for v in request.values:  # the runner session now holds these bytes
                 if v.digest:
                     held[v.name] = v.digest
+            if outcome[0].status is Status.KERNEL_DIED:  # a fresh kernel holds no values
+                self.versions.clear()
+            if bundle is not None:
+                bundle.commit(code)
+            if outcome[0].status is Status.KERNEL_DIED:  # a fresh kernel holds no modules
+                localcode.forget(self.responder.state)
             return outcome
 
     def execute(
@@ -259,6 +299,7 @@ class RemoteSession:
         parts: Sequence[Sequence[memoryview]],
         on_output: Callable[[Output], None],
         progress: Progress | None = None,
+        versions: Mapping[str, str] | None = None,
     ) -> tuple[Result, list[list[bytearray]]]:
         """Run one cell; outputs are handed to ``on_output`` on this thread as they arrive.
 
@@ -268,7 +309,7 @@ class RemoteSession:
         reconnected), the first one abandons it.
         """
         return self._drive(
-            lambda events: self.execute_async(request, parts, events), on_output, progress
+            lambda events: self.execute_async(request, parts, events, versions), on_output, progress
         )
 
     def resume(
@@ -294,11 +335,16 @@ class RemoteSession:
                 raise
             self._connection = connection
             self._held.clear()  # (what it holds is not known here)
+            self.versions.clear()
             cell = connection.attached.cell if connection.attached else ""
             if not cell:
                 return None
             return await connection.receive_result(
-                cell, lambda output: events.put(("output", output)), _throttled(events)
+                cell,
+                lambda output: events.put(("output", output)),
+                _throttled(events),
+                lambda m: events.put(("installing", m.count, m.line, m.done)),
+                self.responder,
             )
 
     def _drive(
@@ -392,6 +438,13 @@ def _ignore(output: Output) -> None:
     """Outputs of a cell no one waits for any more."""
 
 
+def _responder(url: ConnectionURL) -> Responder:
+    """A new session's responder; its handlers see whether the runner is untrusted."""
+    responder = Responder()
+    responder.state[localcode.SAFE_RESULTS] = url.safe_results
+    return responder
+
+
 def _check_size(request: Execute, held: dict[str, str], runner: dict[str, Any]) -> None:
     """Refuse, before anything is sent, a cell over the runner's --max-message-size."""
     limit = runner.get("max_message_size")
@@ -429,13 +482,18 @@ def dispatch(event: Event, on_output: Callable[[Output], None], progress: Progre
     elif kind == "notice":
         print(f"didomagic: {event[1]}", file=sys.stderr)
     elif kind == "queued":
-        progress.queued(event[1])
+        if event[2]:  # a mediator's note on a runner it launches
+            progress.queued(event[1], event[2])
+        else:
+            progress.queued(event[1])
     elif kind == "reconnecting":
         progress.reconnecting(event[1])
     elif kind == "reattached":
         progress.reattached()
     elif kind == "runner":
         progress.chose(event[1])
+    elif kind == "installing":
+        progress.installing(event[1], event[2], event[3])
     elif kind == "transfer":
         progress.transfer(event[1], event[2], event[3])
         if event[1] == "sending" and event[2] >= event[3]:
@@ -459,6 +517,7 @@ class LocalSession:
 
     def __init__(self) -> None:
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+        self._versions = InPlaceTracker()
 
     def execute(
         self, source: str, cell: str, sent: list[serialize.Packed], transfer: Transfer
@@ -469,6 +528,10 @@ class LocalSession:
         ns = self.namespace
         ns.setdefault("get_ipython", get_ipython)
         failures = serialize.unpack_into(ns, [(p.name, p.parts) for p in sent])
+        for p in sent:
+            if p.name not in failures:
+                self._versions.loaded(ns, p.name)
+        self._versions.start(ns, [p.name for p in sent])
         before = serialize.snapshot(ns, transfer.fetch)
         outcome = LocalOutcome()
         try:
@@ -487,7 +550,10 @@ class LocalSession:
             outcome.error = exc
         names = serialize.names_to_return(ns, before, outcome.error is None)
         outcome.values, pack_failures = serialize.pack_names(ns, names)
-        outcome.failures = {**failures, **pack_failures}
+        changed, change_failures = self._versions.changed(ns, skip=names)
+        outcome.values += changed
+        self._versions.returned(ns, outcome.values)
+        outcome.failures = {**failures, **pack_failures, **change_failures}
         outcome.deleted = [n for n in transfer.deletes if n not in ns]
         return outcome
 

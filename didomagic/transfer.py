@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from didomagic import serialize
+from didomagic.filebundle import FileOptions
 from didomagic.namespace import analyze_cell, transform_cell
+from didomagic.returned import Expected, screen
 
 _IPYTHON_HISTORY = re.compile(r"_+|_i+|_i?\d+|_[iod]h")
 """IPython's own history names (``_``, ``_i3``, ``_5``, ``_oh``): never sent."""
@@ -32,6 +34,12 @@ class CellSpec:
     timeout: float | None = None
     tags: tuple[str, ...] = ()
     os: str = ""
+    pip: tuple[str, ...] = ()
+    """Requirements the runner's kernel must see (``--pip``, ``--requirements``)."""
+    packages: str = ""
+    """``match``: also the notebook's versions of what the cell uses; ``none``; "" for the
+    notebook's default (``$DIDOMAGIC_PACKAGES``, see :mod:`didomagic.packages`)."""
+    files: FileOptions = field(default_factory=FileOptions)
 
 
 @dataclass
@@ -42,6 +50,12 @@ class Transfer:
     fetch: list[str]
     deletes: list[str]
     failures: dict[str, str] = field(default_factory=dict)
+
+    def expected(self) -> Expected:
+        """What the runner may send back: see :mod:`didomagic.returned`."""
+        return Expected(
+            frozenset([*self.fetch, *self.deletes, *self.send]), frozenset(self.deletes)
+        )
 
 
 def plan_transfer(
@@ -78,14 +92,18 @@ def apply_values(
     values: Iterable[tuple[str, Sequence[Any]]],
     deleted: Iterable[str],
     safe: bool = False,
+    expected: Expected | None = None,
 ) -> dict[str, str]:
     """Unpack values into a staging dict, then apply them and the deletions in one step.
 
     ``safe``: accept only plain data (the runner's URL says ``safe_results``).
+    Only names ``expected`` allows (and plain identifiers in any case) are
+    applied; the others are returned as failures, by name.
     """
+    values, deleted, refused = screen(values, deleted, expected)
     staging: dict[str, Any] = {}
-    failures = serialize.unpack_into(staging, values, safe)
+    failures = serialize.unpack_into(staging, values, safe, main=namespace)
     namespace.update(staging)
     for name in deleted:
         namespace.pop(name, None)
-    return failures
+    return {**failures, **refused}

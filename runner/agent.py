@@ -9,7 +9,10 @@ writes ``result.json``. The cell thus costs one kernel round trip, and values
 never pass through ZMQ.
 
 After a cell that raised, only names the cell actually rebound go back, so a
-stale value from an earlier cell never overwrites the notebook's.
+stale value from an earlier cell never overwrites the notebook's. Values the
+cell read and changed in place go back too, raised or not (see
+:mod:`didomagic.versions`); names the client marks *held* are not sent again:
+the kernel keeps its own object.
 """
 
 from __future__ import annotations
@@ -18,11 +21,16 @@ import ast
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from didomagic import serialize
-from didomagic.protocol import cloudpickle_version, python_version
+from didomagic.filebundle import FILES_VALUE, Bundle
+from didomagic.protocol import CODE_VALUE, cloudpickle_version, python_version
+from didomagic.versions import InPlaceTracker
+from runner import asking, codeimport
+from runner.mirror import Mirror
 
 CELL_FILE = "cell.json"
 RESULT_FILE = "result.json"
@@ -51,6 +59,10 @@ class Agent:
         self._request: dict[str, Any] | None = None
         self._before: dict[str, Any] = {}
         self._failures: dict[str, str] = {}
+        self._versions = InPlaceTracker()
+        self.mirror = Mirror(Path.cwd(), asking.ask)
+        """The notebook's project folder, mirrored under the kernel's working directory."""
+        self._bundle: Bundle | None = None
 
     def pre_run_cell(self, info: Any = None) -> None:
         """Load the values the runner left for this cell."""
@@ -61,18 +73,24 @@ class Agent:
         request = json.loads(cell.read_text())
         cell.unlink()
         ns = self.shell.user_ns
-        pairs, failures = [], {}
+        pairs, failures, code_failures = [], {}, {}
+        files_parts: list[memoryview] | None = None
         mapped: dict[str, memoryview] = {}
         temporary: set[str] = set()
+        codeimport.new_cell()
         for value in request["values"]:
             path = value["path"]  # a string: a thousand Path objects would cost milliseconds
             try:
                 view = mapped.get(path)
                 if view is None:
                     view = mapped[path] = serialize.map_file(Path(path))
-                pairs.append(
-                    (value["name"], serialize.slice_parts(view, value["offset"], value["sizes"]))
-                )
+                parts = serialize.slice_parts(view, value["offset"], value["sizes"])
+                if value["name"] == CODE_VALUE:  # the notebook's modules, before any value
+                    code_failures = codeimport.apply_bundle(parts, ns)
+                elif value["name"] == FILES_VALUE:  # the notebook's files: set up below
+                    files_parts = parts
+                else:
+                    pairs.append((value["name"], parts))
             except Exception as exc:
                 failures[value["name"]] = f"could not be read: {serialize.describe(exc)}"
             if not value["keep"]:  # cached values stay for later cells of the session
@@ -80,9 +98,31 @@ class Agent:
         for path in temporary:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        if files_parts is not None:
+            try:
+                self._bundle = serialize.unpack(files_parts)
+                problems = self.mirror.before_cell(self._bundle)
+            except Exception as exc:
+                self._bundle, problems = None, [f"the notebook's files: {serialize.describe(exc)}"]
+            for problem in problems:
+                print(f"didomagic: {problem}", file=sys.stderr)
         failures.update(serialize.unpack_into(ns, pairs))
+        for name, _ in pairs:
+            if name not in failures:
+                self._versions.loaded(ns, name)
         where = _versions(request.get("origin", {}))
-        self._failures = {name: f"{reason} ({where})" for name, reason in failures.items()}
+        self._failures = {
+            name: codeimport.explain(reason) or f"{reason} ({where})"
+            for name, reason in failures.items()
+        }
+        held = request.get("held", [])
+        for name in self._versions.start(ns, [*(name for name, _ in pairs), *held]):
+            if name in held:
+                self._failures[name] = (
+                    "was not on the runner any more (its kernel was replaced?); "
+                    "run the cell again to send it"
+                )
+        self._failures.update(code_failures)
         self._before = serialize.snapshot(ns, request["fetch"])
         self._request = request
 
@@ -95,9 +135,29 @@ class Agent:
         succeeded = bool(getattr(result, "success", False))
         names = serialize.names_to_return(ns, self._before, succeeded)
         packed, failures = serialize.pack_names(ns, names)
-        offsets = serialize.write_values(
-            self.exchange / OUTPUT_FILE, [item.parts for item in packed]
-        )
+        changed, change_failures = self._versions.changed(ns, skip=names)
+        packed += changed
+        failures.update(change_failures)
+        self._versions.returned(ns, packed)
+        bundle, self._bundle = self._bundle, None
+        if isinstance(bundle, Bundle):
+            files = self.mirror.after_cell(bundle.get, bundle.return_limit)
+            if files is not None:
+                packed.append(serialize.pack(FILES_VALUE, files))
+        deleted = [name for name in request["deletes"] if name not in ns]
+        self._versions.forget(deleted)
+        try:
+            offsets = serialize.write_values(
+                self.exchange / OUTPUT_FILE, [item.parts for item in packed]
+            )
+        except OSError as exc:  # over --max-file-size, say: the values go back without the files
+            if not any(item.name == FILES_VALUE for item in packed):
+                raise
+            packed = [item for item in packed if item.name != FILES_VALUE]
+            failures[FILES_VALUE] = f"the files the cell wrote could not go back: {exc}"
+            offsets = serialize.write_values(
+                self.exchange / OUTPUT_FILE, [item.parts for item in packed]
+            )
         values = [
             {"name": item.name, "sizes": [p.nbytes for p in item.parts], "offset": offset}
             for item, offset in zip(packed, offsets, strict=True)
@@ -108,7 +168,7 @@ class Agent:
             {
                 "values": values,
                 "failures": {**self._failures, **failures},
-                "deleted": [name for name in request["deletes"] if name not in ns],
+                "deleted": deleted,
             },
         )
         self._before, self._failures = {}, {}
@@ -128,6 +188,8 @@ def install(exchange: str) -> None:
     from IPython import get_ipython
 
     shell = get_ipython()
+    asking.configure(exchange)
+    codeimport.install()
     agent = Agent(shell, Path(exchange))
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
@@ -150,3 +212,68 @@ def _plain_python_first(transform: Any) -> Any:
         return raw_cell if raw_cell.endswith("\n") else raw_cell + "\n"
 
     return transform_cell
+
+
+class PackageVersionConflict(Exception):
+    """The kernel already imported another version of a package a new environment holds."""
+
+
+def use_packages(site: str | None, previous: str | None = None) -> None:
+    """Put the environment at ``site`` in front of ``sys.path``, replacing ``previous``.
+
+    ``site`` None takes ``previous`` away (the runner's own packages suffice).
+    The session's state is kept: import caches are invalidated so that newly
+    installed modules are found. A distribution the kernel has already
+    imported cannot change version under it; that raises
+    :class:`PackageVersionConflict` and changes nothing.
+    """
+    import importlib
+    import importlib.metadata
+    import site as site_module
+    import sys
+
+    after = [p for p in sys.path if p != previous]
+    if site is not None:
+        after.insert(0, site)
+    names = {
+        dist.metadata["Name"]
+        for where in (site, previous)
+        if where is not None
+        for dist in importlib.metadata.distributions(path=[where])
+    }
+    conflicts = []
+    for name in sorted(n for n in names if n):
+        now = next(iter(importlib.metadata.distributions(name=name, path=sys.path)), None)
+        later = next(iter(importlib.metadata.distributions(name=name, path=after)), None)
+        if now is None or (later is not None and later.version == now.version):
+            continue
+        loaded = sorted(m for m in _top_level_modules(now) if m in sys.modules)
+        if loaded:
+            to = later.version if later is not None else "none"
+            conflicts.append(f"{name} {now.version} (imported as {', '.join(loaded)}) → {to}")
+    if conflicts:
+        raise PackageVersionConflict(
+            "this session's kernel has already imported "
+            + "; ".join(conflicts)
+            + ". A module cannot change version inside a running kernel: run the cell in a "
+            "fresh session with %%remote --new-session (the remote state is lost), or keep "
+            "the version already imported."
+        )
+    sys.path[:] = after
+    if site is not None:
+        site_module.addsitedir(site)  # its .pth files, if any
+    importlib.invalidate_caches()
+
+
+def _top_level_modules(dist: Any) -> set[str]:
+    """The importable top-level names a distribution provides."""
+    text = dist.read_text("top_level.txt")
+    if text:
+        return {line.strip() for line in text.splitlines() if line.strip()}
+    names = set()
+    for file in dist.files or ():
+        first = file.parts[0]
+        if first.endswith((".dist-info", ".data")) or first in ("..", "bin"):
+            continue
+        names.add(first.removesuffix(".py").split(".")[0])
+    return names

@@ -4,9 +4,15 @@
 
     didomagic-runner [--host H] [--port P] [--tags a,b] ...   serve cells
     didomagic-runner mediator [--host H] [--port P] ...        match cells to runners
+    didomagic-runner mediator add-runner NAME [--state-dir D]  a runner's own credential
     didomagic-runner gen-cert --out DIR [--host NAME]          write a certificate
     didomagic-runner gen-client-cert --ca-dir D --name N --out DIR   a client certificate
     didomagic-runner --check-sandbox [limit flags]             what this host can enforce
+    didomagic-runner [mediator] --config FILE [--print-config]  flags from a TOML file
+    didomagic-runner slurm-script [--slurm-* flags]            print a runner batch script
+
+Both roles also read their settings from ``DIDOMAGIC_*`` environment variables
+and mounted secret files (:mod:`runner.environment`); flags win.
 
 On start the runner logs where it listens and its certificate fingerprint, and
 prints its connection URL (address, token and fingerprint in one string) on
@@ -26,6 +32,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -34,17 +41,25 @@ from pathlib import Path
 
 import platformdirs
 
+from didomagic import eventloops
 from didomagic.client import RunnerConnection, open_connection
 from didomagic.errors import ConfigurationError
 from didomagic.urls import ConnectionURL
-from runner import certs
+from runner import accept, admission, certs, enrol, environment, fdlimit, slurm, slurm_options
+from runner.admission import RequestLimits
+from runner.advertise import Advertiser
+from runner.configfile import add_config_flags, parse_with_config, render
+from runner.envs import EnvCache, InstallSettings
+from runner.idle import stop_when_idle
 from runner.jobs import JobService
 from runner.jobstore import JobRecord, JobStore
+from runner.launcher import Launcher, LauncherSettings
 from runner.limits import Limits, parse_size
 from runner.link import MediatorLink
 from runner.mediator import Mediator, MediatorSettings
 from runner.sandbox import Sandbox, SandboxUnavailable, probe, report
 from runner.server import RunnerServer, RunnerSettings
+from runner.status import log_buffer
 
 logger = logging.getLogger("didomagic.runner")
 
@@ -106,6 +121,7 @@ def _url(text: str) -> ConnectionURL:
 
 def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
     """Flags a runner and a mediator share: where to listen, TLS, state, URL file, logging."""
+    add_config_flags(p)
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -139,6 +155,19 @@ def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
         help="write the clients' connection URL here (mode 0600) once listening",
     )
     p.add_argument(
+        "--advertise",
+        action="store_true",
+        help="announce this server on the local network with DNS-SD/mDNS (name, tags, port "
+        "and certificate fingerprint, never the token), for %%runners discover (default: off)",
+    )
+    p.add_argument(
+        "--admin-token",
+        default=None,
+        help="token that opens the read-only status page at https://HOST:PORT/status "
+        "(default: $DIDOMAGIC_ADMIN_TOKEN, else one generated once and kept in the state "
+        "directory as admin-token); no other token opens it",
+    )
+    p.add_argument(
         "--client-ca",
         type=Path,
         default=None,
@@ -151,6 +180,27 @@ def _add_common(p: argparse.ArgumentParser, port: int, what: str) -> None:
         default=10.0,
         help="close connections that have not finished the TLS and websocket handshakes "
         "within this many seconds (default 10)",
+    )
+    p.add_argument(
+        "--max-handshakes",
+        type=_positive,
+        default=accept.MAX_HANDSHAKES,
+        help="connections still in their TLS or HTTP handshake at once; beyond it the oldest "
+        f"is dropped, so idle ones cannot use up descriptors (default {accept.MAX_HANDSHAKES})",
+    )
+    p.add_argument(
+        "--max-values",
+        type=_positive,
+        default=admission.MAX_VALUES,
+        help="values one cell or job submission may declare; more are refused before "
+        f"anything is opened (default {admission.MAX_VALUES})",
+    )
+    p.add_argument(
+        "--upload-timeout",
+        type=_seconds,
+        default=admission.UPLOAD_TIMEOUT,
+        help="drop a cell or job submission whose declared values go this many seconds "
+        f"without a frame, and remove its files (default {admission.UPLOAD_TIMEOUT:g})",
     )
     p.add_argument(
         "--job-ttl",
@@ -218,7 +268,8 @@ def serve_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=None,
         help="end a session that runs no cell for this many seconds and free its kernel "
-        "(default: none); its next cell starts a new session",
+        "(default: none); its next cell starts a new session. Jobs connections that send "
+        "no request this long are closed too",
     )
     p.add_argument(
         "--session-grace",
@@ -248,6 +299,15 @@ def serve_parser() -> argparse.ArgumentParser:
         help="kernels started ahead of sessions (default 1)",
     )
     _add_limits(p)
+    _add_packages(p)
+    p.add_argument(
+        "--exit-when-idle",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop once no session has been open or queued for this many seconds "
+        "(default: never; runners launched by a mediator use it so their jobs end)",
+    )
     p.add_argument(
         "--exit-on-stdin-eof",
         action="store_true",
@@ -332,6 +392,88 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheSize:
+    """``--env-cache-size``: a number of environments (``20``) or bytes (``5G``)."""
+
+    text: str
+    count: int | None
+    nbytes: int | None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _cache_size(text: str) -> CacheSize:
+    text = text.strip()
+    if text.isdigit():
+        return CacheSize(text, _positive(text), None)
+    return CacheSize(text, None, _size(text))
+
+
+def _add_packages(p: argparse.ArgumentParser) -> None:
+    """Installing the packages cells ask for (see docs/packages.md)."""
+    g = p.add_argument_group(
+        "packages",
+        "Cells may ask for packages (%%remote --pip, --requirements, --packages match). The "
+        "runner installs them (wheels only) into cached environments layered over its own, "
+        "never inside a kernel.",
+    )
+    allow = g.add_mutually_exclusive_group()
+    allow.add_argument(
+        "--allow-install",
+        action="store_true",
+        help="install the packages cells ask for (the default, unless --no-install)",
+    )
+    allow.add_argument(
+        "--no-install",
+        action="store_true",
+        help="refuse: a cell asking for a package this runner lacks fails, saying so",
+    )
+    g.add_argument(
+        "--env-cache-size",
+        type=_cache_size,
+        default=CacheSize("20", 20, None),
+        metavar="N|SIZE",
+        help="keep at most N environments (20), or SIZE bytes of them (e.g. 5G); the least "
+        "recently used go first, never one in use (default 20)",
+    )
+    g.add_argument(
+        "--find-links",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="also look for wheels in this folder (repeatable)",
+    )
+    g.add_argument(
+        "--no-index",
+        action="store_true",
+        help="use no package index, only --find-links folders (offline hosts)",
+    )
+    g.add_argument(
+        "--installer",
+        choices=["auto", "uv", "pip"],
+        default="auto",
+        help="auto: uv (the 'uv' package) where installed, else pip (default auto)",
+    )
+
+
+def install_settings_of(args: argparse.Namespace) -> InstallSettings:
+    """The :class:`InstallSettings` the command line asks for."""
+    for folder in args.find_links:
+        if not folder.is_dir():
+            raise SystemExit(f"didomagic-runner: --find-links {folder}: no such folder.")
+    return InstallSettings(
+        allow=not args.no_install,
+        installer=args.installer,
+        find_links=tuple(str(f.resolve()) for f in args.find_links),
+        no_index=args.no_index,
+        max_envs=args.env_cache_size.count,
+        max_bytes=args.env_cache_size.nbytes,
+    )
+
+
 def limits_of(args: argparse.Namespace) -> Limits:
     """The :class:`Limits` the command line asks for."""
     return Limits(
@@ -366,6 +508,53 @@ def mediator_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="write the runners' URL here (mode 0600) once listening",
+    )
+    p.add_argument(
+        "--no-shared-runner-token",
+        action="store_true",
+        help="accept only runners with a credential of their own ('didomagic-runner mediator "
+        "add-runner NAME'); by default the shared runner token also works, for names "
+        "without a credential, and such runners are listed as unverified",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=["none", "slurm"],
+        default="none",
+        help="slurm: submit runner jobs (the --slurm-* template) when a session waits for "
+        "tags no up runner serves but such a runner would (default: none)",
+    )
+    p.add_argument(
+        "--max-runners",
+        type=_positive,
+        default=4,
+        help="runner jobs alive at once, pending ones included (default 4)",
+    )
+    p.add_argument(
+        "--launcher-poll",
+        type=_seconds,
+        default=2.0,
+        help="seconds between two looks at the runner jobs' states (default 2)",
+    )
+    slurm_options.add_template_options(p)
+    p.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=256,
+        help="open connections (clients, runner links, relays, jobs; a relayed session "
+        "takes two) beyond which new ones are refused at once with 503 (default 256)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=None,
+        help="close a jobs connection that sends no request for this many seconds (default: none)",
+    )
+    p.add_argument(
+        "--max-message-size",
+        type=_size,
+        default=8 << 30,
+        help="the most bytes of values one job submission may send; larger ones are refused "
+        "before anything is allocated (default 8G)",
     )
     return p
 
@@ -438,6 +627,17 @@ def _load_token(
     return token
 
 
+def _admin_token(args: argparse.Namespace, state_dir: Path, *others: str) -> str:
+    """The status page's token (``--admin-token``); it must differ from every other token."""
+    admin = _load_token(args.admin_token, state_dir, "DIDOMAGIC_ADMIN_TOKEN", "admin-token")
+    if admin in others:
+        raise SystemExit(
+            "didomagic-runner: the admin token must differ from the client and runner "
+            "tokens, so that none of those opens the status page."
+        )
+    return admin
+
+
 def _write_private(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -461,6 +661,7 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    log_buffer()  # the status page shows the last lines
     if level != "DEBUG":
         for noisy in (
             "didomagic.runner.websockets",
@@ -514,7 +715,12 @@ def _announce(
         token=token,
         fingerprint=fingerprint,
     )
-    logger.info("%s listening on %s", what, url.address)
+    logger.info(
+        "%s listening on %s (event loop: %s)",
+        what,
+        url.address,
+        eventloops.loop_name(asyncio.get_running_loop()),
+    )
     logger.info("certificate SHA-256 fingerprint: %s", fingerprint)
     return url
 
@@ -532,6 +738,31 @@ def _publish(url: ConnectionURL, label: str, url_file: Path | None) -> None:
     print(url, flush=True)
 
 
+async def _advertise(
+    role: str,
+    name: str,
+    args: argparse.Namespace,
+    url: ConnectionURL,
+    tags: Sequence[str] = (),
+) -> Advertiser:
+    """Start announcing this server on the local network (``--advertise``)."""
+    try:
+        advertiser = Advertiser(role, name, args.host, url.port, url.fingerprint or "", tags)
+    except ValueError as exc:
+        raise SystemExit(f"didomagic-runner: {exc}") from None
+    await advertiser.start()
+    return advertiser
+
+
+def _log_status_page(url: ConnectionURL, args: argparse.Namespace, state_dir: Path) -> None:
+    where = (
+        "the one given"
+        if args.admin_token or os.environ.get("DIDOMAGIC_ADMIN_TOKEN")
+        else f"kept in {state_dir / 'admin-token'}"
+    )
+    logger.info("status page: https://%s/status (admin token: %s)", url.address, where)
+
+
 async def serve(args: argparse.Namespace) -> None:
     """Run the runner until SIGTERM, SIGINT or (optionally) standard input closes."""
     limits = limits_of(args)
@@ -545,11 +776,16 @@ async def serve(args: argparse.Namespace) -> None:
     except SandboxUnavailable as exc:
         raise SystemExit(f"didomagic-runner: cannot start: {exc}") from None
     state_dir, certfile, keyfile = _prepare(args, "runner")
+    token = _load_token(args.token, state_dir)
+    envs = EnvCache(state_dir / "envs", state_dir / "uv-cache", install_settings_of(args))
+    envs.prepare()
+    sandbox.environments = envs.root
     settings = RunnerSettings(
         host=args.host,
         port=args.port,
-        tags=args.tags,
-        token=_load_token(args.token, state_dir),
+        tags=tuple(dict.fromkeys((*args.tags, *slurm.job_tags(os.environ)))),
+        token=token,
+        admin_token=_admin_token(args, state_dir, token),
         certfile=certfile,
         keyfile=keyfile,
         max_sessions=args.max_sessions,
@@ -564,17 +800,26 @@ async def serve(args: argparse.Namespace) -> None:
         limits=limits,
         client_ca=_readable(args.client_ca),
         handshake_timeout=args.handshake_timeout,
+        max_values=args.max_values,
+        upload_timeout=args.upload_timeout,
+        max_handshakes=args.max_handshakes,
     )
     if args.name:
         settings.name = args.name
+    fdlimit.raise_nofile(logger, settings.max_connections, settings.max_handshakes)
     _remove_stale_work_dirs(Path(tempfile.gettempdir()))
     _remove_stale_work_dirs(MEMORY_BACKED)
     work_root = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
     private_root = _memory_backed_dir()
-    server = RunnerServer(settings, work_root, private_root, sandbox)
+    sandbox.hide = tuple(p for p in (state_dir, work_root, private_root) if p is not None)
+    if limits.sandbox != "bwrap":
+        logger.info("sessions are not isolated from each other without --sandbox bwrap")
+    server = RunnerServer(settings, work_root, private_root, sandbox, envs)
     stop = _stop_event(args.exit_on_stdin_eof)
     link: MediatorLink | None = None
+    advertiser: Advertiser | None = None
     link_task: asyncio.Task[None] | None = None
+    idle: asyncio.Task[None] | None = None
     try:
         port = await server.start()
         url = _announce(f"runner {settings.name}", args, port, settings.token, certfile)
@@ -585,6 +830,9 @@ async def serve(args: argparse.Namespace) -> None:
             settings.max_queue,
         )
         _publish(url, "connection URL", args.url_file)
+        _log_status_page(url, args, state_dir)
+        if args.advertise:
+            advertiser = await _advertise("runner", settings.name, args, url, settings.tags)
         own_url = (  # its own certificate is trusted as a client's: see listen()
             dataclasses.replace(url, client_cert=str(certfile), client_key=str(keyfile))
             if settings.client_ca
@@ -597,15 +845,26 @@ async def serve(args: argparse.Namespace) -> None:
             return await open_connection(own_url)
 
         server.jobs = JobService(
-            JobStore(state_dir / "jobs"), open_own_session, settings.name, args.job_ttl
+            JobStore(state_dir / "jobs"),
+            open_own_session,
+            settings.name,
+            args.job_ttl,
+            settings.requests,
+            settings.idle_timeout,
         )
         server.jobs.start()
         if args.mediator is not None:
             link = MediatorLink(server, args.mediator, args.heartbeat)
             link_task = asyncio.create_task(link.run())
+        if args.exit_when_idle is not None:
+            idle = asyncio.create_task(stop_when_idle(server, args.exit_when_idle, stop))
         await stop.wait()
         logger.info("stopping: closing sessions and shutting kernels down")
     finally:
+        if advertiser is not None:
+            await advertiser.stop()
+        if idle is not None:
+            idle.cancel()
         if link is not None and link_task is not None:
             await link.stop()
             link_task.cancel()
@@ -622,28 +881,38 @@ async def serve(args: argparse.Namespace) -> None:
 async def mediate(args: argparse.Namespace) -> None:
     """Run the mediator until SIGTERM or SIGINT."""
     state_dir, certfile, keyfile = _prepare(args, "mediator")
+    token = _load_token(args.token, state_dir)
+    runner_token = _load_token(
+        args.runner_token, state_dir, "DIDOMAGIC_RUNNER_TOKEN", "runner-token"
+    )
     settings = MediatorSettings(
         host=args.host,
         port=args.port,
         name=args.name,
-        token=_load_token(args.token, state_dir),
-        runner_token=_load_token(
-            args.runner_token, state_dir, "DIDOMAGIC_RUNNER_TOKEN", "runner-token"
-        ),
+        token=token,
+        runner_token=runner_token,
+        admin_token=_admin_token(args, state_dir, token, runner_token),
         certfile=certfile,
         keyfile=keyfile,
         state_dir=state_dir,
         job_ttl=args.job_ttl,
         client_ca=_readable(args.client_ca),
         handshake_timeout=args.handshake_timeout,
+        shared_runner_token=not args.no_shared_runner_token,
+        max_connections=args.max_connections,
+        max_handshakes=args.max_handshakes,
+        idle_timeout=args.idle_timeout,
+        requests=RequestLimits(args.max_message_size, args.max_values, args.upload_timeout),
     )
     if settings.token == settings.runner_token:
         raise SystemExit(
             "didomagic-runner mediator: the client token and the runner token must differ, "
             "so that one role's credential cannot act as the other."
         )
+    fdlimit.raise_nofile(logger, settings.max_connections, settings.max_handshakes)
     mediator = Mediator(settings)
     stop = _stop_event()
+    advertiser: Advertiser | None = None
     try:
         port = await mediator.start()
         client_url = _announce(f"mediator {settings.name}", args, port, settings.token, certfile)
@@ -651,15 +920,45 @@ async def mediate(args: argparse.Namespace) -> None:
             client_url.host, client_url.port, settings.runner_token, client_url.fingerprint
         )
         _publish(client_url, "client URL (for %runners add)", args.url_file)
+        _log_status_page(client_url, args, state_dir)
         _publish(runner_url, "runner URL (for didomagic-runner --mediator)", args.runner_url_file)
+        if args.advertise:
+            advertiser = await _advertise("mediator", settings.name, args, client_url)
+        if args.no_shared_runner_token:
+            logger.info(
+                "--no-shared-runner-token: the runner URL above is refused; give each runner "
+                "its own with 'didomagic-runner mediator add-runner NAME'"
+            )
+        if args.launcher == "slurm":
+            mediator.launcher = _slurm_launcher(args, runner_url)
+            mediator.launcher.start()
         await stop.wait()
         logger.info("stopping")
     finally:
+        if advertiser is not None:
+            await advertiser.stop()
         await mediator.stop()
         for path in (args.url_file, args.runner_url_file):
             if path:
                 path.unlink(missing_ok=True)
     logger.info("stopped")
+
+
+def _slurm_launcher(args: argparse.Namespace, runner_url: ConnectionURL) -> Launcher:
+    """The launcher ``--launcher slurm`` asks for; exit if Slurm's commands are missing."""
+    launcher = Launcher(
+        LauncherSettings(slurm_options.template_of(args), args.max_runners, args.launcher_poll),
+        str(runner_url),
+    )
+    missing = launcher.commands.available()
+    if missing:
+        raise SystemExit(f"didomagic-runner mediator: --launcher slurm: {missing}.")
+    logger.info(
+        "launching up to %d runners on Slurm for tags %s",
+        args.max_runners,
+        ",".join(launcher.settings.template.runner_tags()) or "none",
+    )
+    return launcher
 
 
 MEMORY_BACKED = Path("/dev/shm")
@@ -677,7 +976,12 @@ def _remove_stale_work_dirs(parent: Path) -> None:
     for path in parent.glob("didomagic-runner-*-*"):
         pid_text = path.name.split("-")[2]
         try:
-            if not pid_text.isdigit() or path.stat().st_uid != os.getuid():
+            info = path.lstat()  # a link planted under that name is never followed
+            if (
+                not pid_text.isdigit()
+                or not stat.S_ISDIR(info.st_mode)
+                or info.st_uid != os.getuid()
+            ):
                 continue
             os.kill(int(pid_text), 0)  # still running: not stale
         except ProcessLookupError:
@@ -686,7 +990,7 @@ def _remove_stale_work_dirs(parent: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
                 if not path.exists():
                     break
-        except (PermissionError, OSError):
+        except (OSError, OverflowError):  # not ours to look at, or no pid at all
             continue
 
 
@@ -712,24 +1016,45 @@ def gen_cert(args: argparse.Namespace) -> None:
     print(f"certificate: {certfile}\nkey:         {keyfile}\nSHA-256 fingerprint: {fingerprint}")
 
 
+def _from_environment(role: str) -> list[str]:
+    """Flags from ``DIDOMAGIC_*`` variables (secrets are then removed from the environment)."""
+    try:
+        return environment.arguments(role, os.environ)
+    except ConfigurationError as exc:
+        raise SystemExit(f"didomagic-runner: {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``didomagic-runner`` and ``python -m runner``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["slurm-script"]:
+        slurm_options.print_script(slurm_options.slurm_script_parser().parse_args(argv[1:]))
+        return 0
     if argv[:1] == ["gen-cert"]:
         gen_cert(gen_cert_parser().parse_args(argv[1:]))
         return 0
     if argv[:1] == ["gen-client-cert"]:
         gen_client_cert(gen_client_cert_parser().parse_args(argv[1:]))
         return 0
+    if argv[:1] == ["mediator"] and argv[1:2] in (["add-runner"], ["remove-runner"]):
+        return enrol.main(argv[1], argv[2:])
     if argv[:1] == ["mediator"]:
-        margs = mediator_parser().parse_args(argv[1:])
+        parser = mediator_parser()
+        margs = parse_with_config(parser, _from_environment("mediator") + argv[1:])
+        if margs.print_config:
+            print(render(parser, margs), end="")
+            return 0
         _configure_logging(margs.log_level)
-        asyncio.run(mediate(margs))
+        asyncio.run(mediate(margs))  # asyncio's loop: see runner.accept
         return 0
-    args = serve_parser().parse_args(argv)
+    parser = serve_parser()
+    args = parse_with_config(parser, _from_environment("runner") + argv)
+    if args.print_config:
+        print(render(parser, args), end="")
+        return 0
     if args.check_sandbox:
         print(report(limits_of(args), probe(use_cgroups=not args.no_cgroups)))
         return 0
     _configure_logging(args.log_level)
-    asyncio.run(serve(args))
+    asyncio.run(serve(args))  # asyncio's loop: see runner.accept
     return 0

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
@@ -54,11 +57,15 @@ from didomagic.protocol import (
     Welcome,
     check_compatible,
     cloudpickle_version,
+    expect,
     python_version,
 )
-from runner import jobstore
+from runner import admission, jobstore, safefiles
+from runner.admission import RequestLimits
 from runner.jobstore import JobRecord, JobStore
-from runner.wire import refuse, wait_set
+from runner.wire import IDLE_CLOSE_REASON, refuse, wait_set
+
+T = TypeVar("T")
 
 logger = logging.getLogger("didomagic.detached")
 
@@ -74,6 +81,9 @@ HELLO_TIMEOUT = 10.0
 JOBS_PATH = "jobs"
 """The endpoint of the jobs channel, on runners and mediators."""
 
+MAX_LIST_IDS = 1000
+"""The most job ids one list-jobs request may name."""
+
 
 def _in_file(directory: Path, i: int) -> Path:
     return directory / f"in-{i}.bin"
@@ -84,30 +94,53 @@ def _out_file(directory: Path, i: int) -> Path:
 
 
 class JobService:
-    """Stores, runs and serves the jobs of one holder."""
+    """Stores, runs and serves the jobs of one holder.
+
+    Every use of the store (SQLite and the blob files) runs on one worker
+    thread, in order, so the event loop never waits on the disk or a lock.
+    Submissions are held to ``limits`` as cells are; a jobs connection with no
+    request for ``idle_timeout`` seconds is closed.
+    """
 
     def __init__(
-        self, store: JobStore, opener: Opener, holder: str, ttl: float | None = None
+        self,
+        store: JobStore,
+        opener: Opener,
+        holder: str,
+        ttl: float | None = None,
+        limits: RequestLimits | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         self.store = store
         self.opener = opener
         self.holder = holder
         self.ttl = ttl
+        self.limits = limits or RequestLimits()
+        self.idle_timeout = idle_timeout
         self.wake = asyncio.Event()
         self._running: dict[str, tuple[asyncio.Task[None], RunnerConnection]] = {}
         self._scheduler: asyncio.Task[None] | None = None
         self._stopping = False
+        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="didomagic-jobstore")
+
+    async def _db(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``call`` (a store method or other disk work) on the store's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._disk, functools.partial(call, *args, **kwargs))
 
     # -- life cycle
 
-    def recover(self) -> None:
+    async def records(self) -> list[JobRecord]:
+        """Every job's record (read on the store's worker thread), for the status page."""
+        return await self._db(self.store.all)
+
+    async def recover(self) -> None:
         """Settle jobs a previous run of this holder left running (it stopped meanwhile)."""
-        for job in self.store.all(jobstore.RUNNING):
-            self._runner_lost(job, f"{self.holder} stopped while the job ran on {job.runner}")
+        for job in await self._db(self.store.all, jobstore.RUNNING):
+            await self._runner_lost(job, f"{self.holder} stopped while the job ran on {job.runner}")
 
     def start(self) -> None:
         """Recover, then run queued jobs in the background."""
-        self.recover()
         self._scheduler = asyncio.create_task(self._schedule())
 
     async def stop(self) -> None:
@@ -121,20 +154,22 @@ class JobService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.store.close()
+        await self._db(self.store.close)
+        self._disk.shutdown()
 
     # -- scheduling
 
     async def _schedule(self) -> None:
+        await self.recover()
         while not self._stopping:
             await wait_set(self.wake, SCHEDULE_EVERY)
             self.wake.clear()
             if self._stopping:
                 return
             if self.ttl is not None:
-                for job_id in self.store.expire(self.ttl):
+                for job_id in await self._db(self.store.expire, self.ttl):
                     logger.info("job %s expired (--job-ttl %gs)", job_id, self.ttl)
-            for job in self.store.all(jobstore.QUEUED):
+            for job in await self._db(self.store.all, jobstore.QUEUED):
                 if job.id in self._running:
                     continue
                 try:
@@ -152,7 +187,7 @@ class JobService:
                         else "runner"
                     )
                     if job.reason != waiting and not job.reason.startswith("runner lost"):
-                        self.store.update(job.id, reason=waiting)
+                        await self._db(self.store.update, job.id, reason=waiting)
                     continue
                 task = asyncio.create_task(self._run_safely(job, connection))
                 self._running[job.id] = (task, connection)
@@ -167,17 +202,18 @@ class JobService:
             await self._run(job, connection)
         except Exception as exc:
             logger.exception("job %s: internal error", job.id)
-            self.store.finish(job.id, jobstore.FAILED, f"internal error in {self.holder}: {exc}")
+            reason = f"internal error in {self.holder}: {exc}"
+            await self._db(self.store.finish, job.id, jobstore.FAILED, reason)
 
     async def _run(self, job: JobRecord, connection: RunnerConnection) -> None:
         runner = connection.runner_name
-        record = self.store.start(job.id, runner)
+        record = await self._db(self.store.start, job.id, runner)
         if record is None or record.state != jobstore.RUNNING:
             await connection.close()
             return
         logger.info("job %s (%s) running on %s", job.id, job.name or "unnamed", runner)
         directory = self.store.blob_dir(job.id)
-        request = _read_request(directory)
+        request = await self._db(_read_request, directory)
         values = _headers(request["values"])
         outputs: list[dict[str, Any]] = []
 
@@ -196,23 +232,27 @@ class JobService:
                     fetch=tuple(request["fetch"]),
                     deletes=tuple(request["deletes"]),
                     timeout=job.timeout,
+                    packages=tuple(request.get("packages", ())),
                 ),
                 parts,
                 collect,
             )
         except (ConnectionLost, ProtocolError) as exc:
-            current = self.store.get(job.id)
+            current = await self._db(self.store.get, job.id)
             if current is not None and current.state == jobstore.RUNNING:
-                self._runner_lost(current, f"{runner} went away while the job ran ({exc})")
+                await self._runner_lost(current, f"{runner} went away while the job ran ({exc})")
             return
         finally:
             with contextlib.suppress(Exception):
                 await connection.close()
         for i, parts_of_value in enumerate(buffers):
-            serialize.write_values(
-                _out_file(directory, i), [[memoryview(p) for p in parts_of_value]]
+            await self._db(
+                serialize.write_values,
+                _out_file(directory, i),
+                [[memoryview(p) for p in parts_of_value]],
             )
-        self.store.save_result(
+        await self._db(
+            self.store.save_result,
             job.id,
             outputs,
             {
@@ -224,7 +264,7 @@ class JobService:
             },
         )
         state, reason = _final_state(result.status, result.error)
-        finished = self.store.finish(job.id, state, reason)
+        finished = await self._db(self.store.finish, job.id, state, reason)
         logger.info(
             "job %s %s on %s%s",
             job.id,
@@ -233,9 +273,10 @@ class JobService:
             f": {reason}" if reason else "",
         )
 
-    def _runner_lost(self, job: JobRecord, why: str) -> None:
+    async def _runner_lost(self, job: JobRecord, why: str) -> None:
         if job.attempts <= job.retries:
-            self.store.update(
+            await self._db(
+                self.store.update,
                 job.id,
                 state=jobstore.QUEUED,
                 reason=f"runner lost: {why}; queued again (retry {job.attempts} of {job.retries})",
@@ -243,17 +284,17 @@ class JobService:
             logger.warning("job %s: runner lost (%s); queued again", job.id, why)
             self.wake.set()
         else:
-            self.store.finish(job.id, jobstore.FAILED, f"runner lost: {why}")
+            await self._db(self.store.finish, job.id, jobstore.FAILED, f"runner lost: {why}")
             logger.warning("job %s failed: runner lost (%s)", job.id, why)
 
     # -- requests
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         """Cancel a queued or running job (a running one's session is closed at once)."""
-        job = self.store.get(job_id)
+        job = await self._db(self.store.get, job_id)
         if job is None or job.state in jobstore.FINISHED:
             return job
-        job = self.store.finish(job_id, jobstore.CANCELLED, "cancelled on request")
+        job = await self._db(self.store.finish, job_id, jobstore.CANCELLED, "cancelled on request")
         running = self._running.get(job_id)
         if running is not None:
             # Closing the session makes the runner interrupt the cell and stop its kernel.
@@ -267,8 +308,7 @@ class JobService:
         owner = owner_of(ws)
         try:
             text = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
-            hello = session.receive(text)
-            assert isinstance(hello, Hello)
+            hello = expect(session.receive(text), Hello)
             check_compatible(
                 protocol=hello.protocol,
                 python=hello.python,
@@ -293,6 +333,9 @@ class JobService:
             await refuse(ws, ErrorCode.NOT_FOUND, str(exc))
         except _NotReady as exc:
             await refuse(ws, ErrorCode.NOT_READY, str(exc))
+        except _BadRequest as exc:
+            logger.warning("jobs connection from %s: refused: %s", peer, exc)
+            await refuse(ws, ErrorCode.BAD_REQUEST, str(exc))
         except ProtocolError as exc:
             logger.warning("jobs connection from %s: protocol error: %s", peer, exc)
             await refuse(ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
@@ -301,46 +344,89 @@ class JobService:
 
     async def _requests(self, ws: Any, session: Session, owner: str) -> None:
         upload: _Upload | None = None
-        async for frame in ws:
-            if isinstance(frame, bytes):
-                assert upload is not None
-                for chunk in session.receive_binary(frame):
-                    upload.write(chunk.value, chunk.data)
-                if session.state is State.WAIT:
-                    await self._submitted(ws, session, upload, owner)
-                    upload = None
-                continue
-            message = session.receive(frame)
-            if isinstance(message, Submit):
-                if message.retries < 0:
-                    raise ProtocolError("submit.retries must be 0 or more")
-                upload = _Upload(message, self.store.new_upload())
-                if session.state is State.WAIT:
-                    await self._submitted(ws, session, upload, owner)
-                    upload = None
-            elif isinstance(message, ListJobs):
-                if message.ids:
-                    jobs = [self.store.get(i) for i in message.ids]
-                else:
-                    jobs = list(self.store.all(owner=owner))
-                reply = tuple(j.public() for j in jobs if j is not None and j.owner == owner)
-                await ws.send(session.send(JobList(reply)))
-            elif isinstance(message, CancelJob):
-                job = self._known(message.job, owner)
-                cancelled = await self.cancel(job.id) or job
-                await ws.send(session.send(JobList((cancelled.public(),))))
-            elif isinstance(message, DeleteJob):
-                job = self._known(message.job, owner)
-                await self.cancel(job.id)
-                self.store.delete(job.id)
-                logger.info("job %s deleted", job.id)
-                await ws.send(session.send(JobList(())))
-            elif isinstance(message, Pull):
-                await self._pull(ws, session, self._known(message.job, owner))
+        try:
+            while True:
+                frame = await self._next_frame(ws, upload)
+                if frame is None:
+                    return
+                if isinstance(frame, bytes):
+                    chunks = session.receive_binary(frame)  # refuses one not expected now
+                    if upload is None:
+                        raise ProtocolError("binary frame outside a submission")
+                    for chunk in chunks:
+                        upload.write(chunk.value, chunk.data)
+                    if session.state is State.WAIT:
+                        await self._submitted(ws, session, upload, owner)
+                        upload = None
+                    continue
+                message = session.receive(frame)
+                if isinstance(message, Submit):
+                    upload = await self._accept_submission(message)
+                    if session.state is State.WAIT:
+                        await self._submitted(ws, session, upload, owner)
+                        upload = None
+                elif isinstance(message, ListJobs):
+                    await ws.send(session.send(JobList(await self._listed(message, owner))))
+                elif isinstance(message, CancelJob):
+                    job = await self._known(message.job, owner)
+                    cancelled = await self.cancel(job.id) or job
+                    await ws.send(session.send(JobList((cancelled.public(),))))
+                elif isinstance(message, DeleteJob):
+                    job = await self._known(message.job, owner)
+                    await self.cancel(job.id)
+                    await self._db(self.store.delete, job.id)
+                    logger.info("job %s deleted", job.id)
+                    await ws.send(session.send(JobList(())))
+                elif isinstance(message, Pull):
+                    await self._pull(ws, session, await self._known(message.job, owner))
+        finally:
+            if upload is not None:  # the submission never completed: nothing of it stays
+                upload.discard()
 
-    def _known(self, job_id: str, owner: str) -> JobRecord:
+    async def _next_frame(self, ws: Any, upload: _Upload | None) -> str | bytes | None:
+        """The next frame; None once the connection idled past its timeout (then closed).
+
+        While a submission's values arrive, the wait is ``--upload-timeout``;
+        between requests, ``--idle-timeout`` (if set).
+        """
+        limit = self.limits.upload_timeout if upload is not None else self.idle_timeout
+        try:
+            async with asyncio.timeout(limit):
+                return await ws.recv()  # type: ignore[no-any-return]
+        except TimeoutError:
+            if upload is not None:
+                raise _BadRequest(admission.stalled(self.limits, "submission")) from None
+            await ws.close(1000, IDLE_CLOSE_REASON)
+            return None
+
+    async def _accept_submission(self, message: Submit) -> _Upload:
+        if message.retries < 0:
+            raise ProtocolError("submit.retries must be 0 or more")
+        why = admission.refusal(message.values, self.limits, "submission")
+        if why is not None:
+            raise _BadRequest(why)
+        if any(v.cached for v in message.values):
+            raise ProtocolError(
+                "a submission cannot declare values cached: a job holder keeps no values "
+                "between submissions; send every value"
+            )
+        return _Upload(message, await self._db(self.store.new_upload))
+
+    async def _listed(self, message: ListJobs, owner: str) -> tuple[dict[str, Any], ...]:
+        if len(message.ids) > MAX_LIST_IDS:
+            raise _BadRequest(
+                f"The request names {len(message.ids)} job ids; at most {MAX_LIST_IDS} ids "
+                "may be listed at once. Ask in batches, or with no ids for all your jobs."
+            )
+        if message.ids:
+            jobs = await self._db(self.store.get_many, message.ids)
+        else:
+            jobs = await self._db(self.store.all, owner=owner)
+        return tuple(j.public() for j in jobs if j.owner == owner)
+
+    async def _known(self, job_id: str, owner: str) -> JobRecord:
         """The job, if it exists and is ``owner``'s (another's reads exactly as a missing one)."""
-        job = self.store.get(job_id)
+        job = await self._db(self.store.get, job_id)
         if job is None or job.owner != owner:
             raise _NotFound(job_id)
         return job
@@ -348,13 +434,15 @@ class JobService:
     async def _submitted(self, ws: Any, session: Session, upload: _Upload, owner: str) -> None:
         upload.close()
         request = upload.request
-        job, new = self.store.submit(
+        job, new = await self._db(
+            self.store.submit,
             upload.directory,
             {
                 "code": request.code,
                 "values": _described(request.values),
                 "fetch": list(request.fetch),
                 "deletes": list(request.deletes),
+                "packages": list(request.packages),
             },
             request_id=request.request_id,
             name=request.name,
@@ -374,7 +462,7 @@ class JobService:
         await ws.send(session.send(JobList((job.public(),))))
 
     async def _pull(self, ws: Any, session: Session, job: JobRecord) -> None:
-        stored = self.store.load_result(job.id)
+        stored = await self._db(self.store.load_result, job.id)
         if stored is None:
             raise _NotReady(job)
         outputs, result = stored
@@ -447,20 +535,43 @@ class _NotReady(Exception):
         super().__init__(message)
 
 
+class _BadRequest(Exception):
+    """A request over a limit (the message names it)."""
+
+
 class _Upload:
-    """Writes a submission's values into files of a private temporary directory."""
+    """Writes a submission's values into files of a private temporary directory.
+
+    Like a cell's upload (:class:`runner.uploads.Upload`): each file is created
+    when the first byte of its value arrives and closed when the next value
+    starts, so a submission holds at most one descriptor.
+    """
 
     def __init__(self, request: Submit, directory: Path) -> None:
         self.request = request
         self.directory = directory
-        self.files: list[IO[bytes]] = [
-            open(_in_file(directory, i), "wb")  # noqa: SIM115 - closed in close()
-            for i in range(len(request.values))
-        ]
+        self._current: tuple[int, IO[bytes]] | None = None
 
     def write(self, value: int, data: memoryview) -> None:
-        self.files[value].write(data)
+        """Write the next bytes of value ``value`` (values arrive in order)."""
+        if self._current is None or self._current[0] != value:
+            self.close()
+            try:
+                created = safefiles.create_new(_in_file(self.directory, value))
+            except safefiles.UnsafeFile as exc:
+                raise ProtocolError(
+                    f"cannot store value {value} of the submission: {exc}"
+                ) from None
+            self._current = (value, created)
+        self._current[1].write(data)
 
     def close(self) -> None:
-        for f in self.files:
-            f.close()
+        """Close the file being written."""
+        if self._current is not None:
+            self._current[1].close()
+            self._current = None
+
+    def discard(self) -> None:
+        """Close and remove everything written (the submission did not complete)."""
+        self.close()
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -15,12 +15,16 @@ A job's blobs are complete on disk (written to a temporary directory, flushed,
 then renamed into place) before its row is committed, so a row never points at
 half-written files. States: ``queued`` → ``running`` → ``done`` / ``failed`` /
 ``cancelled``.
+
+The store is not thread-safe, but may be used from any one thread at a time
+(the job service runs it on a worker thread, off the event loop).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -70,6 +74,9 @@ _COLUMNS = (
     "owner",
 )
 
+
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{16}")
+"""What :meth:`JobStore.submit` makes a job id (``secrets.token_urlsafe(12)``)."""
 
 _PRIVATE = ("request_id", "owner")
 """Columns clients are never shown."""
@@ -121,7 +128,9 @@ class JobStore:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(self.incoming, ignore_errors=True)  # uploads a crash interrupted
         self.incoming.mkdir(mode=0o700)
-        self.db = sqlite3.connect(directory / "jobs.sqlite3", isolation_level=None)
+        self.db = sqlite3.connect(
+            directory / "jobs.sqlite3", isolation_level=None, check_same_thread=False
+        )
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute(_SCHEMA)
@@ -147,6 +156,15 @@ class JobStore:
         ).fetchone()
         return self._record(row) if row else None
 
+    def get_many(self, job_ids: tuple[str, ...]) -> list[JobRecord]:
+        """The jobs with these ids that exist, oldest first (one statement for any number)."""
+        rows = self.db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id IN (SELECT value FROM json_each(?)) "
+            "ORDER BY submitted_at",
+            (json.dumps(list(job_ids)),),
+        ).fetchall()
+        return [self._record(r) for r in rows]
+
     def all(self, state: str | None = None, owner: str | None = None) -> list[JobRecord]:
         """Every job (or those in ``state``, or ``owner``'s), oldest first."""
         conditions = [(c, v) for c, v in (("state", state), ("owner", owner)) if v is not None]
@@ -165,7 +183,9 @@ class JobStore:
         return self._record(row) if row else None
 
     def blob_dir(self, job_id: str) -> Path:
-        """Where a job's files are."""
+        """Where a job's files are (``job_id`` must have the form this store gives ids)."""
+        if not _JOB_ID.fullmatch(job_id):
+            raise ValueError(f"not a job id: {job_id!r:.40}")
         return self.blobs / job_id
 
     # -- writing

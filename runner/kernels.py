@@ -5,10 +5,17 @@ Each kernel gets a directory of its own under the runner's work root::
     <root>/<kernel id>/            mode 0700
         scratch/                   the kernel's working directory, empty at start
     <private root>/<kernel id>/    mode 0700: connection file, IPC sockets, exchange files
+    <private root>/<kernel id>-cache/   mode 0700: the large values its session holds
 
 The private root is memory-backed where the system has one (``/dev/shm`` on
 Linux), so values move between the runner and its kernel at memory speed;
-otherwise it is ``<root>/<kernel id>/private``.
+otherwise the private and cache directories are ``<root>/<kernel id>/private``
+and ``<root>/<kernel id>/cache``. Under ``--sandbox bwrap`` the kernel sees its
+scratch and private directories writable and its cache read-only, and no
+other kernel's.
+
+The connection file (which holds the key that signs messages to the kernel)
+is deleted as soon as the kernel is up: the runner keeps the key in memory.
 
 Kernels talk to the runner over IPC sockets in ``private/`` (TCP on Windows),
 so no port is opened that other local users could reach. Both directories are
@@ -34,6 +41,7 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import Dict, List, Unicode
 
 from didomagic.protocol import OUTPUT_TYPES, Status
+from runner.errortext import cell_error
 from runner.limits import format_size
 from runner.sandbox import QUOTA_POLL, Box, Sandbox, runner_pythonpath
 
@@ -108,6 +116,8 @@ class Kernel:
         self.private = (private_root / self.id) if private_root else self.home / "private"
         self.scratch = self.home / "scratch"
         self.exchange = self.private / "exchange"
+        self.cache = (private_root / f"{self.id}-cache") if private_root else self.home / "cache"
+        """Where the session's large values are kept, readable by the kernel only."""
         self._km: AsyncKernelManager | None = None
         self._kc: Any = None
         self._iopub_task: asyncio.Task[None] | None = None
@@ -119,10 +129,11 @@ class Kernel:
         self.private.mkdir(mode=0o700, parents=True)
         self.exchange.mkdir(mode=0o700)
         self.scratch.mkdir(mode=0o700)
+        self.cache.mkdir(mode=0o700)
         ipc = os.name == "posix"
         specs = _SpecManager(extra_env=self.env)
         if self.sandbox is not None:
-            self.box = self.sandbox.box(self.id, self.scratch, self.private)
+            self.box = self.sandbox.box(self.id, self.scratch, self.private, self.cache)
             specs.prefix = self.box.prefix
             specs.interrupt_mode = self.box.interrupt_mode
             specs.extra_env = {**self.env, **self.box.env}
@@ -137,6 +148,8 @@ class Kernel:
         self._kc = self._km.client()
         self._kc.start_channels()
         await self._kc.wait_for_ready(timeout=START_TIMEOUT)
+        # The kernel has read it; its key stays in this process only (see the module docstring).
+        Path(self._km.connection_file).unlink(missing_ok=True)
         self._iopub_task = asyncio.create_task(self._read_iopub())
         reply = await self._run(
             f"__import__('runner.agent').agent.install({str(self.exchange)!r})", silent=True
@@ -178,6 +191,15 @@ class Kernel:
         finally:
             self._listeners.pop(msg_id, None)
 
+    def path_inside(self, path: Path) -> str:
+        """Where this kernel sees a runner path (a sandbox may show it elsewhere)."""
+        return self.box.path_inside(path) if self.box is not None else str(path)
+
+    async def run_silently(self, code: str) -> dict[str, Any]:
+        """Run ``code`` outside any cell (no history, no hooks); return the reply's content."""
+        reply = await self._run(code, silent=True)
+        return dict(reply["content"])
+
     async def _died(self) -> str | None:
         """Wait for the kernel process to end; return the limit that killed it, if one did."""
         assert self._km is not None
@@ -211,7 +233,14 @@ class Kernel:
         limit_name: str = "its timeout",
     ) -> CellOutcome:
         """Run a cell, streaming its outputs; enforce ``timeout`` and the session's limits."""
-        run = asyncio.ensure_future(self._run(code, on_output=on_output))
+        published: list[dict[str, Any]] = []  # the errors the kernel showed, to name a failure
+
+        def forward(msg_type: str, content: dict[str, Any]) -> None:
+            if msg_type == "error":
+                published.append(content)
+            on_output(msg_type, content)
+
+        run = asyncio.ensure_future(self._run(code, on_output=forward))
         death = asyncio.ensure_future(self._died())
         watched = {run, death}
         quota: asyncio.Future[str] | None = None
@@ -236,7 +265,13 @@ class Kernel:
                     {run, death}, timeout=INTERRUPT_GRACE, return_when=asyncio.FIRST_COMPLETED
                 )
             if run in done:
-                return self._outcome(run.result()["content"], timed_out, timeout, limit_name)
+                return self._outcome(
+                    run.result()["content"],
+                    timed_out,
+                    timeout,
+                    limit_name,
+                    published[-1] if published else None,
+                )
             if timed_out and death not in done:
                 return CellOutcome(
                     Status.KERNEL_DIED,
@@ -269,7 +304,12 @@ class Kernel:
                     await task
 
     def _outcome(
-        self, content: dict[str, Any], timed_out: bool, timeout: float | None, limit_name: str
+        self,
+        content: dict[str, Any],
+        timed_out: bool,
+        timeout: float | None,
+        limit_name: str,
+        published: dict[str, Any] | None = None,
     ) -> CellOutcome:
         if timed_out:
             return CellOutcome(
@@ -281,8 +321,8 @@ class Kernel:
             )
         if content["status"] == "ok":
             return CellOutcome(Status.OK)
-        ename, evalue = content.get("ename", "Error"), content.get("evalue", "")
-        traceback = list(content.get("traceback", []))
+        error = cell_error(content, published)
+        ename, evalue, traceback = error["ename"], error["evalue"], error["traceback"]
         note = self.box.error_note(ename, evalue) if self.box is not None else None
         if note is not None:
             evalue = f"{evalue} ({note})"
@@ -314,6 +354,7 @@ class Kernel:
             self.box.remove()
         shutil.rmtree(self.home, ignore_errors=True)
         shutil.rmtree(self.private, ignore_errors=True)
+        shutil.rmtree(self.cache, ignore_errors=True)
         logger.debug("kernel %s shut down", self.id)
 
 

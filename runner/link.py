@@ -24,9 +24,21 @@ from websockets.exceptions import ConnectionClosed
 
 from didomagic.client import dial
 from didomagic.errors import ConnectError, ProtocolError
-from didomagic.protocol import Dial, Error, Leave, Link, Load, Register, Registered, Role
+from didomagic.protocol import (
+    Dial,
+    Error,
+    Leave,
+    Link,
+    Load,
+    LogLines,
+    Register,
+    Registered,
+    Role,
+    expect,
+)
 from didomagic.urls import ConnectionURL
 from runner.server import RunnerServer
+from runner.status import log_buffer
 from runner.wire import wait_set
 
 logger = logging.getLogger("didomagic.runner.link")
@@ -57,6 +69,8 @@ class MediatorLink:
         self._link: Link | None = None
         self._relays: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._log_seen = 0
+        """Log lines already sent to the mediator."""
 
     async def run(self) -> None:
         """Stay registered: dial, register, report; dial again whenever the link breaks."""
@@ -66,6 +80,10 @@ class MediatorLink:
             try:
                 await self._serve_link()
                 delay = BACKOFF_START
+            except RegistrationRefused as exc:
+                if not failing:
+                    logger.error("%s; trying again every %g s", exc, self.heartbeat)
+                failing = True
             except (ConnectError, ProtocolError, ConnectionClosed, OSError, TimeoutError) as exc:
                 if not failing:
                     logger.warning(
@@ -93,8 +111,10 @@ class MediatorLink:
             await ws.send(link.send(Register(self.id, self.server.describe(), self.heartbeat)))
             reply = link.receive(await asyncio.wait_for(ws.recv(), self.heartbeat * 3))
             if isinstance(reply, Error):
-                raise ProtocolError(f"the mediator refused the registration: {reply.message}")
-            assert isinstance(reply, Registered)
+                raise RegistrationRefused(
+                    f"mediator {self.url.address} refused this runner: {reply.message}"
+                )
+            reply = expect(reply, Registered)
             logger.info("registered with mediator %s at %s", reply.mediator, self.url.address)
             self.registered.set()
             reporter = asyncio.create_task(self._report(ws, link))
@@ -126,6 +146,9 @@ class MediatorLink:
                 await wait_set(changed, self.heartbeat)
                 changed.clear()
                 await ws.send(link.send(Load(self.server.describe())))
+                lines, self._log_seen = log_buffer().since(self._log_seen)
+                if lines:  # the mediator's status page shows them
+                    await ws.send(link.send(LogLines(tuple(lines))))
         finally:
             self.server.load_listeners.remove(changed.set)
 
@@ -154,3 +177,7 @@ class MediatorLink:
         for task in list(self._relays):
             task.cancel()
         await asyncio.gather(*self._relays, return_exceptions=True)
+
+
+class RegistrationRefused(ProtocolError):
+    """The mediator refused the registration (wrong credential for the name, bad description)."""

@@ -11,6 +11,14 @@ A client token cannot register a runner, and a runner token cannot open a
 session or list the pool: the token is checked against the endpoint during
 the HTTP upgrade, before any message is read.
 
+A runner joins with a credential of its own (``mediator add-runner NAME``,
+see :mod:`runner.credentials`), which binds it to its name: it can register
+as ``NAME`` only, and nobody else can. The shared runner token, where it is
+allowed (not ``--no-shared-runner-token``), registers only names that have
+no credential, and such runners are listed as unverified. Every description
+and load report is checked (:mod:`runner.descriptions`); a bad one is
+refused with an error and ends that runner's link, never anyone else's.
+
 For a client's hello the mediator picks the least loaded runner that matches
 the hello's tags, OS and name (free slots first; a runner with only queue
 places left gets a session only when no match has a free slot), asks it over
@@ -32,10 +40,12 @@ dial in again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -59,17 +69,31 @@ from didomagic.protocol import (
     Link,
     ListSessions,
     Load,
+    LogLines,
     Query,
+    Queued,
     Register,
     Registered,
     Role,
     Session,
     SessionList,
+    expect,
+)
+from runner import accept
+from runner.admission import RequestLimits
+from runner.credentials import Identity, RunnerCredentials
+from runner.descriptions import (
+    DescriptionError,
+    check_description,
+    check_heartbeat,
+    check_runner_id,
 )
 from runner.jobs import JOBS_PATH, JobService, owner_of
 from runner.jobstore import JobRecord, JobStore
+from runner.launcher import Launcher, LaunchFailed
 from runner.link import REGISTER_PATH, RELAY_PATH, TICKET_HEADER
 from runner.server import HANDSHAKE_TIMEOUT, HELLO_TIMEOUT, check_token, listen
+from runner.status import LINE_LIMIT, RUNNER_LINES, PageData, log_buffer, with_status_page
 from runner.wire import peer_of, refuse
 
 logger = logging.getLogger("didomagic.mediator")
@@ -106,6 +130,18 @@ class MediatorSettings:
     client_ca: Path | None = None
     """Clients and runners must present a certificate this CA signed (mutual TLS)."""
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    admin_token: str = ""
+    """Opens the read-only status page at ``/status`` (no other token does)."""
+    shared_runner_token: bool = True
+    """Runners may join with the shared runner token (unverified), not only their own."""
+    max_connections: int = 256
+    """Open websockets (any endpoint; a relayed session takes two) beyond which: a 503."""
+    max_handshakes: int = accept.MAX_HANDSHAKES
+    """Connections still in their TLS or HTTP handshake; beyond it the oldest is dropped."""
+    idle_timeout: float | None = None
+    """A jobs connection with no request for this long is closed."""
+    requests: RequestLimits = field(default_factory=RequestLimits)
+    """What one job submission may declare, and how long its upload may stall."""
 
 
 @dataclass
@@ -122,11 +158,18 @@ class RunnerEntry:
     reason: str = ""
     relayed: int = 0
     """Sessions relayed to it now (counted at once, before the runner reports them)."""
+    log: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=RUNNER_LINES)
+    )
+    """The runner's last log lines, as it sent them (for the status page)."""
+    identity: Identity = field(default_factory=lambda: Identity(None))
+    """The credential the runner proved it holds."""
 
     def view(self) -> dict[str, Any]:
         """The description as clients see it, with the mediator's status and load."""
         view = dict(self.description)
         view["status"] = self.status
+        view["identity"] = self.identity.describe()
         if self.reason:
             view["reason"] = self.reason
         # Relays started since the runner's last report count at once (queued ones aside).
@@ -142,10 +185,13 @@ class Mediator:
     def __init__(self, settings: MediatorSettings) -> None:
         self.settings = settings
         self.runners: dict[str, RunnerEntry] = {}
-        self._tickets: dict[str, asyncio.Future[ServerConnection]] = {}
+        self.credentials = RunnerCredentials(settings.state_dir)
+        self._tickets: dict[str, tuple[Identity, asyncio.Future[ServerConnection | None]]] = {}
         self._server: Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.jobs: JobService | None = None
+        self.launcher: Launcher | None = None
+        """Launches runners on demand (``--launcher slurm``; set up by the command line)."""
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
@@ -153,7 +199,7 @@ class Mediator:
         settings = self.settings
         self._server = await listen(
             self._handle,
-            self._authenticate,
+            with_status_page(self._authenticate, settings.admin_token, self._status),
             settings.host,
             settings.port,
             settings.certfile,
@@ -161,12 +207,36 @@ class Mediator:
             "didomagic.mediator.websockets",
             settings.client_ca,
             settings.handshake_timeout,
+            settings.max_handshakes,
         )
         self._watchdog = asyncio.create_task(self._watch_heartbeats())
         store = JobStore(self.settings.state_dir / "jobs")
-        self.jobs = JobService(store, self._open_for_job, self.settings.name, self.settings.job_ttl)
+        self.jobs = JobService(
+            store,
+            self._open_for_job,
+            settings.name,
+            settings.job_ttl,
+            settings.requests,
+            settings.idle_timeout,
+        )
         self.jobs.start()
         return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def _status(self) -> PageData:
+        """What the status page shows: the pool, the jobs, the mediator's and runners' logs."""
+        jobs = []
+        if self.jobs is not None:
+            jobs = [r.public() for r in await self.jobs.records()]
+        entries = list(self.runners.values())
+        return PageData(
+            f"didomagic mediator {self.settings.name}",
+            [e.view() for e in entries],
+            jobs,
+            [
+                (f"mediator {self.settings.name}", list(log_buffer().lines)),
+                *((f"runner {e.description.get('name', e.id)}", list(e.log)) for e in entries),
+            ],
+        )
 
     async def stop(self) -> None:
         """Stop accepting and close every connection."""
@@ -174,6 +244,8 @@ class Mediator:
             self._watchdog.cancel()
         if self.jobs is not None:
             await self.jobs.stop()
+        if self.launcher is not None:
+            await self.launcher.stop()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -184,11 +256,17 @@ class Mediator:
         return request.path.split("?", 1)[0].strip("/")
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        full = accept.too_many(
+            connection, self._server, self.settings.max_connections, "mediator", logger
+        )
+        if full is not None:
+            return full
         endpoint = self._endpoint(request)
         if endpoint in ("", JOBS_PATH, REGISTER_PATH, RELAY_PATH):
             runner_side = endpoint in (REGISTER_PATH, RELAY_PATH)
-            token = self.settings.runner_token if runner_side else self.settings.token
-            if check_token(request, token):
+            if runner_side and self._identify(request) is not None:
+                return None
+            if not runner_side and check_token(request, self.settings.token):
                 return None
             role = "runner" if runner_side else "client"
             logger.warning(
@@ -204,6 +282,18 @@ class Mediator:
             response.headers = Headers({**response.headers, "WWW-Authenticate": "Bearer"})
             return response
         return connection.respond(HTTPStatus.NOT_FOUND, "didomagic mediator: no such endpoint.\n")
+
+    def _identify(self, request: Request) -> Identity | None:
+        """Which runner credential the request carries, if any is valid."""
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        name = self.credentials.identify(presented.strip())
+        if name is not None:
+            return Identity(name)
+        if self.settings.shared_runner_token and check_token(request, self.settings.runner_token):
+            return Identity(None)
+        return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
@@ -235,12 +325,16 @@ class Mediator:
         message = link.receive(text)
         if not isinstance(message, Register):
             raise ProtocolError(f"expected a register message, got {message.kind}")
-        entry = self.runners.get(message.id)
-        if entry is not None and entry.link is not None:
-            await entry.link.close()  # an older link of the same runner
-        entry = RunnerEntry(message.id, message.runner, message.heartbeat, ws, link)
+        try:
+            description, identity = await self._admit(message, ws)
+        except _Refused as exc:
+            logger.warning("refused a registration from %s: %s", peer_of(ws), exc)
+            await refuse(ws, ErrorCode.BAD_REQUEST, f"Mediator {self.settings.name}: {exc}")
+            return
+        entry = RunnerEntry(message.id, description, message.heartbeat, ws, link, identity=identity)
         self.runners[message.id] = entry
         await ws.send(link.send(Registered(self.settings.name)))
+        self._pool_changed(entry.description)
         logger.info(
             "runner %s registered from %s (tags: %s)",
             entry.description.get("name"),
@@ -253,13 +347,88 @@ class Mediator:
                 update = link.receive(text)
                 entry.last_seen = time.monotonic()
                 if isinstance(update, Load):
-                    entry.description = update.load
+                    try:
+                        entry.description = self._check_load(entry, update.load)
+                    except _Refused as exc:
+                        logger.warning(
+                            "runner %s sent a bad load report: %s; ending its link",
+                            entry.description.get("name"),
+                            exc,
+                        )
+                        self._mark_down(entry, f"sent a bad load report: {exc}")
+                        await refuse(
+                            ws, ErrorCode.BAD_REQUEST, f"Mediator {self.settings.name}: {exc}"
+                        )
+                        break
+                    self._pool_changed()
+                elif isinstance(update, LogLines):
+                    entry.log.extend(line[:LINE_LIMIT] for line in update.lines[-RUNNER_LINES:])
                 elif isinstance(update, Leave):
                     reason = "stopped"
                     break
         finally:
             if entry.link is ws:
                 self._mark_down(entry, entry.reason or reason)
+                self._pool_changed()
+
+    async def _admit(
+        self, message: Register, ws: ServerConnection
+    ) -> tuple[dict[str, Any], Identity]:
+        """The checked description and identity of an accepted registration, or :class:`_Refused`.
+
+        A runner's own credential owns its name: any other entry of that name
+        (an older link of the same runner, or one registered with the shared
+        token before the credential was issued) is closed and forgotten. The
+        shared token may take neither a name with a credential nor the name
+        of a runner registered with one.
+        """
+        identity = self._identify(ws.request) if ws.request else None
+        if identity is None:
+            raise _Refused("the runner credential was revoked while connecting")
+        try:
+            check_runner_id(message.id)
+            check_heartbeat(message.heartbeat)
+            description = check_description(message.runner)
+        except DescriptionError as exc:
+            raise _Refused(f"invalid registration: {exc}") from None
+        name = description["name"]
+        if identity.name is not None and name != identity.name:
+            raise _Refused(
+                f"this runner credential is for runner {identity.name!r}, but the registration "
+                f"names {name!r}; start the runner with --name {identity.name} or issue it a "
+                "credential of its own (didomagic-runner mediator add-runner NAME)"
+            )
+        if identity.name is None and name in self.credentials.names():
+            raise _Refused(
+                f"runner name {name!r} has a credential of its own at this mediator; the "
+                "shared runner token cannot register it (use that runner's own URL)"
+            )
+        named = [e for e in self.runners.values() if e.description.get("name") == name]
+        if not identity.verified and any(e.identity.verified for e in named):
+            raise _Refused(
+                f"runner name {name!r} is registered under a credential of its own; "
+                "choose another --name"
+            )
+        old = self.runners.get(message.id)
+        if old is not None and old.identity != identity:
+            raise _Refused("this runner id is registered under another credential")
+        evicted = [*named, old] if identity.verified else [old]
+        for other in {id(e): e for e in evicted if e is not None}.values():
+            if other.link is not None:
+                await other.link.close()
+            if other.id != message.id:
+                self.runners.pop(other.id, None)
+        return description, identity
+
+    def _check_load(self, entry: RunnerEntry, load: dict[str, Any]) -> dict[str, Any]:
+        """The checked description a load report carries; raise :class:`_Refused`."""
+        try:
+            description = check_description(load)
+        except DescriptionError as exc:
+            raise _Refused(f"invalid load report: {exc}") from None
+        if description["name"] != entry.description.get("name"):
+            raise _Refused(f"a load report cannot rename runner {entry.description.get('name')!r}")
+        return description
 
     def _mark_down(self, entry: RunnerEntry, reason: str) -> None:
         if entry.status == "up":
@@ -284,9 +453,14 @@ class Mediator:
     async def _accept_relay(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         ticket = ws.request.headers.get(TICKET_HEADER, "")
-        waiter = self._tickets.pop(ticket, None)
-        if waiter is None or waiter.done():
+        issued = self._tickets.pop(ticket, None)
+        if issued is None or issued[1].done():
             raise ProtocolError("relay connection with an unknown or expired ticket")
+        identity, waiter = issued
+        if self._identify(ws.request) != identity:
+            logger.warning("refused a relay from %s: a ticket of another runner", peer_of(ws))
+            waiter.set_result(None)  # the session is not relayed to it
+            raise ProtocolError("relay connection with a ticket issued to another runner")
         waiter.set_result(ws)
         await ws.wait_closed()  # the client's handler pipes; keep this connection open
 
@@ -299,7 +473,7 @@ class Mediator:
             raise ProtocolError("expected a hello text message first")
         first = session.receive(text)
         if isinstance(first, Query):
-            runners = tuple(entry.view() for entry in self.runners.values())
+            runners = tuple(self._listing())
             await ws.send(
                 session.send(Info(role="mediator", runners=runners, name=self.settings.name))
             )
@@ -314,8 +488,16 @@ class Mediator:
         if isinstance(first, Attach):
             await self._reattach(ws, text, first, owner)
             return
-        assert isinstance(first, Hello)
+        first = expect(first, Hello)
         entry = self._choose(first)
+        if entry is None and self._can_launch(first.tags, first.os, first.runner):
+            try:
+                entry = await self._launch_for(ws, session, first)
+            except LaunchFailed as exc:
+                await refuse(ws, ErrorCode.NO_MATCH, f"Mediator {self.settings.name}: {exc}")
+                return
+            if entry is None:
+                return  # the client left while it waited
         if entry is None:
             views = [e.view() for e in self.runners.values()]
             busy = matching.all_busy(views, first.tags, first.os, first.runner)
@@ -340,9 +522,10 @@ class Mediator:
                 entry.description.get("name"),
             )
             await relay.send(text)
-            await _pipe(ws, relay)
+            await _pipe(ws, relay, lambda: self._lost_reason(entry))
         finally:
             entry.relayed -= 1
+            self._pool_changed()
 
     async def _reattach(self, ws: ServerConnection, text: str, attach: Attach, owner: str) -> None:
         """Relay an attach to the runner that holds the session (by its instance id)."""
@@ -369,7 +552,7 @@ class Mediator:
             return
         logger.info("relaying a reattach from %s to runner %s", peer_of(ws), entry.id)
         await relay.send(text)
-        await _pipe(ws, relay)
+        await _pipe(ws, relay, lambda: self._lost_reason(entry))
 
     async def _sessions_of(self, owner: str) -> tuple[dict[str, Any], ...]:
         """Every session ``owner`` holds on the runners that are up (asked all at once)."""
@@ -408,7 +591,12 @@ class Mediator:
             if matching.matches(e.view(), job.tags, job.os) and matching.free_slots(e.view()) > 0
         ]
         if not free:
+            if self._can_launch(job.tags, job.os):
+                assert self.launcher is not None  # LaunchFailed is a ConnectError: the job waits
+                await self.launcher.claim(("job", job.id))
             return None
+        if self.launcher is not None:
+            self.launcher.release(("job", job.id))
         entry = min(free, key=lambda e: matching.load_key(e.view()))
         entry.relayed += 1
         relay = await self._open_relay(entry)
@@ -424,12 +612,49 @@ class Mediator:
         task.add_done_callback(self._background.discard)
         return await handshake(relay, None)
 
+    # -- runners launched on demand (runner.launcher)
+
+    def _can_launch(self, tags: tuple[str, ...], os: str, name: str = "") -> bool:
+        return self.launcher is not None and self.launcher.can_serve(tags, os, name)
+
+    def _pool_changed(self, registered: dict[str, Any] | None = None) -> None:
+        """Wake sessions waiting for a launched runner: the pool changed."""
+        if self.launcher is not None:
+            if registered is not None:
+                self.launcher.registered(registered)
+            else:
+                self.launcher.changed()
+
+    async def _launch_for(
+        self, ws: ServerConnection, session: Session, hello: Hello
+    ) -> RunnerEntry | None:
+        """Wait while runners launch until one matches ``hello`` (None: the client left)."""
+        assert self.launcher is not None
+
+        async def say(note: str) -> None:
+            await ws.send(session.send(Queued(0, note)))
+
+        gone = asyncio.ensure_future(ws.wait_closed())
+        try:
+            return await self.launcher.wait_for(ws, lambda: self._choose(hello), say, gone)
+        finally:
+            gone.cancel()
+
+    def _listing(self) -> list[dict[str, Any]]:
+        views = [entry.view() for entry in self.runners.values()]
+        return self.launcher.listing(views) if self.launcher is not None else views
+
+    async def _lost_reason(self, entry: RunnerEntry) -> str | None:
+        if self.launcher is None:
+            return None
+        return await self.launcher.lost_reason(entry.description)
+
     async def _open_relay(self, entry: RunnerEntry, owner: str = "") -> ServerConnection | None:
         if entry.link is None or entry.protocol is None:
             return None
         ticket = secrets.token_urlsafe(24)
-        waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
-        self._tickets[ticket] = waiter
+        waiter: asyncio.Future[ServerConnection | None] = asyncio.get_running_loop().create_future()
+        self._tickets[ticket] = (entry.identity, waiter)
         try:
             await entry.link.send(entry.protocol.send(Dial(ticket, owner)))
             return await asyncio.wait_for(waiter, DIAL_TIMEOUT)
@@ -439,11 +664,20 @@ class Mediator:
             self._tickets.pop(ticket, None)
 
 
-async def _pipe(a: ServerConnection, b: ServerConnection) -> None:
+class _Refused(Exception):
+    """A registration or load report the mediator does not accept (the message says why)."""
+
+
+async def _pipe(
+    a: ServerConnection,
+    b: ServerConnection,
+    b_left: Callable[[], Awaitable[str | None]] | None = None,
+) -> None:
     """Copy frames both ways, unchanged, until either side closes; then close both.
 
-    The side still open gets the close code the other sent if it was 1000 (the
-    session ends), else :data:`LOST_CODE` (the session is kept).
+    When ``b`` closes first, ``b_left`` may give the reason ``a`` is closed with.
+    Otherwise the side still open gets the close code the other sent if it was
+    1000 (the session ends), else :data:`LOST_CODE` (the session is kept).
     """
 
     async def copy(src: ServerConnection, dst: ServerConnection) -> None:
@@ -454,6 +688,10 @@ async def _pipe(a: ServerConnection, b: ServerConnection) -> None:
     tasks = [asyncio.create_task(copy(a, b)), asyncio.create_task(copy(b, a))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if b_left is not None and tasks[1].done() and not tasks[0].done():
+            reason = await b_left()
+            if reason:
+                await a.close(1011, reason)
     finally:
         for task in tasks:
             task.cancel()

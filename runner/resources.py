@@ -15,6 +15,8 @@ import subprocess
 import sys
 from typing import Any
 
+from runner import slurm
+
 logger = logging.getLogger("didomagic.runner")
 
 NVIDIA_SMI_TIMEOUT = 5.0
@@ -93,4 +95,5 @@ def machine() -> dict[str, Any]:
         "memory_total": total,
         "memory_free": free,
         "gpus": gpus(),
+        **slurm.job_description(os.environ),  # the Slurm job it runs in, if any
     }

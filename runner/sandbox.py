@@ -7,8 +7,11 @@ Mechanisms, strongest first, each used where the host offers it:
   (``RLIMIT_DATA``) and processes (``RLIMIT_NPROC``, per user) where no cgroup;
 - **network namespace**: ``--no-network``;
 - **bubblewrap** (``--sandbox bwrap``): the kernel sees the Python environment
-  read-only, its scratch directory and private directory writable, a private
-  ``/tmp``, and nothing of the runner's home or other sessions;
+  and the runner's package environments (at :data:`ENVIRONMENTS`) read-only, its
+  scratch directory and private directory writable, its
+  session's value cache read-only, a private ``/tmp`` and ``/dev``, and nothing
+  of the runner's home or state directory, other sessions' caches or other
+  kernels' directories (their connection files and sockets);
 - **disk quota**: the runner measures the scratch directory while a cell runs.
 
 ``didomagic-runner --check-sandbox`` prints :func:`report`.
@@ -168,9 +171,21 @@ def _user_tasks() -> int:
 class Box:
     """How one kernel is confined: the command prefix it starts with, and what broke it."""
 
-    def __init__(self, limits: Limits, host: Host, name: str, scratch: Path, private: Path):
+    def __init__(
+        self,
+        limits: Limits,
+        host: Host,
+        name: str,
+        scratch: Path,
+        private: Path,
+        cache: Path | None = None,
+        hide: tuple[Path, ...] = (),
+        environments: Path | None = None,
+    ):
         self.limits = limits
         self.scratch = scratch
+        self.environments = environments if limits.sandbox == "bwrap" else None
+        """The runner's package environments, shown read-only at :data:`ENVIRONMENTS`."""
         self.groups: cgroups.KernelGroups | None = None
         use_groups = host.cgroups is not None and (
             limits.memory is not None or limits.processes is not None
@@ -185,7 +200,9 @@ class Box:
             spec["no_network"] = True
         self.prefix = _confine_argv(spec)
         if bwrap:
-            self.prefix += bwrap_argv(scratch, private, limits.no_network)
+            self.prefix += bwrap_argv(
+                scratch, private, limits.no_network, cache, hide, self.environments
+            )
         # bwrap does not pass signals on to the kernel: interrupt it by message
         self.interrupt_mode = "message" if bwrap else "signal"
         self.env = {"TMPDIR": str(scratch)}  # temporary files count against the disk quota
@@ -203,6 +220,12 @@ class Box:
             allowed = _user_tasks() + lim.processes
             chosen["RLIMIT_NPROC"] = (allowed, allowed)
         return chosen
+
+    def path_inside(self, path: Path) -> str:
+        """Where the kernel sees ``path`` (package environments appear elsewhere in a box)."""
+        if self.environments is not None and path.is_relative_to(self.environments):
+            return str(ENVIRONMENTS / path.relative_to(self.environments))
+        return str(path)
 
     def death_reason(self, returncode: int | None) -> str | None:
         """The limit that killed the kernel, as a message, or None."""
@@ -238,13 +261,19 @@ class Sandbox:
         check(limits, host)
         self.limits = limits
         self.host = host
+        self.hide: tuple[Path, ...] = ()
+        """Directories of the runner (state, work roots) masked in a bubblewrap box."""
+        self.environments: Path | None = None
+        """The package environments' root (``runner.envs``), shown read-only in every box."""
         if host.cgroups is not None:
             cgroups.remove_stale(host.cgroups)
 
-    def box(self, kernel_id: str, scratch: Path, private: Path) -> Box:
+    def box(self, kernel_id: str, scratch: Path, private: Path, cache: Path | None = None) -> Box:
         """The box for a new kernel (its cgroups are created now)."""
         name = f"{cgroups.PREFIX}{os.getpid()}-{kernel_id}"
-        return Box(self.limits, self.host, name, scratch, private)
+        return Box(
+            self.limits, self.host, name, scratch, private, cache, self.hide, self.environments
+        )
 
 
 def _python_roots() -> list[str]:
@@ -254,8 +283,26 @@ def _python_roots() -> list[str]:
     return sorted(r for r in roots if Path(r).exists())
 
 
-def bwrap_argv(scratch: Path, private: Path, no_network: bool) -> list[str]:
-    """The bubblewrap command line that shows a kernel only what it needs."""
+ENVIRONMENTS = Path("/didomagic-environments")
+"""Where a boxed kernel sees the runner's package environments (not their host path, which
+lies in the runner's state directory)."""
+
+
+def bwrap_argv(
+    scratch: Path,
+    private: Path,
+    no_network: bool,
+    cache: Path | None = None,
+    hide: tuple[Path, ...] = (),
+    environments: Path | None = None,
+) -> list[str]:
+    """The bubblewrap command line that shows a kernel only what it needs.
+
+    ``cache`` is bound read-only, and so are the package ``environments`` (at
+    :data:`ENVIRONMENTS`). Each of ``hide`` (the runner's state and work
+    directories) that lies inside a directory the box shows (the environment,
+    say) is covered by an empty tmpfs, unless it holds one of them.
+    """
     argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-all"]
     if not no_network:
         argv.append("--share-net")
@@ -264,9 +311,19 @@ def bwrap_argv(scratch: Path, private: Path, no_network: bool) -> list[str]:
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for system in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"):
         argv += ["--ro-bind-try", system, system]
-    for root in _python_roots():
+    roots = _python_roots()
+    for root in roots:
         argv += ["--ro-bind", root, root]
+    shown = [Path(r) for r in (*roots, "/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc")]
+    for path in hide:  # masked where the box would show it, unless that hid Python too
+        inside = any(path.is_relative_to(root) for root in shown)
+        if inside and not any(root.is_relative_to(path) for root in shown):
+            argv += ["--tmpfs", str(path)]
+    if environments is not None:
+        argv += ["--ro-bind", str(environments), str(ENVIRONMENTS)]
     argv += ["--bind", str(private), str(private), "--bind", str(scratch), str(scratch)]
+    if cache is not None:
+        argv += ["--ro-bind", str(cache), str(cache)]
     argv += ["--chdir", str(scratch), "--setenv", "HOME", str(scratch)]
     argv += ["--setenv", "IPYTHONDIR", str(private / "ipython")]  # not in the scratch
     # In its own PID namespace the kernel's parent is bwrap's pid 1, which ipykernel would
@@ -305,11 +362,33 @@ def report(limits: Limits, host: Host) -> str:
         lines.append(f"  memory limit {format_size(limits.memory)} via {memory_by}")
     if limits.processes is not None:
         lines.append(f"  max processes {limits.processes} via {procs_by}")
+    lines.append(isolation(limits, host))
     try:
         check(limits, host)
     except SandboxUnavailable as exc:
         lines.append(f"cannot start with these flags: {exc}")
     return "\n".join(lines)
+
+
+def isolation(limits: Limits, host: Host) -> str:
+    """What sessions of one runner can see of each other with these flags, said plainly."""
+    if limits.sandbox == "bwrap":
+        return (
+            "isolation between sessions: --sandbox bwrap: each kernel sees only its own "
+            "scratch, private and cache directories; other sessions' values, other kernels' "
+            "connection files and sockets, and the runner's state directory are not in its "
+            "file system, and it sees no other process"
+        )
+    uid = os.getuid() if os.name == "posix" else "?"
+    available = "available here" if host.bwrap is None else f"not available here: {host.bwrap}"
+    return (
+        f"isolation between sessions: NONE without --sandbox bwrap. Every kernel runs as uid "
+        f"{uid}, like the runner, and one uid cannot be kept from its own files and processes: "
+        "a cell can read other sessions' cached values and the runner's state directory "
+        "(token, key, jobs) and trace or signal other kernels. Kernel connection files are "
+        "deleted once a kernel is up and paths are not guessable, which is no boundary. "
+        f"Use --sandbox bwrap ({available}) when sessions must not see each other."
+    )
 
 
 QUOTA_POLL = 0.5

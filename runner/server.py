@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import gc
 import hmac
-import json
 import logging
 import os
 import platform
@@ -45,18 +44,19 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 import didomagic
-from didomagic import serialize
 from didomagic.errors import ProtocolError, VersionMismatch
 from didomagic.protocol import (
     CHUNK_SIZE,
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
+    Answer,
     Attach,
     Attached,
     ErrorCode,
     Execute,
     Hello,
     Info,
+    Installing,
     Interrupt,
     ListSessions,
     Message,
@@ -69,27 +69,29 @@ from didomagic.protocol import (
     SessionList,
     State,
     Status,
-    ValueHeader,
     Welcome,
     check_compatible,
     cloudpickle_version,
     encode,
     python_version,
 )
-from runner import agent, resources
+from runner import accept, admission, agent, resources, results, safefiles
+from runner.admission import RequestLimits
+from runner.broker import Broker
 from runner.certs import server_context
+from runner.envs import EnvCache
+from runner.health import with_health
 from runner.jobs import JOBS_PATH, JobService, owner_of
 from runner.keeping import OutputLog, SessionGone, SessionRegistry
 from runner.kernels import CellOutcome, Kernel, KernelPool
 from runner.limits import Limits, format_size
 from runner.sandbox import Sandbox
+from runner.session_packages import SessionPackages
+from runner.status import PageData, log_buffer, with_status_page
 from runner.uploads import Upload, ValueCache
-from runner.wire import peer_of, refuse
+from runner.wire import IDLE_CLOSE_REASON, peer_of, refuse
 
 logger = logging.getLogger("didomagic.runner")
-
-IDLE_CLOSE_REASON = "idle-timeout"
-"""The close reason of a session ended by --idle-timeout (the client tells the user)."""
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection has to finish its TLS and websocket handshakes."""
@@ -136,13 +138,28 @@ class RunnerSettings:
     client_ca: Path | None = None
     """Clients must present a certificate this CA signed (mutual TLS)."""
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    admin_token: str = ""
+    """Opens the read-only status page at ``/status`` (no other token does)."""
     limits: Limits = field(default_factory=Limits)
     """What each session's kernel may use (reported to clients; enforced by the sandbox)."""
+    max_values: int = admission.MAX_VALUES
+    """The most values one cell (or job submission) may declare."""
+    upload_timeout: float = admission.UPLOAD_TIMEOUT
+    """Seconds a cell's declared values may go without a frame before the cell is dropped."""
+    max_handshakes: int = accept.MAX_HANDSHAKES
+    """Connections still in their TLS or HTTP handshake; beyond it the oldest is dropped."""
+
+    @property
+    def requests(self) -> RequestLimits:
+        """The limits every cell and job submission is held to."""
+        return RequestLimits(self.max_message_size, self.max_values, self.upload_timeout)
 
 
 async def listen(
     handler: Callable[[ServerConnection], Awaitable[None]],
-    authenticate: Callable[[ServerConnection, Request], Response | None],
+    authenticate: Callable[
+        [ServerConnection, Request], Response | Awaitable[Response | None] | None
+    ],
     host: str,
     port: int,
     certfile: Path,
@@ -150,25 +167,37 @@ async def listen(
     logger_name: str,
     client_ca: Path | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_handshakes: int = accept.MAX_HANDSHAKES,
 ) -> Server:
     """A TLS websocket server as runners and mediators run it: compression off, sized limits.
 
     A connection that has not finished its TLS and websocket handshakes within
-    ``handshake_timeout`` seconds is closed. With ``client_ca``, clients must
-    present a certificate it signed (or the server's own, so that a runner
-    can open sessions to itself for its detached jobs).
+    ``handshake_timeout`` seconds is closed, and at most ``max_handshakes``
+    are in those handshakes at once (see :mod:`runner.accept`). With
+    ``client_ca``, clients must present a certificate it signed (or the
+    server's own, so that a runner can open sessions to itself for its
+    detached jobs).
     """
     context = server_context(certfile, keyfile, client_ca)
     if client_ca is not None:
         context.load_verify_locations(cafile=str(certfile))
+    pending = accept.Handshakes(max_handshakes, logging.getLogger(logger_name))
+
+    checked = with_health(authenticate)  # /healthz needs no token
+
+    def process_request(
+        connection: ServerConnection, request: Request
+    ) -> Response | Awaitable[Response | None] | None:
+        pending.finished(connection)  # from here on it counts as a connection
+        return checked(connection, request)
+
     return await serve(
         handler,
-        host,
-        port,
+        sock=accept.listening_socket(host, port, pending),
         ssl=context,
         ssl_handshake_timeout=handshake_timeout,
         open_timeout=handshake_timeout,
-        process_request=authenticate,
+        process_request=process_request,
         compression=None,  # no compression bombs, and values are mostly incompressible
         max_size=MAX_TEXT_SIZE,
         write_limit=4 * CHUNK_SIZE,
@@ -194,8 +223,11 @@ class RunnerServer:
         work_root: Path,
         private_root: Path | None = None,
         sandbox: Sandbox | None = None,
+        envs: EnvCache | None = None,
     ) -> None:
         self.settings = settings
+        self.envs = envs
+        """The package environments cells ask for (None: no installs, see runner.envs)."""
         self.pool = KernelPool(
             work_root,
             settings.warm_kernels,
@@ -254,6 +286,7 @@ class RunnerServer:
             "max_message_size": self.settings.max_message_size,
             "session_grace": self.settings.session_grace,
             "warm_kernels": self.pool.ready,
+            "packages": self.envs.describe() if self.envs else {"install": False},
             **self.machine(),
             **self.load(),
         }
@@ -334,7 +367,7 @@ class RunnerServer:
         settings = self.settings
         self._server = await listen(
             self._session,
-            self._authenticate,
+            with_status_page(self._authenticate, settings.admin_token, self._status),
             settings.host,
             settings.port,
             settings.certfile,
@@ -342,8 +375,22 @@ class RunnerServer:
             "didomagic.runner.websockets",
             settings.client_ca,
             settings.handshake_timeout,
+            settings.max_handshakes,
         )
         return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def _status(self) -> PageData:
+        """What the status page shows: this runner, its detached jobs, its log."""
+        jobs = []
+        if self.jobs is not None:
+            jobs = [r.public() for r in await self.jobs.records()]
+        name = self.settings.name
+        return PageData(
+            f"didomagic runner {name}",
+            [self.describe()],
+            jobs,
+            [(f"runner {name}", list(log_buffer().lines))],
+        )
 
     async def stop(self) -> None:
         """Stop accepting, end every session, shut every kernel down."""
@@ -360,20 +407,11 @@ class RunnerServer:
         await self.pool.close()
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
-        limit = self.settings.max_connections
-        # Server.connections counts those past the handshake, not this one.
-        if self._server is not None and len(self._server.connections) >= limit:
-            logger.warning(
-                "refused a connection from %s: %d open (--max-connections %d)",
-                peer_of(connection),
-                len(self._server.connections),
-                limit,
-            )
-            return connection.respond(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                f"didomagic runner: too many connections (--max-connections {limit}); "
-                "try again shortly.\n",
-            )
+        full = accept.too_many(
+            connection, self._server, self.settings.max_connections, "runner", logger
+        )
+        if full is not None:
+            return full
         if check_token(request, self.settings.token):
             return None
         logger.warning("refused a connection from %s: missing or wrong token", peer_of(connection))
@@ -463,8 +501,8 @@ class _Finished:
     """A cell's result, kept until the client has it (and until the next cell, to resend)."""
 
     result: Result
-    offsets: list[int]
-    path: Path
+    parts: list[list[memoryview]]
+    """The parts of its values, mapped from the kernel's ``out.bin`` (see runner.results)."""
     delivered: bool = False
 
 
@@ -490,6 +528,8 @@ class SessionHandler:
         self.ticket = secrets.token_urlsafe(24)
         self.opened = time.time()
         self.kernel: Kernel | None = None
+        self.broker: Broker | None = None
+        """Carries the kernel's asks to the client (see runner.broker)."""
         self.cell_task: asyncio.Task[None] | None = None
         self.cell_id = ""
         self.last_cell = ""
@@ -509,9 +549,9 @@ class SessionHandler:
         """When the session last received a frame or was busy with a cell."""
         self.client_versions: dict[str, str] = {}
         """The Python and cloudpickle versions the client says it pickles with."""
-        self.cache = ValueCache(
-            (server.pool.private_root or server.pool.root) / f"cache-{self.id.rpartition('.')[2]}"
-        )
+        self.cache: ValueCache | None = None
+        """The large values the session holds, in its kernel's cache directory."""
+        self.packages = SessionPackages(server.envs)
 
     @property
     def log_id(self) -> str:
@@ -569,6 +609,8 @@ class SessionHandler:
             # Output in RUNNING stays RUNNING: the replayed texts need no new validation.
             for text in self.outputs.since(resume)[1]:
                 self.outbox.put_nowait(text)
+            if self.broker is not None:  # the asks the client has not answered go again
+                self.broker.resend()
             if self.cell_task is None or self.cell_task.done():
                 self.cell_task = asyncio.create_task(self._deliver_safely())
         logger.info("session %s reattached from %s", self.log_id, peer)
@@ -632,6 +674,8 @@ class SessionHandler:
         if self.upload is not None:  # the client sends the cell again when it is back
             self.upload.close(keep=False)
             self.upload = None
+        if self.broker is not None:
+            self.broker.connection_lost()
 
     def _keep(self) -> None:
         grace = self.server.settings.session_grace
@@ -647,6 +691,11 @@ class SessionHandler:
         logger.info("session %s: no client came back within %g s; ending it", self.log_id, grace)
         why = f"no client reattached within its grace period, --session-grace {grace:g} s"
         self.server.keep_task(self.close(why))
+
+    def _send_live(self, message: Message) -> None:
+        """Queue ``message`` for the attached connection; drop it while there is none."""
+        if self.ws is not None:
+            self.outbox.put_nowait(self.protocol.send(message))
 
     async def _write_outbox(self) -> None:
         """Send queued outputs in order, so a slow client never blocks the kernel."""
@@ -676,6 +725,8 @@ class SessionHandler:
         if not await self._take_slot(ws):
             return True
         self.kernel = await self.server.pool.take()
+        self.cache = ValueCache(self.kernel.cache)
+        await self._attach_broker()
         self.server.registry.add(self)
         self.writer = asyncio.create_task(self._write_outbox())
         await ws.send(
@@ -691,7 +742,7 @@ class SessionHandler:
             )
         )
         self.welcomed = True
-        self.last_activity = time.monotonic()  # (taking a kernel may have taken a while)
+        self.last_activity = time.monotonic()  # idle from now: a queue or a kernel start is not
         logger.info("session %s opened from %s (kernel %s)", self.log_id, self.peer, self.kernel.id)
         return await self._serve_cells(ws)
 
@@ -770,7 +821,12 @@ class SessionHandler:
     async def _serve_cells(self, ws: Connection) -> bool:
         """Serve cells on ``ws``; True once the session should end (raise when ``ws`` closes)."""
         while True:
-            frame = await self._next_frame(ws)
+            if self.upload is not None:
+                frame = await self._next_upload_frame(ws)
+                if frame is None:
+                    return True
+            else:
+                frame = await self._next_frame(ws)
             if frame is None:
                 logger.info(
                     "session %s: idle for %g s (--idle-timeout); ending it",
@@ -780,15 +836,23 @@ class SessionHandler:
                 await ws.close(1000, IDLE_CLOSE_REASON)
                 return True
             if isinstance(frame, bytes):
-                assert self.upload is not None
-                for chunk in self.protocol.receive_binary(frame):
+                answering = self.protocol.state is State.ANSWER
+                chunks = self.protocol.receive_binary(frame)  # refuses one not expected now
+                if answering:
+                    if self.broker is None:
+                        raise ProtocolError("binary frame of an answer with no ask open")
+                    await self.broker.on_parts(chunks)
+                    continue
+                if self.upload is None:
+                    raise ProtocolError("binary frame outside an upload")
+                for chunk in chunks:
                     self.upload.write(chunk.value, chunk.data)
                 if self.protocol.state is State.RUNNING:
                     self._start_cell()
                 continue
             message = self.protocol.receive(frame)
             if isinstance(message, Execute):
-                assert self.kernel is not None
+                assert self.kernel is not None and self.cache is not None
                 if not await self._within_size_limit(ws, message):
                     return True
                 self._forget_finished()  # the client has the last result: a new cell starts
@@ -800,26 +864,46 @@ class SessionHandler:
                     self._start_cell()
             elif isinstance(message, Interrupt):
                 await self._interrupt()
+            elif isinstance(message, Answer):
+                if not await self._within_size_limit(ws, message):
+                    return True
+                assert self.broker is not None
+                await self.broker.on_answer(message)
 
-    async def _within_size_limit(self, ws: Connection, request: Execute) -> bool:
-        """Refuse (and end the session) a cell declaring more bytes than --max-message-size."""
-        limit = self.server.settings.max_message_size
-        size = sum(v.nbytes for v in request.values if not v.cached)
-        if size <= limit:
+    async def _within_size_limit(self, ws: Connection, request: Execute | Answer) -> bool:
+        """Refuse (and end the session) a cell or answer over --max-message-size or --max-values."""
+        if isinstance(request, Answer):
+            limit = self.server.settings.max_message_size
+            why = None
+            if request.nbytes > limit:
+                why = (
+                    f"An answer of the notebook side declares {format_size(request.nbytes)}; "
+                    f"this runner accepts at most {format_size(limit)} per cell "
+                    "(--max-message-size). Nothing was allocated."
+                )
+        else:
+            why = admission.refusal(request.values, self.server.settings.requests, "cell")
+        if why is None:
             return True
-        logger.warning(
-            "session %s: refused a cell of %d bytes of values (--max-message-size %d)",
-            self.log_id,
-            size,
-            limit,
-        )
-        await refuse(
-            ws,
-            ErrorCode.BAD_REQUEST,
-            f"The cell declares {format_size(size)} of values; this runner accepts at most "
-            f"{format_size(limit)} per cell (--max-message-size). Nothing was allocated.",
-        )
+        logger.warning("session %s: refused a cell: %s", self.log_id, why)
+        await refuse(ws, ErrorCode.BAD_REQUEST, why)
         return False
+
+    async def _next_upload_frame(self, ws: Connection) -> str | bytes | None:
+        """The next frame of an upload; None (and the cell dropped) after --upload-timeout."""
+        limits = self.server.settings.requests
+        try:
+            async with asyncio.timeout(limits.upload_timeout):
+                frame = await ws.recv()
+        except TimeoutError:
+            assert self.upload is not None
+            self.upload.close(keep=False)
+            self.upload = None
+            logger.warning("session %s: upload stalled (--upload-timeout)", self.log_id)
+            await refuse(ws, ErrorCode.BAD_REQUEST, admission.stalled(limits, "cell"))
+            return None
+        self.last_activity = time.monotonic()
+        return frame
 
     def _start_cell(self) -> None:
         assert self.upload is not None
@@ -860,13 +944,22 @@ class SessionHandler:
         assert self.kernel is not None
         kernel = self.kernel
         exchange = kernel.exchange
-        (exchange / agent.RESULT_FILE).unlink(missing_ok=True)
-        agent.write_json(
+        failure = await self.packages.prepare(
+            kernel,
+            request.packages,
+            lambda count, line, done: self._send_live(
+                Installing(request.cell, count, line[-500:], done)
+            ),
+        )
+        with contextlib.suppress(OSError):  # a directory planted there, say
+            (exchange / agent.RESULT_FILE).unlink()
+        safefiles.write_json(
             exchange / agent.CELL_FILE,
             {
                 "values": values,
                 "fetch": list(request.fetch),
                 "deletes": list(request.deletes),
+                "held": list(request.held),
                 "origin": self.client_versions,
             },
         )
@@ -901,10 +994,11 @@ class SessionHandler:
             self.outputs.add(text)
             self.outbox.put_nowait(text)
 
-        if self.interrupted:  # interrupted while its values were still arriving
+        # Interrupted while its values were still arriving, or its packages could not be had.
+        if self.interrupted or failure:
             outcome = CellOutcome(
                 Status.ERROR,
-                {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"},
+                failure or {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"},
             )
             (exchange / agent.CELL_FILE).unlink(missing_ok=True)
         else:
@@ -912,7 +1006,13 @@ class SessionHandler:
             cap = self.server.settings.cell_timeout
             if cap is not None and (timeout is None or cap < timeout):
                 timeout, limit_name = cap, "the runner's --cell-timeout"
-            outcome = await kernel.execute(request.code, forward, timeout, limit_name)
+            assert self.broker is not None
+            self.broker.open_cell(request.cell)
+            try:
+                outcome = await kernel.execute(request.code, forward, timeout, limit_name)
+            finally:
+                self.broker.close_cell()
+            await self.broker.settled()  # no answer may cross the result
         await self.outbox.join()  # every output leaves before the result
         status = outcome.status
         if (
@@ -921,24 +1021,27 @@ class SessionHandler:
             and (outcome.error or {}).get("ename") == "KeyboardInterrupt"
         ):
             status = Status.INTERRUPTED
-        values, offsets, failures, deleted = self._collect(exchange)
+        values, offsets, failures, deleted = results.collect(exchange, self.log_id)
         out_path = exchange / agent.OUTPUT_FILE
         if status is Status.KERNEL_DIED:
             values, offsets = [], []
             await self._replace_kernel()
+        parts, values = results.output_parts(out_path, values, offsets, failures, self.log_id)
         logger.info(
-            "session %s: cell %s %s in %.1f ms (%d values in, %d out)",
+            "session %s: cell %s %s in %.1f ms (%d values in, %d held, %d out)",
             self.log_id,
             request.cell[:8],
             status.value,
             (time.perf_counter() - started) * 1e3,
             len(request.values),
+            len(request.held),
             len(values),
         )
         result = Result(
             request.cell, status, tuple(values), tuple(deleted), failures, outcome.error
         )
-        self.finished = _Finished(result, offsets, out_path)
+        out_path.unlink(missing_ok=True)  # (its parts are mapped: they outlive the name)
+        self.finished = _Finished(result, parts)
         await self._deliver()
 
     async def _deliver_safely(self) -> None:
@@ -960,44 +1063,35 @@ class SessionHandler:
                     await self.outbox.join()  # every output leaves before the result
                     if self.ws is not ws:
                         continue
-                    result = finished.result
-                    await ws.send(protocol.send(result))
-                    if result.values:
-                        view = serialize.map_file(finished.path)
-                        parts = [
-                            serialize.slice_parts(view, offset, v.sizes)
-                            for offset, v in zip(finished.offsets, result.values, strict=True)
-                        ]
-                        for frame in protocol.frames(parts):
-                            await ws.send(frame)
+                    await ws.send(protocol.send(finished.result))
+                    for frame in protocol.frames(finished.parts):
+                        await ws.send(frame)
                     finished.delivered = True
                 except ConnectionClosed:
                     if self.ws is ws:
                         return  # lost: kept, and delivered again on reattach
 
     def _forget_finished(self) -> None:
-        if self.finished is not None:
-            self.finished.path.unlink(missing_ok=True)
-            self.finished = None
-
-    def _collect(
-        self, exchange: Path
-    ) -> tuple[list[ValueHeader], list[int], dict[str, str], list[str]]:
-        path = exchange / agent.RESULT_FILE
-        if not path.exists():
-            return [], [], {}, []
-        body = json.loads(path.read_text())
-        path.unlink()
-        values = [ValueHeader(v["name"], tuple(v["sizes"])) for v in body["values"]]
-        offsets = [int(v["offset"]) for v in body["values"]]
-        return values, offsets, dict(body["failures"]), list(body["deleted"])
+        self.finished = None
 
     async def _replace_kernel(self) -> None:
-        old, self.kernel = self.kernel, None
+        old, self.kernel = self.kernel, await self.server.pool.take()
+        if self.cache is not None:  # before the old kernel's directories go
+            self.cache.move_to(self.kernel.cache)
         if old is not None:
             await old.shutdown()
-        self.kernel = await self.server.pool.take()
+        await self._attach_broker()
         logger.info("session %s: kernel died; replaced by kernel %s", self.log_id, self.kernel.id)
+
+    async def _attach_broker(self) -> None:
+        """Listen for the (new) kernel's asks; forget the old kernel's broker."""
+        assert self.kernel is not None
+        if self.broker is not None:
+            await self.broker.close()
+
+        # While detached, an ask waits in the broker; it goes again on reattach.
+        self.broker = Broker(self.kernel.exchange, self._send_live, self.log_id)
+        await self.broker.start()
 
     async def close(self, why: str) -> None:
         """End the session now: its cell, kernel, values and slot go (``why`` is recorded)."""
@@ -1010,6 +1104,8 @@ class SessionHandler:
         self.ws = None
         if self.writer is not None:
             self.writer.cancel()
+        if self.broker is not None:
+            await self.broker.close()
         if self.cell_task is not None and not self.cell_task.done():
             if self.kernel is not None:
                 await self.kernel.interrupt()
@@ -1019,7 +1115,9 @@ class SessionHandler:
         if self.upload is not None:
             self.upload.close(keep=False)
         self._forget_finished()
-        self.cache.clear()
+        if self.cache is not None:
+            self.cache.clear()
+        self.packages.close()
         if self.has_slot:  # the client is gone: the next session may start while this
             self.has_slot = False  # kernel shuts down
             self.server.release()

@@ -15,7 +15,11 @@ from typing import IO, Any
 from didomagic import serialize
 from didomagic.errors import ProtocolError
 from didomagic.protocol import Execute
-from runner import agent
+from runner import agent, safefiles
+
+
+class UploadRefused(ProtocolError):
+    """A value could not be written where it belongs (something was planted there)."""
 
 
 class Upload:
@@ -24,7 +28,12 @@ class Upload:
     A value with a digest goes to the session's cache (written under a
     temporary name and renamed into place, so a file a kernel has mapped is
     never rewritten); one declared ``cached`` is the cached file of the same
-    name and digest. Other values go to temporary exchange files.
+    name and digest. Other values go to one temporary exchange file.
+
+    Files are created when the first byte of their value arrives, with
+    ``O_EXCL | O_NOFOLLOW`` (see :mod:`runner.safefiles`), and a cache file is
+    closed as soon as the next value starts: whatever a cell declares, an
+    upload holds at most two descriptors.
     """
 
     def __init__(self, request: Execute, exchange: Path, cache: ValueCache) -> None:
@@ -33,49 +42,62 @@ class Upload:
         self.paths: list[Path] = []
         self.keep: list[bool] = []
         self.offsets: list[int] = []
-        self.files: list[IO[bytes] | None] = []
         self.digesters: dict[int, serialize.Digester] = {}
-        self.shared: IO[bytes] | None = None
-        self.shared_size = 0
-        shared_path = exchange / agent.INPUT_FILE  # one Path, not one per small value
+        self._shared_path = exchange / agent.INPUT_FILE  # one Path, not one per small value
+        self._shared: IO[bytes] | None = None
+        self._uses_shared = False
+        self._current: tuple[int, IO[bytes]] | None = None
+        self._created: set[int] = set()  # cache values whose part file this upload made
+        shared_size = 0
         for i, header in enumerate(request.values):
             if header.cached:
                 path = cache.lookup(header.name, header.digest)
                 if path is None:
-                    self.close()
                     raise ProtocolError(
                         f"value {header.name!r} was declared cached, but this session does "
                         "not hold it"
                     )
-                self.paths.append(path)
-                self.keep.append(True)
-                self.files.append(None)
                 self.offsets.append(0)
-                continue
-            if header.digest:
+            elif header.digest:
                 path = cache.directory / f"{header.digest}.bin.part-{i}"
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                self.files.append(open(fd, "wb"))  # noqa: SIM115 - closed in close()
                 self.offsets.append(0)
                 self.digesters[i] = serialize.Digester(header.sizes)
             else:  # small or one-off values share one file: creating files is what costs
-                path = shared_path
-                if self.shared is None:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    self.shared = open(fd, "wb")  # noqa: SIM115 - closed in close()
-                self.files.append(self.shared)
-                self.offsets.append(self.shared_size)
-                self.shared_size += header.nbytes
+                path = self._shared_path
+                self._uses_shared = True
+                self.offsets.append(shared_size)
+                shared_size += header.nbytes
             self.paths.append(path)
             self.keep.append(bool(header.digest))
 
     def write(self, value: int, data: memoryview) -> None:
-        f = self.files[value]
-        assert f is not None
-        f.write(data)
+        """Write the next bytes of value ``value`` (values arrive in order)."""
         digester = self.digesters.get(value)
-        if digester is not None:
-            digester.update(data)
+        if digester is None:
+            if self._shared is None:
+                self._shared = self._create(value, replace=True)
+            self._shared.write(data)
+            return
+        if self._current is None or self._current[0] != value:
+            self._close_current()
+            self._current = (value, self._create(value))
+            self._created.add(value)
+        self._current[1].write(data)
+        digester.update(data)
+
+    def _create(self, value: int, replace: bool = False) -> IO[bytes]:
+        path = self.paths[value]
+        try:
+            return safefiles.replace_new(path) if replace else safefiles.create_new(path)
+        except safefiles.UnsafeFile as exc:
+            raise UploadRefused(
+                f"cannot write value {self.request.values[value].name!r}: {exc}"
+            ) from None
+
+    def _close_current(self) -> None:
+        if self._current is not None:
+            self._current[1].close()
+            self._current = None
 
     def verify(self) -> None:
         """Raise ProtocolError if a value's bytes do not match the digest it was declared with.
@@ -93,18 +115,31 @@ class Upload:
 
     def close(self, keep: bool = True) -> None:
         """Close the files; move completed cache files into place (``keep``) or remove them."""
-        for i, f in enumerate(self.files):
-            if f is None:
-                continue
-            f.close()
+        self._close_current()
+        try:
+            if keep:  # values without bytes still need their (empty) files
+                for i in self.digesters.keys() - self._created:
+                    self._create(i).close()
+                    self._created.add(i)
+                if self._uses_shared and self._shared is None:
+                    self._shared = self._create(self.paths.index(self._shared_path), True)
+        finally:
+            if self._shared is not None:
+                self._shared.close()
+                if not keep:
+                    self._shared_path.unlink(missing_ok=True)
+        for i in sorted(self._created):
             header = self.request.values[i]
-            if header.digest and not header.cached and not keep:
+            if not keep:
                 self.paths[i].unlink(missing_ok=True)
-            elif header.digest and not header.cached:
+                continue
+            try:
                 self.paths[i] = self.cache.store(header.name, header.digest, self.paths[i])
-        if self.shared is not None:
-            self.shared.close()
-        self.files = [None] * len(self.files)
+            except OSError as exc:
+                raise UploadRefused(
+                    f"cannot keep value {header.name!r} in the session's cache: {exc}"
+                ) from None
+        self._created.clear()
 
     def described(self) -> list[dict[str, Any]]:
         """The values as the agent reads them from ``cell.json``."""
@@ -126,14 +161,29 @@ class Upload:
 class ValueCache:
     """The large values a session holds, by name: the bytes of the last one sent.
 
-    Lives as long as the session (a replaced kernel keeps it), in a private
-    directory removed with the session.
+    Lives as long as the session (moved into a replaced kernel's cache
+    directory), in the cache directory of the session's kernel, removed with
+    the session.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(mode=0o700)
+        directory.mkdir(mode=0o700, exist_ok=True)  # a kernel's cache directory, empty
         self.entries: dict[str, tuple[str, Path]] = {}
+
+    def move_to(self, directory: Path) -> None:
+        """Keep the cached values in ``directory`` from now on (a replaced kernel's cache)."""
+        directory.mkdir(mode=0o700, exist_ok=True)
+        for name, (digest, path) in list(self.entries.items()):
+            moved = directory / path.name
+            if path.exists():  # two names holding the same bytes share one file
+                os.replace(path, moved)
+            if moved.exists():
+                self.entries[name] = (digest, moved)
+            else:
+                del self.entries[name]
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory = directory
 
     def lookup(self, name: str, digest: str) -> Path | None:
         """The file holding ``name`` with this digest, if the session has it."""

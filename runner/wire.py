@@ -10,6 +10,9 @@ from websockets.exceptions import ConnectionClosed
 
 from didomagic.protocol import Error, ErrorCode, encode
 
+IDLE_CLOSE_REASON = "idle-timeout"
+"""The close reason of a connection ended by --idle-timeout (the client tells the user)."""
+
 
 def peer_of(ws: Any) -> str:
     """``host:port`` of the other end, for log lines."""

@@ -7,10 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -70,8 +70,16 @@ class RunnerProcess:
                 self.process.stdout.close()
 
 
-def start_runner(tmp: Path, *args: str, env: dict[str, str] | None = None) -> RunnerProcess:
-    """Start ``didomagic-runner --port 0`` and wait for the connection URL it prints."""
+def start_runner(
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> RunnerProcess:
+    """Start ``didomagic-runner --port 0`` and wait for the connection URL it prints.
+
+    ``preexec_fn`` runs in the child before the runner starts (e.g. to lower an rlimit).
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     state = tmp / "state"
     log_path = tmp / "runner.log"
@@ -83,6 +91,7 @@ def start_runner(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Ru
             stderr=log,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec_fn,
         )
     assert process.stdout is not None
     line = process.stdout.readline().decode().strip()  # printed once listening
@@ -123,12 +132,16 @@ class MediatorProcess:
     stop = RunnerProcess.stop
 
 
-def start_mediator(tmp: Path, *args: str) -> MediatorProcess:
-    """Start ``didomagic-runner mediator`` and wait for the two URLs it prints."""
+def start_mediator(tmp: Path, *args: str, prefix: Sequence[str] = ()) -> MediatorProcess:
+    """Start ``didomagic-runner mediator`` and wait for the two URLs it prints.
+
+    ``prefix`` runs it through another command (``nsenter --net=...``) that execs it.
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     state = tmp / "state"
     log_path = tmp / "mediator.log"
-    command = [sys.executable, "-m", "runner", "mediator", "--state-dir", str(state), *args]
+    command = [*prefix, sys.executable, "-m", "runner", "mediator", "--state-dir", str(state)]
+    command += args
     if "--port" not in args:
         command += ["--port", "0"]
     with open(log_path, "ab") as log:
@@ -199,7 +212,7 @@ def runner_factory(tmp_path: Path) -> Iterator[Callable[..., RunnerProcess]]:
     """Start runners on demand; every one is stopped (and must exit 0) at teardown."""
     started: list[RunnerProcess] = []
 
-    def factory(*args: str, name: str = "r", **kw: dict[str, str]) -> RunnerProcess:
+    def factory(*args: str, name: str = "r", **kw: Any) -> RunnerProcess:
         runner = start_runner(tmp_path / f"{name}{len(started)}", "--name", name, *args, **kw)
         started.append(runner)
         return runner
@@ -251,6 +264,15 @@ def shell():  # type: ignore[no-untyped-def]
     from didomagic.api import default_pool
 
     default_pool().close()
+
+
+@pytest.fixture(autouse=True)
+def notebook_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Each test's notebook works in an empty folder of its own (a remote cell's working
+    directory mirrors it, and the files the cell writes come back there, not into the checkout)."""
+    folder = tmp_path_factory.mktemp("notebook")
+    monkeypatch.chdir(folder)
+    return folder
 
 
 @pytest.fixture

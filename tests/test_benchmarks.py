@@ -30,8 +30,12 @@ def test_quick_benchmark_measures_everything_and_writes_json(tmp_path):
         "didomagic: first cell of a new session (warm pool)",
         "didomagic: a cell reading 1,000 small variables",
         "didomagic: first cell, embedded runner from nothing",
+        "didomagic: new session, cached set of 3 packages",
+        "didomagic: cold build of 3 small wheels (local uv cache)",
     ):
         assert expected in names, expected
+    assert any(n.startswith("baseline: raw blocking TLS socket") for n in names)
+    assert any(n.startswith("mediator: pick a runner (20 runners") for n in names)
     assert all(m["median"] > 0 for m in report["measures"])
     bars = {r["what"] for r in report["ratios"]}
     assert "trivial cell / ipyparallel view.execute" in bars

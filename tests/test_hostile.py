@@ -97,7 +97,7 @@ def settled(runner: RunnerProcess) -> tuple[int, int, int]:
         now = footprint(runner)
         if log.count(" opened from ") != log.count(" closed\n") or now[0] != 1:
             return None
-        return now if now[2] == 2 and footprint(runner) == now else None  # home + private
+        return now if now[2] == 3 and footprint(runner) == now else None  # home, private, cache
 
     return wait_until(quiet, "the runner to settle: one warm kernel, no session")  # type: ignore[return-value]
 

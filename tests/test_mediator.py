@@ -251,8 +251,11 @@ def test_a_lost_heartbeat_marks_a_runner_down_until_it_is_back(runner_factory, m
     assert "heartbeat lost" in mediator.log and "runner hb registered" in mediator.log
 
 
-def test_map_uses_every_runner_and_keeps_input_order(runner_factory, mediator, config):
+def test_map_uses_every_runner_and_keeps_input_order(runner_factory, mediator, config, tmp_path):
     names = ("m1", "m2", "m3")
+    started = tmp_path / "started"
+    started.mkdir()
+    where = str(started)
     for name in names:
         join(runner_factory, mediator, name, "--max-sessions", "1")
     wait_for_up(mediator.url, *names)
@@ -263,8 +266,14 @@ def test_map_uses_every_runner_and_keeps_input_order(runner_factory, mediator, c
         import os
         import time
 
-        time.sleep(0.3)  # the work itself: long enough that no one session takes every item
-        return i * i, os.environ["DIDOMAGIC_RUNNER_NAME"]
+        name = os.environ["DIDOMAGIC_RUNNER_NAME"]
+        open(os.path.join(where, name), "w").close()
+        # Each runner's first item waits (bounded) until all three have one, however slowly a
+        # loaded machine opens the sessions: a map that skipped a runner fails below.
+        deadline = time.monotonic() + 30
+        while len(os.listdir(where)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return i * i, name
 
     results = didomagic.map(work, range(9), pool=pool, progress="text")
     assert [r[0] for r in results] == [i * i for i in range(9)]

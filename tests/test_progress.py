@@ -144,3 +144,14 @@ def test_the_magic_prints_the_text_fallback_for_a_slow_cell(shell, ns, module_ru
     assert result.success
     assert "didomagic: running on shared ..." in cap.stderr
     assert "didomagic: done on shared in " in cap.stderr
+
+
+def test_a_mediators_launch_note_shows_in_the_row_and_the_text():
+    note = "launching a runner: Slurm job 12, pending (Resources)"
+    row = WidgetProgress()
+    row.queued(0, note)
+    assert row.state_label.value == f"waiting ({note})"
+    text = TextProgress(io.StringIO())
+    text.connecting("127.0.0.1:4941")
+    text.queued(0, note)
+    assert text.stream.getvalue() == f"didomagic: {note} (at 127.0.0.1:4941)\n"

@@ -9,8 +9,12 @@ import pytest
 from didomagic.errors import ProtocolError, VersionMismatch
 from didomagic.protocol import (
     CHUNK_SIZE,
+    MAX_OPEN_ASKS,
     PROTOCOL_VERSION,
     SMALL_PART,
+    Answer,
+    AnswerStatus,
+    Ask,
     Attach,
     Attached,
     Dial,
@@ -45,6 +49,10 @@ EVERY_MESSAGE = [
     Output("c1", "stream", {"name": "stdout", "text": "hi\n"}),
     Result("c1", Status.OK, (ValueHeader("x", (3,)),), ("y",), {"z": "why"}, None),
     Result("c1", Status.ERROR, error={"ename": "E", "evalue": "v", "traceback": ["t"]}),
+    Ask("c1", "1", "module", "helpers", {"digest": "ab"}),
+    Ask("c1", "2", "file", "data/train.csv"),
+    Answer("c1", "1", AnswerStatus.FOUND, "", {"modules": [{"name": "helpers"}]}, (10, 0, 3)),
+    Answer("c1", "2", AnswerStatus.REFUSED, "outside the project"),
     Error(ErrorCode.BUSY, "busy"),
     Welcome(PROTOCOL_VERSION, "3.11", "3.1.2", "sid", {}, "ticket"),
     Attach(PROTOCOL_VERSION, "3.11", "3.1.2", "abc.sid", "ticket", "c1", 7),
@@ -286,3 +294,113 @@ def test_an_error_answers_an_attach_and_closes():
     runner.receive(client.send(Attach(PROTOCOL_VERSION, "3.11", "3", "s", "t")))
     client.receive(runner.send(Error(ErrorCode.NOT_FOUND, "gone")))
     assert client.state is State.CLOSED
+
+
+# -- the request channel: asks and answers while a cell runs
+
+
+def _running_pair() -> tuple[Session, Session]:
+    client, runner = _open_pair()
+    runner.receive(client.send(Execute("c", "pass")))
+    assert client.state is State.RUNNING and runner.state is State.RUNNING
+    return client, runner
+
+
+def test_an_answer_and_its_parts_arrive_while_outputs_go_on():
+    client, runner = _running_pair()
+    client.receive(runner.send(Ask("c", "1", "module", "helpers")))
+    client.receive(runner.send(Ask("c", "2", "file", "a.csv")))
+    big = bytes(range(256)) * (CHUNK_SIZE // 256 + 1)
+    runner.receive(client.send(Answer("c", "2", AnswerStatus.FOUND, sizes=(3, len(big)))))
+    assert client.state is State.ANSWER and runner.state is State.ANSWER
+    # The cell goes on meanwhile: outputs, more asks and interrupts are legal.
+    client.receive(runner.send(Output("c", "stream", {"name": "stdout", "text": "x"})))
+    client.receive(runner.send(Ask("c", "3", "file", "b.csv")))
+    runner.receive(client.send(Interrupt("c")))
+    got: dict[int, bytearray] = {0: bytearray(3), 1: bytearray(len(big))}
+    for frame in client.frames([[memoryview(b"abc"), memoryview(big)]]):
+        for chunk in runner.receive_binary(bytes(frame)):
+            got[chunk.part][chunk.offset : chunk.offset + chunk.data.nbytes] = chunk.data
+    assert got == {0: bytearray(b"abc"), 1: bytearray(big)}
+    assert client.state is State.RUNNING and runner.state is State.RUNNING
+    assert runner.asks == client.asks == {"1", "3"}
+    for ask_id in ("1", "3"):
+        runner.receive(client.send(Answer("c", ask_id, AnswerStatus.NOT_FOUND, "no")))
+    client.receive(runner.send(Result("c", Status.OK)))
+    assert client.state is State.IDLE and runner.state is State.IDLE
+
+
+def test_a_result_waits_for_every_answer():
+    client, runner = _running_pair()
+    client.receive(runner.send(Ask("c", "1", "module", "m")))
+    with pytest.raises(ProtocolError, match="1 asks are unanswered"):
+        runner.send(Result("c", Status.OK))
+    with pytest.raises(ProtocolError, match="1 asks are unanswered"):
+        client.receive(encode(Result("c", Status.OK)))
+
+
+@pytest.mark.parametrize(
+    ("move", "complaint"),
+    [
+        ("unknown id", "not open"),
+        ("twice", "not open"),
+        ("same id", "already open"),
+        ("text mid-answer", "bytes of values were still expected"),
+        ("second answer mid-answer", "not allowed in state 'answer'"),
+        ("result mid-answer", "not allowed in state 'answer'"),
+        ("client asks", "does not send ask"),
+        ("overrun", "overruns"),
+        ("ask when idle", "not allowed in state 'idle'"),
+    ],
+)
+def test_illegal_asks_and_answers(move, complaint):
+    client, runner = _running_pair()
+    client.receive(runner.send(Ask("c", "1", "module", "m")))
+    with pytest.raises(ProtocolError, match=complaint):
+        if move == "unknown id":
+            runner.receive(encode(Answer("c", "9", AnswerStatus.FOUND)))
+        elif move == "twice":
+            runner.receive(client.send(Answer("c", "1", AnswerStatus.FOUND)))
+            runner.receive(encode(Answer("c", "1", AnswerStatus.FOUND)))
+        elif move == "same id":
+            client.receive(encode(Ask("c", "1", "module", "m")))
+        elif move in ("text mid-answer", "second answer mid-answer", "result mid-answer"):
+            client.receive(runner.send(Ask("c", "2", "module", "n")))
+            runner.receive(client.send(Answer("c", "1", AnswerStatus.FOUND, sizes=(4,))))
+            if move == "text mid-answer":
+                runner.receive(encode(Answer("c", "2", AnswerStatus.FOUND)))
+            elif move == "second answer mid-answer":
+                client.send(Answer("c", "2", AnswerStatus.FOUND))
+            else:
+                runner.send(Result("c", Status.OK))
+        elif move == "client asks":
+            client.send(Ask("c", "5", "module", "m"))
+        elif move == "overrun":
+            runner.receive(client.send(Answer("c", "1", AnswerStatus.FOUND, sizes=(4,))))
+            runner.receive_binary(b"12345")
+        else:
+            runner.receive(client.send(Answer("c", "1", AnswerStatus.FOUND)))
+            client.receive(runner.send(Result("c", Status.OK)))
+            runner.send(Ask("c", "2", "module", "m"))
+
+
+def test_open_asks_are_capped():
+    client, runner = _running_pair()
+    for i in range(MAX_OPEN_ASKS):
+        client.receive(runner.send(Ask("c", str(i), "file", "f")))
+    with pytest.raises(ProtocolError, match="asks open at once"):
+        runner.send(Ask("c", "x", "file", "f"))
+
+
+@pytest.mark.parametrize(
+    ("body", "complaint"),
+    [
+        ({"cell": "c", "id": "1", "status": "maybe"}, "answer.status must be one of"),
+        ({"cell": "c", "id": "1", "status": "found", "sizes": [-1]}, "list of sizes"),
+        ({"cell": "c", "id": "1", "status": "found", "sizes": [True]}, "list of sizes"),
+        ({"cell": "c", "id": "1", "status": "found", "meta": []}, "JSON object"),
+    ],
+)
+def test_bad_answers_are_refused(body, complaint):
+    with pytest.raises(ProtocolError, match=complaint):
+        decode(json.dumps({"type": "answer", **body}))

@@ -8,6 +8,7 @@ same runner is untouched. Mechanisms this host lacks skip with the reason.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import subprocess
 import sys
@@ -194,6 +195,7 @@ def test_a_fresh_session_starts_in_an_empty_scratch_directory(shell, ns, runner_
         assert mine["tmp"] == mine["where"]  # temporary files count against the scratch
     finally:
         first.close()
+    os.remove("left.txt")  # it came back into the notebook's folder, which the scratch mirrors
     result, _ = remote(shell, runner.url, "import os\nseen = os.listdir('.')\nhere = os.getcwd()")
     assert result.success and ns["seen"] == [] and ns["here"] != mine["where"]
 
