@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,7 @@ from didomagic.errors import ConnectionLost, RunnerBusy, SessionEnded
 from didomagic.loop import background_loop
 from didomagic.progress import TextProgress
 from didomagic.protocol import CLIENT_HEADER, Execute, Output, Result
+from didomagic.resources import Reply, register_handler, unregister_handler
 from didomagic.serialize import unpack
 from didomagic.session import RemoteSession
 from didomagic.urls import ConnectionURL
@@ -618,4 +620,77 @@ def test_a_reattached_cell_can_still_be_interrupted(runner_factory, forwarders, 
     after = Cell(session, "ok = 1", ("ok",))
     after.finish()
     assert after.values == {"ok": 1}
+    session.close()
+
+
+@pytest.fixture
+def greeting() -> Iterator[tuple[list[str], threading.Event]]:
+    """A ``greeting`` handler on the notebook side; its first call waits for the event."""
+    calls: list[str] = []
+    release = threading.Event()
+
+    def serve(request: Any) -> Reply:
+        calls.append(request.name)
+        if len(calls) == 1:
+            release.wait(TIMEOUT)
+        return Reply.found(b"hi")
+
+    register_handler("greeting", serve)
+    yield calls, release
+    unregister_handler("greeting")
+
+
+ASK = "from runner.asking import ask\n"
+
+
+def test_an_ask_unanswered_when_the_connection_drops_is_asked_again_on_reattach(
+    runner_factory, forwarders, greeting
+):
+    calls, release = greeting
+    runner = runner_factory("--session-grace", "60")
+    forwarder = forward(forwarders, runner.url)
+    session = RemoteSession(forwarder.url)
+    cell = Cell(session, ASK + "got = bytes(ask('greeting', 'hello').parts[0])", ("got",))
+    wait_until(lambda: calls, "the kernel's ask to reach the notebook side")
+    was_kept = kept(runner)
+    forwarder.cut()
+    wait_until(was_kept, "the runner to keep the session")
+    release.set()  # its answer goes nowhere: that connection is gone
+    assert forwarder.knocked.wait(TIMEOUT)
+    forwarder.restore()
+    cell.finish()
+    assert cell.error is None, cell.error
+    assert cell.values == {"got": b"hi"}
+    assert calls == ["hello", "hello"]  # asked again on the connection that took it back
+    session.close()
+
+
+def test_an_ask_made_while_disconnected_is_sent_on_reattach(
+    runner_factory, forwarders, greeting, tmp_path
+):
+    calls, release = greeting
+    release.set()
+    runner = runner_factory("--session-grace", "60")
+    forwarder = forward(forwarders, runner.url)
+    session = RemoteSession(forwarder.url)
+    wait, cue = waiting_cell(tmp_path, "cue")
+    asking = tmp_path / "asking"
+    code = (
+        ASK
+        + "print('before', flush=True)\n"
+        + wait
+        + f"pathlib.Path({str(asking)!r}).touch()\n"
+        + "got = bytes(ask('greeting', 'hello').parts[0])\n"
+    )
+    cell = Cell(session, code, ("got",))
+    cell.wait_for("before")
+    was_kept = kept(runner)
+    forwarder.cut()
+    wait_until(was_kept, "the runner to keep the session")
+    cue.touch()
+    wait_until(asking.exists, "the kernel to ask while disconnected")
+    forwarder.restore()
+    cell.finish()
+    assert cell.error is None, cell.error
+    assert cell.values == {"got": b"hi"} and calls == ["hello"]
     session.close()
