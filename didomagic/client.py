@@ -42,6 +42,7 @@ from didomagic.inbound import Inbound
 from didomagic.protocol import (
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
+    RUNNER_GONE_CODE,
     Answer,
     Ask,
     Attach,
@@ -206,7 +207,8 @@ class RunnerConnection:
         self.attached: Attached | None = None
         """The runner's answer, for a connection that took a kept session back."""
         self.ended_by_runner = False
-        """Whether the runner closed the connection on purpose (code 1000): nothing to take back."""
+        """Whether the session ended with the connection (closed on purpose, or its runner is
+        gone: see RUNNER_GONE_CODE): nothing to take back."""
         self._answer_lock = asyncio.Lock()  # an answer's frames follow it, unbroken
 
     @property
@@ -316,7 +318,8 @@ class RunnerConnection:
             await self.ws.close(1002, "protocol error")
             raise
         except ConnectionClosed as exc:
-            self.ended_by_runner = exc.rcvd is not None and exc.rcvd.code == 1000
+            ended = (1000, RUNNER_GONE_CODE)  # on purpose, or its runner is gone for good
+            self.ended_by_runner = exc.rcvd is not None and exc.rcvd.code in ended
             raise ConnectionLost(
                 f"The connection to runner {self.runner_name} was lost while the cell was "
                 f"running ({exc})."

@@ -78,6 +78,10 @@ from didomagic.errors import ProtocolError, VersionMismatch
 PROTOCOL_VERSION = 4
 """Bumped on any change that an older peer could misread."""
 
+RUNNER_GONE_CODE = 1011
+"""The close code of a relay whose runner is known to be gone (its reason says why, e.g. a
+Slurm job cancelled): the session ended with it, so the client does not try to reattach."""
+
 CLIENT_HEADER = "X-Didomagic-Client"
 """The handshake header carrying the client's identity secret; jobs belong to its hash."""
 

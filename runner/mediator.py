@@ -60,6 +60,7 @@ from didomagic import matching
 from didomagic.client import RunnerConnection, handshake
 from didomagic.errors import ProtocolError
 from didomagic.protocol import (
+    RUNNER_GONE_CODE,
     Attach,
     Dial,
     ErrorCode,
@@ -691,7 +692,7 @@ async def _pipe(
         if b_left is not None and tasks[1].done() and not tasks[0].done():
             reason = await b_left()
             if reason:
-                await a.close(1011, reason)
+                await a.close(RUNNER_GONE_CODE, reason)
     finally:
         for task in tasks:
             task.cancel()
