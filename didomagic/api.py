@@ -83,11 +83,13 @@ def run_cell(
     hidden: Iterable[str] = (),
     pool: SessionPool | None = None,
     progress: Progress | str | None = None,
+    session: RemoteSession | None = None,
 ) -> Any:
     """Run a cell on a runner with its namespace synced; return its displayed value.
 
     ``progress`` is a display, or the kind of one to make (``widget``, ``text``,
     ``none``; ``None`` for this environment's), made once a runner was chosen.
+    ``session`` runs it in that session instead of choosing one (``--session``).
 
     Raises :class:`RemoteError` when the cell raises remotely (after syncing
     the names it bound before raising), :class:`CellTimeout`,
@@ -99,7 +101,7 @@ def run_cell(
     report_failures(failures, "sent")
     if local:
         return _run_local(pool.local, spec, namespace, transform, sent, transfer)
-    session = pool.session(runner, spec.tags, spec.os)
+    session = session or pool.session(runner, spec.tags, spec.os)
     safe = session.url.safe_results
     sent.append(files.bundle_value(session.responder.state, spec.files, safe=safe))
     versions = session.versions.of(namespace, sent)

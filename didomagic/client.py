@@ -17,7 +17,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from didomagic.errors import (
     ProtocolError,
     RunnerBusy,
     RunnerUnreachable,
+    SessionEnded,
     VersionMismatch,
 )
 from didomagic.inbound import Inbound
@@ -42,8 +43,11 @@ from didomagic.protocol import (
     ASIDE,
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
+    RUNNER_GONE_CODE,
     Answer,
     Ask,
+    Attach,
+    Attached,
     Channel,
     Chunk,
     CommMsg,
@@ -54,6 +58,7 @@ from didomagic.protocol import (
     Info,
     Installing,
     Interrupt,
+    ListSessions,
     Message,
     Output,
     Query,
@@ -61,6 +66,7 @@ from didomagic.protocol import (
     Result,
     Role,
     Session,
+    SessionList,
     Welcome,
     cloudpickle_version,
     expect,
@@ -78,6 +84,9 @@ NO_ANSWERS = Responder(
 
 OPEN_TIMEOUT = 20.0
 """Seconds to reach a runner and complete both handshakes."""
+
+DETACH_CODE = 4001
+"""Close code of a client that lets go of a session without ending it (any but 1000 keeps it)."""
 
 _pinned: dict[tuple[str, str], bytes] = {}
 """Certificates already fetched and checked, by (address, fingerprint)."""
@@ -180,7 +189,8 @@ def _unreachable(url: ConnectionURL, exc: BaseException) -> RunnerUnreachable:
     return RunnerUnreachable(
         f"Cannot reach the runner at {url.address}: {reason}. Check that didomagic-runner is "
         "running there, that the address and port in the connection URL are right, and that "
-        "no firewall is in the way."
+        "no firewall is in the way.",
+        absent=isinstance(exc, ConnectionRefusedError),
     )
 
 
@@ -195,6 +205,13 @@ class RunnerConnection:
         self.welcome = welcome
         self.url = url
         self.running: str | None = None
+        self.received = 0
+        """Outputs of the running cell received so far."""
+        self.attached: Attached | None = None
+        """The runner's answer, for a connection that took a kept session back."""
+        self.ended_by_runner = False
+        """Whether the session ended with the connection (closed on purpose, or its runner is
+        gone: see RUNNER_GONE_CODE): nothing to take back."""
         self._answer_lock = asyncio.Lock()  # an answer's frames follow it, unbroken
         self.on_aside: Callable[[Message | None], None] = lambda message: None
         """Gets each widget message (Comm, SideOutput, CommDone), then None once closed."""
@@ -274,12 +291,21 @@ class RunnerConnection:
         go to ``on_output`` as the session's reader gets them (in order with the
         widget traffic, see :meth:`listen`).
         """
+        await self.send_cell(request, parts, on_transfer)
+        return await self.receive_result(
+            request.cell, on_output, on_transfer, on_installing, responder
+        )
+
+    async def send_cell(
+        self,
+        request: Execute,
+        parts: Sequence[Sequence[memoryview]],
+        on_transfer: Callable[[str, int, int], None] = lambda direction, done, total: None,
+    ) -> None:
+        """Send a cell and its values (the first half of :meth:`execute`)."""
         self.running = request.cell
-        answering: set[asyncio.Task[None]] = set()
-        self._on_output = on_output
-        if self._reader is None:
-            self.listen(self.on_aside)
-        try:
+        self.received = 0
+        async with self._translated():
             await self.ws.send(self.session.send(request))
             total = sum(v.nbytes for v in request.values if not v.cached)
             sent = 0
@@ -287,44 +313,76 @@ class RunnerConnection:
                 await self.ws.send(frame)
                 sent += frame.nbytes
                 on_transfer("sending", sent, total)
-            result: Result | None = None
-            inbound = Inbound()
-            received = expected = 0
-            while result is None or received < expected:
-                message = await self._next()
-                if isinstance(message, list):
-                    for chunk in message:
-                        inbound.add(chunk)
-                        received += chunk.data.nbytes
-                    on_transfer("receiving", received, expected)
-                    continue
-                if isinstance(message, Installing):
-                    on_installing(message)
-                elif isinstance(message, Ask):
-                    task = asyncio.create_task(self._answer(message, responder))
-                    answering.add(task)
-                    task.add_done_callback(answering.discard)
-                elif isinstance(message, Result):
-                    result = message
-                    inbound = Inbound(message.values)
-                    expected = sum(v.nbytes for v in message.values)
-                elif isinstance(message, Error):
-                    raise ProtocolError(f"the runner ended the session: {message.message}")
-            return result, inbound.parts
-        except ProtocolError:
-            await self.ws.close(1002, "protocol error")
-            raise
-        except ConnectionClosed as exc:
-            raise ConnectionLost(
-                f"The connection to runner {self.runner_name} was lost while the cell was "
-                f"running ({exc}). The cell may or may not have finished there, and the "
-                "remote session's state is gone; the next cell opens a new session."
-            ) from None
+
+    async def receive_result(
+        self,
+        cell: str,
+        on_output: Callable[[Output], None],
+        on_transfer: Callable[[str, int, int], None] = lambda direction, done, total: None,
+        on_installing: Callable[[Installing], None] = lambda message: None,
+        responder: Responder = NO_ANSWERS,
+    ) -> tuple[Result, list[list[bytearray]]]:
+        """Stream the outputs of ``cell``, answer its asks, return its result and values.
+
+        :attr:`received` counts its outputs, so a reattach asks only for the rest.
+        """
+        self.running = cell
+        answering: set[asyncio.Task[None]] = set()
+
+        def counted(output: Output) -> None:
+            self.received += 1
+            on_output(output)
+
+        self._on_output = counted  # the reader hands outputs over at once, in order
+        if self._reader is None:
+            self.listen(self.on_aside)
+        try:
+            async with self._translated():
+                result: Result | None = None
+                inbound = Inbound()
+                received = expected = 0
+                while result is None or received < expected:
+                    message = await self._next()
+                    if isinstance(message, list):
+                        for chunk in message:
+                            inbound.add(chunk)
+                            received += chunk.data.nbytes
+                        on_transfer("receiving", received, expected)
+                        continue
+                    if isinstance(message, Installing):
+                        on_installing(message)
+                    elif isinstance(message, Ask):
+                        task = asyncio.create_task(self._answer(message, responder))
+                        answering.add(task)
+                        task.add_done_callback(answering.discard)
+                    elif isinstance(message, Result):
+                        result = message
+                        inbound = Inbound(message.values)
+                        expected = sum(v.nbytes for v in message.values)
+                    elif isinstance(message, Error):
+                        raise ProtocolError(f"the runner ended the session: {message.message}")
+                return result, inbound.parts
         finally:
             self.running = None
             self._on_output = None
             for task in list(answering):
                 task.cancel()
+
+    @contextlib.asynccontextmanager
+    async def _translated(self) -> AsyncIterator[None]:
+        """A protocol error closes the connection; a dropped one is :class:`ConnectionLost`."""
+        try:
+            yield
+        except ProtocolError:
+            await self.ws.close(1002, "protocol error")
+            raise
+        except ConnectionClosed as exc:
+            ended = (1000, RUNNER_GONE_CODE)  # on purpose, or its runner is gone for good
+            self.ended_by_runner = exc.rcvd is not None and exc.rcvd.code in ended
+            raise ConnectionLost(
+                f"The connection to runner {self.runner_name} was lost while the cell was "
+                f"running ({exc})."
+            ) from None
 
     async def _answer(self, ask: Ask, responder: Responder) -> None:
         """Answer one ask (the handler runs in a worker thread), then send its parts."""
@@ -351,8 +409,12 @@ class RunnerConnection:
                 await self.ws.send(self.session.send(Interrupt(self.running)))
 
     async def close(self) -> None:
-        """End the session (the runner frees its kernel)."""
+        """End the session (the runner frees its kernel at once)."""
         await self.ws.close()
+
+    async def detach(self) -> None:
+        """Let go of the connection; the runner keeps the session for its grace period."""
+        await self.ws.close(DETACH_CODE, "detached")
 
 
 async def dial(
@@ -446,14 +508,17 @@ async def open_connection(
     requirements: Requirements = ANY_RUNNER,
     on_queued: Callable[[int, str], None] = lambda position, note: None,
     timeout: float = OPEN_TIMEOUT,
+    headers: dict[str, str] | None = None,
 ) -> RunnerConnection:
     """Connect, authenticate and say hello; raise a :class:`ConnectError` subclass on failure.
 
     While the runner has no free slot and queues the session, ``on_queued``
     gets each new queue position and note (a mediator's word on a runner it
     launches for the session); the wait in a queue has no time limit.
+    ``headers`` go with the websocket upgrade (the client identity, see
+    :data:`~didomagic.protocol.CLIENT_HEADER`).
     """
-    ws = await dial(url, timeout=timeout)
+    ws = await dial(url, headers=headers, timeout=timeout)
     return await handshake(ws, url, requirements, on_queued, timeout)
 
 
@@ -496,6 +561,70 @@ async def handshake(
     reply = expect(reply, Welcome)
     logger.debug("session opened with runner %s", reply.runner.get("name"))
     return RunnerConnection(ws, session, reply, url)
+
+
+async def attach(
+    url: ConnectionURL,
+    session: str,
+    ticket: str,
+    cell: str = "",
+    received: int = 0,
+    headers: dict[str, str] | None = None,
+    timeout: float = OPEN_TIMEOUT,
+) -> RunnerConnection:
+    """Take a kept session back with its ticket; :attr:`RunnerConnection.attached` says how.
+
+    ``cell`` and ``received`` say which cell the client still waits for and how
+    many of its outputs it has. Raise :class:`SessionEnded` when the session is
+    gone, a :class:`ConnectError` subclass when the runner cannot be reached.
+    """
+    ws = await dial(url, headers=headers, timeout=timeout)
+    protocol = Session(Role.CLIENT)
+    request = Attach(
+        PROTOCOL_VERSION, python_version(), cloudpickle_version(), session, ticket, cell, received
+    )
+    try:
+        await ws.send(protocol.send(request))
+        reply = protocol.receive(await asyncio.wait_for(ws.recv(), timeout))
+    except (ConnectionClosed, TimeoutError) as exc:
+        await ws.close()
+        raise _unreachable(url, exc) from None
+    except ProtocolError:
+        await ws.close(1002, "protocol error")
+        raise
+    if isinstance(reply, Error):
+        await ws.close()
+        if reply.code is ErrorCode.NOT_FOUND:
+            raise SessionEnded(reply.message)
+        if reply.code is ErrorCode.NOT_READY:
+            raise RunnerUnreachable(reply.message, absent=True)
+        raise refusal(reply)
+    assert isinstance(reply, Attached)
+    welcome = Welcome(
+        PROTOCOL_VERSION, python_version(), cloudpickle_version(), session, reply.runner, ticket
+    )
+    connection = RunnerConnection(ws, protocol, welcome, url)
+    connection.attached = reply
+    return connection
+
+
+async def list_sessions(
+    url: ConnectionURL, headers: dict[str, str], timeout: float = OPEN_TIMEOUT
+) -> tuple[dict[str, Any], ...]:
+    """The sessions the client identity in ``headers`` holds on a runner (or behind a mediator)."""
+    ws = await dial(url, headers=headers, timeout=timeout)
+    protocol = Session(Role.CLIENT)
+    try:
+        await ws.send(protocol.send(ListSessions()))
+        reply = protocol.receive(await asyncio.wait_for(ws.recv(), timeout))
+    except (ConnectionClosed, TimeoutError) as exc:
+        raise _unreachable(url, exc) from None
+    finally:
+        await ws.close()
+    if isinstance(reply, Error):
+        raise refusal(reply)
+    assert isinstance(reply, SessionList)
+    return reply.sessions
 
 
 async def query(url: ConnectionURL, timeout: float = OPEN_TIMEOUT) -> tuple[Info, float]:

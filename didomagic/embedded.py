@@ -60,6 +60,8 @@ class EmbeddedRunner:
             "1",
             "--exit-on-stdin-eof",
             "--remove-state-on-exit",
+            "--session-grace",  # it stops with this kernel: no session to come back to
+            "0",
         ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

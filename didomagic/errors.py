@@ -8,13 +8,14 @@ as that one paragraph, without the plumbing's traceback::
     ├── ConfigurationError        a bad connection URL, option or argument
     ├── ProtocolError             a peer sent something the wire format forbids
     ├── ConnectError              no session could be opened
-    │   ├── RunnerUnreachable
+    │   ├── RunnerUnreachable     (``absent``: nothing listens there, or its mediator lost it)
     │   ├── FingerprintMismatch   the runner's certificate is not the pinned one
     │   ├── AuthenticationFailed  missing or wrong token
     │   ├── VersionMismatch       protocol, Python or cloudpickle versions differ
     │   ├── RunnerBusy            every session slot and queue place is taken
     │   └── NoMatchingRunner      no known runner has the tags / OS asked for
     ├── ConnectionLost            the connection broke during a cell
+    │   └── SessionEnded          the kept remote session is gone (grace, restart)
     ├── JobError                  a detached job cannot be found, pulled or submitted
     ├── RunnerStartError          the embedded runner did not start
     ├── ItemFailed                one call of map() failed; carries its index
@@ -61,7 +62,16 @@ class ConnectError(DidomagicError):
 
 
 class RunnerUnreachable(ConnectError):
-    """Nothing answered at the runner's address, or the TLS handshake failed."""
+    """Nothing answered at the runner's address, or the TLS handshake failed.
+
+    ``absent`` is True when the runner's host refused the connection, or its
+    mediator has no link to it now: unlike a network failure, this says the
+    runner process is not there.
+    """
+
+    def __init__(self, message: str, absent: bool = False) -> None:
+        super().__init__(message)
+        self.absent = absent
 
 
 class FingerprintMismatch(ConnectError):
@@ -98,6 +108,14 @@ class NoMatchingRunner(ConnectError):
 
 class ConnectionLost(DidomagicError):
     """The connection to the runner broke while a cell was in flight."""
+
+
+class SessionEnded(ConnectionLost):
+    """The remote session is gone for good: its grace period ran out, or its runner restarted.
+
+    The message names the runner and when the session ended; the next cell opens
+    a new session.
+    """
 
 
 class RunnerStartError(DidomagicError):

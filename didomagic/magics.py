@@ -1,4 +1,4 @@
-"""The ``%%remote`` cell magic, ``%remote on|off``, ``%%local``, ``%runners`` and ``%jobs``.
+"""The ``%%remote`` cell magic, ``%remote on|off|attach|...``, ``%%local``, ``%runners``, ``%jobs``.
 
 Argument parsing over the API. The magics' defaults are traitlets on
 :class:`RemoteMagics`, settable in ``ipython_config.py`` or with
@@ -17,11 +17,12 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Enum, Float, List, Unicode
 
-from didomagic import api
+from didomagic import api, linecommands, reattach
 from didomagic.autoremote import RemoteMode, run_here
 from didomagic.errors import ConfigurationError, without_our_frames
 from didomagic.filebundle import DEFAULT_FILES_LIMIT, DEFAULT_RETURN_LIMIT, FileOptions
 from didomagic.files import parse_size
+from didomagic.linecommands import LineCall, command
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -58,6 +59,7 @@ RUNNERS_USAGE = """\
 %runners remove NAME              forget one
 %runners use NAME                 run cells without --runner/--tags there (this notebook)
 %runners use --clear              back to $DIDOMAGIC_RUNNER or the embedded runner
+%runners sessions                 the remote sessions this user holds (%remote attach ID)
 %runners --text                   the listing as plain text, even in a notebook"""
 
 
@@ -68,7 +70,7 @@ class _RunnersParser(argparse.ArgumentParser):
 
 def _runners_parser() -> argparse.ArgumentParser:
     parser = _RunnersParser(prog="%runners", add_help=False)
-    actions = ["list", "add", "remove", "use", "discover"]
+    actions = ["list", "add", "remove", "use", "discover", "sessions"]
     parser.add_argument("action", nargs="?", default="list", choices=actions)
     parser.add_argument("target", nargs="?", default=None)
     parser.add_argument("--name", default=None)
@@ -82,11 +84,32 @@ def _runners_parser() -> argparse.ArgumentParser:
     return parser
 
 
-REMOTE_USAGE = """\
-%%remote [options]      run this cell on a runner (%%remote? lists the options)
-%remote on [options]    run every following cell remotely, with these %%remote options
-%remote off             back to running cells here
-%%local                 run this one cell here while %remote on is in force"""
+@command(
+    "on", "%remote on [options]    run every following cell remotely, with these %%remote options"
+)
+def _remote_on(call: LineCall) -> None:
+    """``%remote on [options]``: every following cell runs remotely with those options."""
+    call.magics._parse(call.rest)  # a mistake is reported now, not at every cell
+    call.magics.mode.start(call.rest)
+    print(
+        "didomagic: remote mode on: every cell runs remotely"
+        + (f" with {call.rest.strip()}" if call.rest.strip() else "")
+        + " until %remote off (%%local runs one cell here)."
+    )
+
+
+@command("off", "%remote off             back to running cells here")
+def _remote_off(call: LineCall) -> None:
+    """``%remote off``: cells run here again."""
+    if call.words:
+        raise UsageError(f"%remote off takes nothing after it.\n{linecommands.usage()}")
+    was = call.magics.mode.on
+    call.magics.mode.stop()
+    print(
+        "didomagic: remote mode off: cells run here."
+        if was
+        else "didomagic: remote mode was not on."
+    )
 
 
 @magics_class
@@ -210,6 +233,11 @@ class RemoteMagics(Magics):
     )
     @argument("--name", default="", help="a name for the --detach job")
     @argument(
+        "--session",
+        default=None,
+        help="run in this held remote session (an id from %%runners sessions), taking it back",
+    )
+    @argument(
         "--files",
         type=_names,
         default=(),
@@ -245,10 +273,12 @@ class RemoteMagics(Magics):
 
         Output streams into the cell as it is produced; a remote exception fails
         the cell with the remote traceback. As a line magic: ``%remote on
-        [options]`` runs every following cell remotely, ``%remote off`` stops that.
+        [options]`` runs every following cell remotely, ``%remote off`` stops that;
+        ``%remote attach ID``, ``%remote detach [ID]`` and ``%remote close ID``
+        handle held sessions (``%remote help`` lists them all).
         """
         if cell is None:
-            return self._remote_line(line)
+            return linecommands.dispatch(line, self)
         __tracebackhide__ = True  # IPython shows the user's frames, not this one
         try:
             with self.mode.suspended():
@@ -256,33 +286,11 @@ class RemoteMagics(Magics):
         except BaseException as exc:
             raise without_our_frames(exc) from exc.__cause__
 
-    def _remote_line(self, line: str) -> None:
-        command, _, rest = line.strip().partition(" ")
-        if command == "on":
-            self._parse(rest)  # a mistake is reported now, not at every cell
-            self.mode.start(rest)
-            print(
-                "didomagic: remote mode on: every cell runs remotely"
-                + (f" with {rest.strip()}" if rest.strip() else "")
-                + " until %remote off (%%local runs one cell here)."
-            )
-            return
-        if command == "off" and not rest.strip():
-            was = self.mode.on
-            self.mode.stop()
-            print(
-                "didomagic: remote mode off: cells run here."
-                if was
-                else "didomagic: remote mode was not on."
-            )
-            return
-        raise UsageError(f"%remote: unknown form {line.strip()!r}.\n{REMOTE_USAGE}")
-
     def _parse(self, line: str) -> Any:
         try:
             return parse_argstring(self.remote, line)
         except UsageError as exc:
-            raise UsageError(f"%%remote: {exc}\n{REMOTE_USAGE}") from None
+            raise UsageError(f"%%remote: {exc}\n{linecommands.usage()}") from None
 
     @cell_magic
     def local(self, line: str, cell: str) -> Any:
@@ -303,6 +311,13 @@ class RemoteMagics(Magics):
             raise UsageError(f"--retries must be 0 or more, got {args.retries}")
         if args.detach and args.local:
             raise UsageError("--detach and --local do not go together")
+        if args.session and (
+            args.runner or args.tags or args.os or args.local or args.detach or args.new_session
+        ):
+            raise UsageError(
+                "--session runs in a held session: no --runner/--tags/--os/--local/--detach/"
+                "--new-session"
+            )
         runner, tags, os = args.runner, args.tags, args.os
         if not (runner or tags or os):  # the cell names nothing: the configured defaults
             tags, os = tuple(self.default_tags), self.default_os
@@ -349,6 +364,7 @@ class RemoteMagics(Magics):
             transform=self.shell.transform_cell,
             hidden=self.shell.user_ns_hidden,
             progress=None if self.progress == "auto" else self.progress,
+            session=reattach.session_for(args.session) if args.session else None,
         )
 
     @line_magic
@@ -362,6 +378,9 @@ class RemoteMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"%runners: {exc}\n{RUNNERS_USAGE}") from None
         args = _runners_parser().parse_args(words)
+        if args.action == "sessions":
+            reattach.show_sessions()
+            return None
         if args.action == "discover":
             from didomagic import lan
 

@@ -6,6 +6,7 @@ Also the runner list's administration (:func:`add_runner`, :func:`remove_runner`
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
@@ -21,6 +22,7 @@ from didomagic.embedded import EmbeddedRunner
 from didomagic.errors import ConfigurationError, ConnectError, NoMatchingRunner, RunnerBusy
 from didomagic.loop import background_loop
 from didomagic.session import LocalSession, RemoteSession
+from didomagic.tickets import Ticket
 from didomagic.urls import ConnectionURL
 
 RUNNER_ENV = "DIDOMAGIC_RUNNER"
@@ -37,7 +39,8 @@ class SessionPool:
     2. else ``tags=`` / ``os=``: an open session on a matching runner if there
        is one (so remote state carries over), else the least loaded matching
        runner among the configured runners and mediators;
-    3. else the notebook's default (:meth:`use`), else ``$DIDOMAGIC_RUNNER``,
+    3. else the session taken back with ``%remote attach`` (:meth:`adopt`),
+       else the notebook's default (:meth:`use`), else ``$DIDOMAGIC_RUNNER``,
        else an embedded runner on this machine.
     """
 
@@ -48,6 +51,10 @@ class SessionPool:
         self._config = config
         self.default: str | None = None
         """The notebook's default runner (a name or URL), set by ``%runners use``."""
+        self.attached: RemoteSession | None = None
+        """The session cells without --runner or --tags use, set by ``%remote attach``."""
+        self.last: RemoteSession | None = None
+        """The session the last cell used."""
         self.local = LocalSession()
 
     @property
@@ -81,12 +88,47 @@ class SessionPool:
             if runner:
                 url, requirements = self._target(runner)
             elif tags or os:
-                return self._matching(tuple(tags), os)
+                self.last = self._matching(tuple(tags), os)
+                return self.last
+            elif self.attached is not None:
+                self.last = self.attached
+                return self.last
             elif self.default:
                 url, requirements = self._target(self.default)
             else:
                 url, requirements = self._fallback(), ANY_RUNNER
-            return self._get(url, requirements)
+            self.last = self._get(url, requirements)
+            return self.last
+
+    def hold(self, ticket: Ticket) -> RemoteSession:
+        """The session a ticket names (taken back on its first use)."""
+        with self._lock:
+            session = self.find(ticket.session)
+            if session is None:
+                session = RemoteSession(ConnectionURL.parse(ticket.url), ticket=ticket)
+                self._sessions.append(session)
+            return session
+
+    def adopt(self, ticket: Ticket) -> RemoteSession:
+        """The session a ticket names, made the one cells without --runner or --tags use."""
+        with self._lock:
+            self.attached = self.last = self.hold(ticket)
+            return self.attached
+
+    def find(self, session_id: str) -> RemoteSession | None:
+        """The session of this notebook with this remote id, if it holds one."""
+        with self._lock:
+            return next((s for s in self._sessions if s.session_id == session_id), None)
+
+    def forget(self, session: RemoteSession) -> None:
+        """Stop using a session (it was closed or detached)."""
+        with self._lock:
+            if session in self._sessions:
+                self._sessions.remove(session)
+            if self.attached is session:
+                self.attached = None
+            if self.last is session:
+                self.last = None
 
     def holder(self, runner: str | None, tags: Sequence[str] = (), os: str = "") -> ConnectionURL:
         """Where a detached job goes: a runner or mediator that outlives this kernel.
@@ -202,6 +244,7 @@ class SessionPool:
                 with contextlib.suppress(Exception):
                     session.close()
             self._sessions.clear()
+            self.attached = self.last = None
             if self._embedded is not None:
                 self._embedded.stop()
                 self._embedded = None
@@ -226,10 +269,16 @@ _pool: SessionPool | None = None
 
 
 def default_pool() -> SessionPool:
-    """The process-wide :class:`SessionPool` the magics use."""
+    """The process-wide :class:`SessionPool` the magics use.
+
+    It is closed when the process exits normally (a kernel shut down on
+    purpose), which ends its remote sessions at once rather than leaving them
+    to wait out their grace period.
+    """
     global _pool
     if _pool is None:
         _pool = SessionPool()
+        atexit.register(_pool.close)
     return _pool
 
 

@@ -2,12 +2,13 @@
 
 A :class:`Progress` is driven from the notebook's main thread with the cell's
 events: ``connecting``, ``queued`` (position k, or a mediator's note on a
-runner it launches), the ``runner`` chosen,
-``sending`` / ``receiving`` bytes, ``running``, and finally ``done`` or
-``failed``. :class:`WidgetProgress` shows them as one ipywidgets row with a
-Cancel button; :class:`TextProgress` prints a line only for what is worth a
-line (a queue position or launch note, a large transfer, a cell still running after a few
-seconds and then its end), so quick cells print nothing. :func:`make_progress`
+runner it launches), the ``runner`` chosen, ``sending`` / ``receiving``
+bytes, ``running`` (``reconnecting`` attempt k when the connection dropped),
+and finally ``done`` or ``failed``. :class:`WidgetProgress` shows them as one
+ipywidgets row with a Cancel button; :class:`TextProgress` prints a line only
+for what is worth a line (a queue position or launch note, a large transfer, a
+cell still running after a few seconds and then its end), so quick cells print
+nothing. :func:`make_progress`
 picks one (``DIDOMAGIC_PROGRESS=widget|text|none`` overrides the choice).
 """
 
@@ -161,6 +162,16 @@ class Progress:
     def _counted(self) -> None:
         """Show a new item count."""
 
+    def reconnecting(self, attempt: int) -> None:
+        """The connection dropped; attempt ``attempt`` to take the session back."""
+        from didomagic.reconnect import reconnect_text
+
+        self._set("reconnecting", reconnect_text(attempt))
+
+    def reattached(self) -> None:
+        """The session is back; missed outputs follow and the cell goes on."""
+        self._set("running", "reconnected")
+
     def running(self) -> None:
         """Every input byte is on the runner; the cell runs."""
         if self.state != "running":
@@ -228,6 +239,10 @@ class TextProgress(Progress):
             return
         if self.state == "queued":
             self._print(f"queued ({self.detail}) at {self.detail_target()}")
+        elif self.state == "reconnecting":
+            self._print(f"{self.detail} ({self.detail_target()})")
+        elif self.detail == "reconnected":
+            self._print(f"reconnected to {self.detail_target()}; the cell goes on")
         elif self.state == "waiting":
             self._print(f"{self.detail} (at {self.detail_target()})")
         elif self.state in ("sending", "receiving"):
@@ -363,6 +378,8 @@ class WidgetProgress(Progress):
 
     def _changed(self) -> None:
         state = self.state + (f" ({self.detail})" if self.detail else "")
+        if self.state == "reconnecting":
+            state = self.detail  # "connection lost; reconnecting (3)…"
         self.state_label.value = self.install_text() if self.state == "installing" else state
         self.state_label.tooltip = state
         self._look()

@@ -33,6 +33,21 @@ message id, reports outputs it makes meanwhile as :class:`SideOutput`, and says
 inside the message, apart from the value frames, so a widget update may cross
 a cell's values on the wire without disturbing them.
 
+A session outlives its connection. A connection that drops without a close
+frame of code 1000 leaves the session kept on the runner for its grace period
+(a close with 1000 ends it at once). A new connection takes it back::
+
+    attach ────────────────────────────▶            session id + ticket (+ the cell
+          ◀───────────────────────────── attached    waited for, outputs received)
+          ◀───────────────────────────── output     the missed outputs, then live ones
+          ◀───────────────────────────── result     of a cell that ran meanwhile
+
+The ticket comes in the welcome; only the client that holds it (with the same
+client identity) can attach. ``attached.cell`` is the cell that runs, or whose
+result waits, on the runner ("" when there is none): the connection is then in
+RUNNING, else IDLE. A first message ``list-sessions`` gets the sessions of the
+client's identity, as a ``session-list``, like a query.
+
 A value is pickled with protocol 5: one pickle stream plus zero or more
 out-of-band buffers (array memory). Its *parts* are that stream and those
 buffers; a :class:`ValueHeader` declares each part's size, and the binary
@@ -71,8 +86,12 @@ from typing import Any, ClassVar, TypeVar
 
 from didomagic.errors import ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """Bumped on any change that an older peer could misread."""
+
+RUNNER_GONE_CODE = 1011
+"""The close code of a relay whose runner is known to be gone (its reason says why, e.g. a
+Slurm job cancelled): the session ended with it, so the client does not try to reattach."""
 
 CLIENT_HEADER = "X-Didomagic-Client"
 """The handshake header carrying the client's identity secret; jobs belong to its hash."""
@@ -201,7 +220,11 @@ class Info(Message):
 
 @dataclass(frozen=True)
 class Welcome(Message):
-    """Runner → client: the session is open; ``runner`` describes the runner."""
+    """Runner → client: the session is open; ``runner`` describes the runner.
+
+    ``ticket`` is the secret an :class:`Attach` presents to take the session
+    back after its connection dropped.
+    """
 
     kind: ClassVar[str] = "welcome"
     protocol: int
@@ -209,6 +232,56 @@ class Welcome(Message):
     cloudpickle: str
     session: str
     runner: dict[str, Any] = field(default_factory=dict)
+    ticket: str = ""
+
+
+@dataclass(frozen=True)
+class Attach(Message):
+    """Client → runner or mediator, first message instead of a hello: take a session back.
+
+    ``cell`` is the cell the client still waits for ("" for none) and
+    ``received`` how many of its outputs arrived, so only the missed ones come.
+    """
+
+    kind: ClassVar[str] = "attach"
+    protocol: int
+    python: str
+    cloudpickle: str
+    session: str
+    ticket: str
+    cell: str = ""
+    received: int = 0
+
+
+@dataclass(frozen=True)
+class Attached(Message):
+    """Runner → client: the session is back on this connection.
+
+    ``cell`` runs (or its result waits) on the runner, "" for none; its outputs
+    from number ``resume`` on follow, then its result. ``resume`` above the
+    client's ``received`` means the outputs between were dropped (--max-output).
+    """
+
+    kind: ClassVar[str] = "attached"
+    session: str
+    cell: str = ""
+    resume: int = 0
+    runner: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ListSessions(Message):
+    """Client → runner or mediator, first message: the sessions this client identity holds."""
+
+    kind: ClassVar[str] = "list-sessions"
+
+
+@dataclass(frozen=True)
+class SessionList(Message):
+    """Answer to :class:`ListSessions`: one entry per session (id, runner, age, cell, state)."""
+
+    kind: ClassVar[str] = "session-list"
+    sessions: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -636,10 +709,15 @@ class LogLines(Message):
 
 @dataclass(frozen=True)
 class Dial(Message):
-    """Mediator → runner: open a relay connection for a client session, naming ``ticket``."""
+    """Mediator → runner: open a relay connection for a client session, naming ``ticket``.
+
+    ``client`` is the client's identity (a hash of its secret) as the mediator
+    saw it; sessions on the relay belong to it.
+    """
 
     kind: ClassVar[str] = "dial"
     ticket: str
+    client: str = ""
 
 
 @dataclass(frozen=True)
@@ -657,6 +735,10 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Query,
         Info,
         Welcome,
+        Attach,
+        Attached,
+        ListSessions,
+        SessionList,
         Execute,
         Installing,
         Interrupt,
@@ -955,7 +1037,8 @@ class State(StrEnum):
 
     HELLO = "hello"  # waiting for the client's hello (or query)
     WELCOME = "welcome"  # hello sent, waiting for the runner's welcome (or queued)
-    QUERY = "query"  # query sent, waiting for the info
+    QUERY = "query"  # query (or list-sessions) sent, waiting for the answer
+    ATTACH = "attach"  # attach sent, waiting for attached
     IDLE = "idle"  # ready for the next cell
     UPLOAD = "upload"  # execute sent; its values are in flight
     RUNNING = "running"  # the cell runs on the runner
@@ -975,6 +1058,10 @@ _SENDER = {
     JobData: Role.RUNNER,
     Hello: Role.CLIENT,
     Query: Role.CLIENT,
+    Attach: Role.CLIENT,
+    ListSessions: Role.CLIENT,
+    Attached: Role.RUNNER,
+    SessionList: Role.RUNNER,
     Execute: Role.CLIENT,
     Interrupt: Role.CLIENT,
     Queued: Role.RUNNER,
@@ -996,6 +1083,10 @@ _TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     (State.HELLO, Hello): State.WELCOME,
     (State.HELLO, Query): State.QUERY,
     (State.QUERY, Info): State.CLOSED,
+    (State.HELLO, ListSessions): State.QUERY,
+    (State.QUERY, SessionList): State.CLOSED,
+    (State.HELLO, Attach): State.ATTACH,
+    (State.ATTACH, Attached): State.IDLE,  # RUNNING when it names a cell (see _advance)
     (State.WELCOME, Queued): State.WELCOME,
     (State.WELCOME, Welcome): State.IDLE,
     (State.IDLE, Execute): State.UPLOAD,
@@ -1102,6 +1193,8 @@ class Session:
             self._expect(message.values)
         elif isinstance(message, Answer):
             self._expect((ValueHeader(message.id, message.sizes),))
+        if isinstance(message, Attached) and message.cell:
+            nxt = State.RUNNING  # the cell's outputs and result follow
         self.state = nxt
         self._settle()
 

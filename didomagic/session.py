@@ -12,18 +12,28 @@ import ast
 import asyncio
 import builtins
 import concurrent.futures
+import contextlib
 import queue
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from didomagic import comms, localcode, serialize
-from didomagic.client import ANY_RUNNER, Requirements, RunnerConnection, open_connection
-from didomagic.errors import CellInterrupted, CellTooLarge, ConnectionLost
+from didomagic import comms, localcode, reconnect, serialize, tickets
+from didomagic.client import ANY_RUNNER, Requirements, RunnerConnection, attach, open_connection
+from didomagic.config import client_secret
+from didomagic.errors import (
+    CellInterrupted,
+    CellTooLarge,
+    ConnectionLost,
+    DidomagicError,
+    SessionEnded,
+)
 from didomagic.loop import BackgroundLoop, background_loop
 from didomagic.progress import NoProgress, Progress
-from didomagic.protocol import Execute, Output, Result, Status
+from didomagic.protocol import CLIENT_HEADER, Execute, Output, Result, Status
+from didomagic.reconnect import DEFAULT_GRACE
 from didomagic.resources import Responder
 from didomagic.transfer import Transfer
 from didomagic.uipoll import POLL, ShellPump
@@ -38,6 +48,11 @@ CACHE_MIN = 1 << 20
 
 TICK = 0.25
 """Seconds between progress updates while a cell waits with no event."""
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds to end a session on purpose (reaching a runner that keeps it, if need be)."""
+
+T = TypeVar("T")
 
 Event = tuple[Any, ...]
 """What the I/O thread hands the notebook thread: ("output", Output), ("queued", k), ..."""
@@ -54,9 +69,12 @@ class RemoteSession:
     """A session with one runner (direct or through a mediator), driven from a blocking thread.
 
     The remote namespace lives as long as this session: one per runner for the
-    life of the notebook kernel. A lost connection is reopened on the next
-    cell, as a new remote session (through a mediator, possibly on another
-    matching runner).
+    life of the notebook kernel. When the connection drops, the runner keeps
+    the session for its grace period and this side takes it back with its
+    ticket (see :mod:`didomagic.reconnect`), during a cell or before the next
+    one; only a session that is gone for good (or a runner that keeps none)
+    makes the next cell open a new one (through a mediator, possibly on
+    another matching runner).
     """
 
     def __init__(
@@ -64,6 +82,7 @@ class RemoteSession:
         url: ConnectionURL,
         requirements: Requirements = ANY_RUNNER,
         loop: BackgroundLoop | None = None,
+        ticket: tickets.Ticket | None = None,
     ) -> None:
         self.url = url
         self.requirements = requirements
@@ -77,23 +96,32 @@ class RemoteSession:
         self.responder = _responder(url)
         """Answers the remote kernel's asks with the registered handlers (see resources)."""
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
-        self.runner_name = url.address
+        self.runner_name = ticket.runner if ticket else url.address
         """The runner's name, once it has introduced itself."""
         self.description: dict[str, Any] = {}
         """The runner's description from its welcome (empty before the first cell)."""
         self.comms: comms.CommBridge | None = None
         """The proxies of the remote session's widgets in this kernel (None before it opens)."""
         self._in_cell = False
+        self.ticket = ticket
+        """What it takes to reattach the remote session (kept in the user's ticket file)."""
+        self._identity = {CLIENT_HEADER: client_secret()}
 
     @property
     def connected(self) -> bool:
         """True while the session with the runner is open."""
         return self._connection is not None and not self._connection.closed
 
+    @property
+    def session_id(self) -> str:
+        """The remote session's id ("" before it opens)."""
+        return self.ticket.session if self.ticket else ""
+
     async def connect_async(self, events: EventSink) -> RunnerConnection:
-        """Open the session now if it is not open (on the I/O loop)."""
+        """Open the session now if it is not open, or take it back (on the I/O loop)."""
         if self._connection is None or self._connection.closed:
-            if self._connection is not None and self._connection.ws.close_reason == IDLE_ENDED:
+            old, self._connection = self._connection, None
+            if old is not None and old.ws.close_reason == IDLE_ENDED:
                 events.put(
                     (
                         "notice",
@@ -102,28 +130,119 @@ class RemoteSession:
                         "state is gone.",
                     )
                 )
-            events.put(("connecting", self.url.address))
-            self._connection = await open_connection(
-                self.url,
-                self.requirements,
-                on_queued=lambda k, note: events.put(("queued", k, note)),
-            )
-            self._held.clear()  # a new remote session holds no values yet
-            self.versions.clear()
-            self.responder = _responder(self.url)
-            self.description = dict(self._connection.welcome.runner)
-            self.runner_name = self._connection.runner_name
-            ended = self.comms.notice() if self.comms is not None else None
-            if ended:
-                events.put(("notice", ended))
-            self.comms = comms.CommBridge(
-                comms.sender(self.loop, self._connection),
-                self.runner_name,
-                lambda: self._in_cell,
-            )
-            self._connection.listen(self.comms.arrive)
+                await self._drop_ticket()
+            if self.ticket is not None:
+                try:
+                    connection = await self._reattach(events, "", 0)
+                    if connection.attached is not None and connection.attached.cell:
+                        # A cell no one waits for any more (abandoned): let it finish.
+                        await connection.receive_result(
+                            connection.attached.cell, _ignore, responder=self.responder
+                        )
+                    self._connection = connection
+                except ConnectionLost as exc:  # the session is gone
+                    events.put(("notice", str(exc)))
+                    await self._drop_ticket()
+            if self._connection is None:
+                await self._open(events)
         events.put(("runner", self.description))
+        assert self._connection is not None
         return self._connection
+
+    async def _open(self, events: EventSink) -> None:
+        events.put(("connecting", self.url.address))
+        connection = await open_connection(
+            self.url,
+            self.requirements,
+            on_queued=lambda k, note: events.put(("queued", k, note)),
+            headers=self._identity,
+        )
+        self._connection = connection
+        self._held.clear()  # a new remote session holds no values yet
+        self.versions.clear()
+        self.responder = _responder(self.url)
+        self.description = dict(connection.welcome.runner)
+        self.runner_name = connection.runner_name
+        self._bridge_widgets(events, connection)
+        welcome = connection.welcome
+        if welcome.ticket and self._grace() > 0:
+            self.ticket = tickets.Ticket(
+                welcome.session, self.runner_name, str(self.url), welcome.ticket
+            )
+            await asyncio.to_thread(tickets.save, self.ticket)
+
+    def _bridge_widgets(self, events: EventSink, connection: RunnerConnection) -> None:
+        """Proxy this connection's remote widgets in the notebook kernel (earlier ones end)."""
+        ended = self.comms.notice() if self.comms is not None else None
+        if ended:
+            events.put(("notice", ended))
+        self.comms = comms.CommBridge(
+            comms.sender(self.loop, connection), self.runner_name, lambda: self._in_cell
+        )
+        connection.listen(self.comms.arrive)
+
+    def _grace(self) -> float:
+        return float(self.description.get("session_grace", DEFAULT_GRACE))
+
+    async def _reattach(self, events: EventSink, cell: str, received: int) -> RunnerConnection:
+        assert self.ticket is not None
+        connection = await reconnect.reattach(
+            self.url,
+            self.ticket,
+            cell=cell,
+            received=received,
+            lost_at=time.time(),
+            grace=self._grace() if self.description else DEFAULT_GRACE,
+            headers=self._identity,
+            on_attempt=lambda attempt: events.put(("reconnecting", attempt)),
+        )
+        self.description = dict(connection.welcome.runner)
+        self.runner_name = connection.runner_name
+        self._bridge_widgets(events, connection)
+        events.put(("reattached", self.runner_name))
+        return connection
+
+    async def _recover(
+        self, events: EventSink, lost: RunnerConnection, cell: str, exc: ConnectionLost
+    ) -> RunnerConnection:
+        """Take the session back during ``cell``; raise if it cannot be."""
+        self._connection = None
+        if isinstance(exc, SessionEnded):
+            raise exc
+        if lost.ended_by_runner:
+            await self._drop_ticket()
+        if self.ticket is None or self._grace() <= 0:
+            raise ConnectionLost(
+                f"{exc} The cell may or may not have finished there, and the remote session's "
+                "state is gone (the runner ended the session, or keeps none after its "
+                "connection dropped: --session-grace 0); the next cell opens a new session."
+            ) from None
+        received = lost.received
+        try:
+            connection = await self._reattach(events, cell, received)
+        except ConnectionLost:  # the session is gone
+            await self._drop_ticket()
+            raise
+        self._connection = connection
+        attached = connection.attached
+        assert attached is not None
+        if attached.cell and attached.cell != cell:  # an older cell's result comes first
+            await connection.receive_result(attached.cell, _ignore, responder=self.responder)
+        elif attached.cell:
+            connection.received = attached.resume
+            if attached.resume > received:
+                dropped = attached.resume - received
+                note = (
+                    f"\n[didomagic: {dropped} outputs printed while disconnected were dropped "
+                    "here (beyond the runner's --max-output); the cell kept running]\n"
+                )
+                events.put(("output", Output(cell, "stream", {"name": "stderr", "text": note})))
+        return connection
+
+    async def _drop_ticket(self) -> None:
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            await asyncio.to_thread(tickets.remove, ticket.session)
 
     async def execute_async(
         self,
@@ -135,7 +254,9 @@ class RemoteSession:
         """Open the session if needed and run one cell (on the I/O loop); report to ``events``.
 
         ``versions``: the version of each value (see :class:`HeldVersions`); a
-        value the remote kernel holds at that version is not sent.
+        value the remote kernel holds at that version is not sent. A connection
+        that drops meanwhile is reopened and the session taken back; the cell
+        goes on (or is sent again if the runner never got it all).
         """
         async with self._busy:
             if not self.connected:  # the slow first look, before the runner's idle clock runs
@@ -168,14 +289,24 @@ class RemoteSession:
             assert self.comms is not None
             self.comms.sink = events  # widget traffic goes through the cell's loop, in order
             try:
-                outcome = await connection.execute(
-                    request,
-                    parts,
-                    lambda output: events.put(("output", output)),
-                    _throttled(events),
-                    lambda m: events.put(("installing", m.count, m.line, m.done)),
-                    self.responder,
-                )
+                on_transfer = _throttled(events)
+                send = True
+                while True:
+                    try:
+                        if send:
+                            await connection.send_cell(request, parts, on_transfer)
+                        outcome = await connection.receive_result(
+                            request.cell,
+                            lambda output: events.put(("output", output)),
+                            on_transfer,
+                            lambda m: events.put(("installing", m.count, m.line, m.done)),
+                            self.responder,
+                        )
+                        break
+                    except ConnectionLost as exc:
+                        connection = await self._recover(events, connection, request.cell, exc)
+                        assert connection.attached is not None
+                        send = connection.attached.cell != request.cell
             finally:
                 self.comms.sink = None
             for v in request.values:  # the runner session now holds these bytes
@@ -201,15 +332,61 @@ class RemoteSession:
 
         A first KeyboardInterrupt (the notebook's stop button, or Cancel)
         interrupts the remote cell; a second one abandons the session. While
-        the session is still being opened (or waits in a queue), the first one
-        abandons it.
+        the session is still being opened (or waits in a queue, or is being
+        reconnected), the first one abandons it.
         """
+        request = replace(request, **comms.cell_identity())  # the notebook's own cell
+        return self._drive(
+            lambda events: self.execute_async(request, parts, events, versions), on_output, progress
+        )
+
+    def resume(
+        self, on_output: Callable[[Output], None], progress: Progress | None = None
+    ) -> tuple[Result, list[list[bytearray]]] | None:
+        """Take the session named by :attr:`ticket` back now (``%remote attach``).
+
+        A cell that ran there meanwhile (or still runs) shows its outputs and
+        returns its result and values; None when the session was idle.
+        """
+        return self._drive(self.resume_async, on_output, progress)
+
+    async def resume_async(self, events: EventSink) -> tuple[Result, list[list[bytearray]]] | None:
+        """:meth:`resume` on the I/O loop."""
+        async with self._busy:
+            old, self._connection = self._connection, None
+            if old is not None and not old.closed:
+                await old.detach()
+            try:
+                connection = await self._reattach(events, "", 0)
+            except ConnectionLost:  # the session is gone
+                await self._drop_ticket()
+                raise
+            self._connection = connection
+            self._held.clear()  # (what it holds is not known here)
+            self.versions.clear()
+            cell = connection.attached.cell if connection.attached else ""
+            if not cell:
+                return None
+            return await connection.receive_result(
+                cell,
+                lambda output: events.put(("output", output)),
+                _throttled(events),
+                lambda m: events.put(("installing", m.count, m.line, m.done)),
+                self.responder,
+            )
+
+    def _drive(
+        self,
+        work: Callable[[EventSink], Coroutine[Any, Any, T]],
+        on_output: Callable[[Output], None],
+        progress: Progress | None,
+    ) -> T:
+        """Run ``work`` on the I/O loop; hand its events to ``on_output`` and ``progress`` here."""
         progress = progress or NoProgress()
-        request = replace(request, **comms.cell_identity())
         events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
         pump = ShellPump.current()  # Cancel clicks and widget events, while this cell waits
         self._in_cell = True
-        future = self.loop.submit(self.execute_async(request, parts, events, versions))
+        future = self.loop.submit(work(events))
         self._future = future
         future.add_done_callback(lambda _: events.put(None))
         progress.on_cancel = self.cancel
@@ -230,7 +407,9 @@ class RemoteSession:
             raise
         finally:
             self._future = None
-        if result[0].status is Status.INTERRUPTED:
+        if not isinstance(result, tuple):
+            progress.finish(True)
+        elif result[0].status is Status.INTERRUPTED:
             progress.cancelled()
         else:
             progress.finish(result[0].status is Status.OK, _status_text(result[0]))
@@ -279,16 +458,37 @@ class RemoteSession:
             self._future.cancel()
 
     def close(self) -> None:
-        """End the remote session."""
-        connection, self._connection = self._connection, None
-        if connection is not None and not connection.closed:
-            self.loop.submit(connection.close()).result(timeout=10)
+        """End the remote session now (even one kept on the runner after a dropped connection)."""
+        self.loop.submit(self.close_async()).result(timeout=CLOSE_TIMEOUT + 5)
 
     async def close_async(self) -> None:
         """End the remote session (on the I/O loop)."""
         connection, self._connection = self._connection, None
         if connection is not None and not connection.closed:
             await connection.close()
+        elif self.ticket is not None:  # kept on the runner: take it back to end it
+            with contextlib.suppress(DidomagicError, OSError):
+                ticket = self.ticket
+                taken = await attach(
+                    self.url,
+                    ticket.session,
+                    ticket.ticket,
+                    headers=self._identity,
+                    timeout=CLOSE_TIMEOUT,
+                )
+                await taken.close()
+        await self._drop_ticket()
+
+    def detach(self) -> None:
+        """Let go of the session without ending it: it waits on the runner for its grace period."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.closed:
+            self.loop.submit(connection.detach()).result(timeout=CLOSE_TIMEOUT)
+        self.ticket = None  # (the ticket file keeps it, for %remote attach)
+
+
+def _ignore(output: Output) -> None:
+    """Outputs of a cell no one waits for any more."""
 
 
 def _responder(url: ConnectionURL) -> Responder:
@@ -341,6 +541,10 @@ def dispatch(event: Event, on_output: Callable[[Output], None], progress: Progre
             progress.queued(event[1], event[2])
         else:
             progress.queued(event[1])
+    elif kind == "reconnecting":
+        progress.reconnecting(event[1])
+    elif kind == "reattached":
+        progress.reattached()
     elif kind == "runner":
         progress.chose(event[1])
     elif kind == "installing":

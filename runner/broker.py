@@ -46,8 +46,9 @@ _LENGTH = struct.Struct(">I")
 class _Open:
     """One ask waiting for its answer: the kernel connection it goes back to."""
 
-    def __init__(self, ask_id: str, writer: asyncio.StreamWriter) -> None:
-        self.id = ask_id
+    def __init__(self, ask: Ask, writer: asyncio.StreamWriter) -> None:
+        self.id = ask.id
+        self.ask = ask
         self.writer = writer
         self.left = 0
         self.done = asyncio.get_running_loop().create_future()
@@ -149,6 +150,22 @@ class Broker:
             self._receiving = None
             self._finish(pending.id)
 
+    def connection_lost(self) -> None:
+        """The client's connection dropped: an answer cut halfway fails its kernel connection.
+
+        The asks not answered yet stay open; :meth:`resend` sends them on the
+        connection that takes the session back.
+        """
+        pending, self._receiving = self._receiving, None
+        if pending is not None:
+            pending.writer.close()  # the kernel's read fails: its import or open raises
+            self._finish(pending.id)
+
+    def resend(self) -> None:
+        """Send every open ask again (on a connection that took the session back)."""
+        for pending in list(self._open.values()):
+            self._send(pending.ask)
+
     def _finish(self, ask_id: str) -> None:
         pending = self._open.pop(ask_id)
         pending.finish()
@@ -185,12 +202,12 @@ class Broker:
             )
         if len(self._open) >= MAX_OPEN_ASKS:
             return _refuse(writer, f"more than {MAX_OPEN_ASKS} requests open at once")
-        ask_id = str(next(self._ids))
-        pending = self._open[ask_id] = _Open(ask_id, writer)
+        ask = Ask(self._cell, str(next(self._ids)), resource, name, args)
+        pending = self._open[ask.id] = _Open(ask, writer)
         self._settled.clear()
         self.asked += 1
         logger.debug("session %s: kernel asks for %s %r", self._log_id, resource, name[:200])
-        self._send(Ask(self._cell, ask_id, resource, name, args))
+        self._send(ask)
         await pending.done
 
 

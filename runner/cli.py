@@ -92,6 +92,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _grace(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -263,6 +270,13 @@ def serve_parser() -> argparse.ArgumentParser:
         help="end a session that runs no cell for this many seconds and free its kernel "
         "(default: none); its next cell starts a new session. Jobs connections that send "
         "no request this long are closed too",
+    )
+    p.add_argument(
+        "--session-grace",
+        type=_grace,
+        default=300.0,
+        help="keep a session whose connection dropped this many seconds, with its kernel "
+        "and running cell, for its client to reattach (default 300; 0 ends it at once)",
     )
     p.add_argument(
         "--mediator",
@@ -785,6 +799,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_output=args.max_output,
         cell_timeout=args.cell_timeout,
         idle_timeout=args.idle_timeout,
+        session_grace=args.session_grace,
         max_connections=args.max_connections,
         warm_kernels=args.warm_kernels,
         max_message_size=args.max_message_size,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -64,7 +63,7 @@ class MediatorLink:
         self.server = server
         self.url = url
         self.heartbeat = heartbeat
-        self.id = secrets.token_hex(8)
+        self.id = server.registry.instance  # a mediator routes an attach by it
         self.registered = asyncio.Event()
         self._ws: ClientConnection | None = None
         self._link: Link | None = None
@@ -123,7 +122,7 @@ class MediatorLink:
                 async for text in ws:
                     message = link.receive(text)
                     if isinstance(message, Dial):
-                        task = asyncio.create_task(self._relay(message.ticket))
+                        task = asyncio.create_task(self._relay(message.ticket, message.client))
                         self._relays.add(task)
                         task.add_done_callback(self._relays.discard)
                     elif isinstance(message, Error):
@@ -153,14 +152,16 @@ class MediatorLink:
         finally:
             self.server.load_listeners.remove(changed.set)
 
-    async def _relay(self, ticket: str) -> None:
+    async def _relay(self, ticket: str, client: str) -> None:
         try:
             ws = await dial(self.url, RELAY_PATH, {TICKET_HEADER: ticket})
         except ConnectError as exc:
             logger.warning("could not open a relay connection to the mediator: %s", exc)
             return
         try:
-            await self.server.serve_connection(ws, peer=f"relay via {self.url.address}")
+            await self.server.serve_connection(
+                ws, peer=f"relay via {self.url.address}", client=client
+            )
         finally:
             await ws.close()
 

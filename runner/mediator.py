@@ -24,7 +24,12 @@ the hello's tags, OS and name (free slots first; a runner with only queue
 places left gets a session only when no match has a free slot), asks it over
 its link to dial a relay connection, forwards the hello, and then copies
 frames both ways unchanged until either side closes. The runner does all
-protocol checking of the session itself.
+protocol checking of the session itself. A close of code 1000 (the client ends
+its session) is passed on as it is; a connection that merely drops closes the
+other side with :data:`LOST_CODE`, so the runner keeps the session for its
+grace period. An attach goes to the runner whose instance id starts the
+session id; a list-sessions asks every runner that is up, for the client's
+identity, which the mediator vouches for in each :class:`Dial`.
 
 A runner whose link goes quiet for three heartbeats is marked down (and its
 link closed); it is up again as soon as it registers again. Nothing about
@@ -55,12 +60,15 @@ from didomagic import matching
 from didomagic.client import RunnerConnection, handshake
 from didomagic.errors import ProtocolError
 from didomagic.protocol import (
+    RUNNER_GONE_CODE,
+    Attach,
     Dial,
     ErrorCode,
     Hello,
     Info,
     Leave,
     Link,
+    ListSessions,
     Load,
     LogLines,
     Query,
@@ -69,6 +77,7 @@ from didomagic.protocol import (
     Registered,
     Role,
     Session,
+    SessionList,
     expect,
 )
 from runner import accept
@@ -80,7 +89,7 @@ from runner.descriptions import (
     check_heartbeat,
     check_runner_id,
 )
-from runner.jobs import JOBS_PATH, JobService
+from runner.jobs import JOBS_PATH, JobService, owner_of
 from runner.jobstore import JobRecord, JobStore
 from runner.launcher import Launcher, LaunchFailed
 from runner.link import REGISTER_PATH, RELAY_PATH, TICKET_HEADER
@@ -98,6 +107,12 @@ DIAL_TIMEOUT = 15.0
 
 DOWN_KEPT = 600.0
 """Seconds a runner that is down stays in the listing."""
+
+LOST_CODE = 4000
+"""Close code for "the other side's connection dropped" (the runner keeps the session)."""
+
+LIST_TIMEOUT = 10.0
+"""Seconds each runner has to list a client's sessions."""
 
 
 @dataclass
@@ -465,6 +480,15 @@ class Mediator:
             )
             await ws.close()
             return
+        owner = owner_of(ws)
+        if isinstance(first, ListSessions):
+            held = await self._sessions_of(owner)
+            await ws.send(session.send(SessionList(held)))
+            await ws.close()
+            return
+        if isinstance(first, Attach):
+            await self._reattach(ws, text, first, owner)
+            return
         first = expect(first, Hello)
         entry = self._choose(first)
         if entry is None and self._can_launch(first.tags, first.os, first.runner):
@@ -484,7 +508,7 @@ class Mediator:
             return
         entry.relayed += 1
         try:
-            relay = await self._open_relay(entry)
+            relay = await self._open_relay(entry, owner)
             if relay is None:
                 await refuse(
                     ws,
@@ -503,6 +527,53 @@ class Mediator:
         finally:
             entry.relayed -= 1
             self._pool_changed()
+
+    async def _reattach(self, ws: ServerConnection, text: str, attach: Attach, owner: str) -> None:
+        """Relay an attach to the runner that holds the session (by its instance id)."""
+        instance = attach.session.partition(".")[0]
+        entry = self.runners.get(instance)
+        if entry is None:
+            await refuse(
+                ws,
+                ErrorCode.NOT_FOUND,
+                f"Mediator {self.settings.name}: the runner that held session {attach.session} "
+                "is no longer registered (it was restarted or stopped), so the session and all "
+                "its remote state are gone; the next cell opens a new session.",
+            )
+            return
+        relay = await self._open_relay(entry, owner) if entry.status == "up" else None
+        if relay is None:
+            why = entry.reason or "it did not answer"
+            await refuse(
+                ws,
+                ErrorCode.NOT_READY,
+                f"Mediator {self.settings.name}: runner {entry.description.get('name')}, which "
+                f"holds session {attach.session}, is not connected now ({why}).",
+            )
+            return
+        logger.info("relaying a reattach from %s to runner %s", peer_of(ws), entry.id)
+        await relay.send(text)
+        await _pipe(ws, relay, lambda: self._lost_reason(entry))
+
+    async def _sessions_of(self, owner: str) -> tuple[dict[str, Any], ...]:
+        """Every session ``owner`` holds on the runners that are up (asked all at once)."""
+        entries = [e for e in self.runners.values() if e.status == "up" and e.link is not None]
+        answers = await asyncio.gather(
+            *(self._sessions_on(e, owner) for e in entries), return_exceptions=True
+        )
+        return tuple(s for a in answers if isinstance(a, list) for s in a)
+
+    async def _sessions_on(self, entry: RunnerEntry, owner: str) -> list[dict[str, Any]]:
+        relay = await self._open_relay(entry, owner)
+        if relay is None:
+            return []
+        try:
+            asking = Session(Role.CLIENT)
+            await relay.send(asking.send(ListSessions()))
+            reply = asking.receive(await asyncio.wait_for(relay.recv(), LIST_TIMEOUT))
+            return list(reply.sessions) if isinstance(reply, SessionList) else []
+        finally:
+            await relay.close()
 
     def _choose(self, hello: Hello) -> RunnerEntry | None:
         entries = [e for e in self.runners.values() if e.status == "up" and e.link is not None]
@@ -579,14 +650,14 @@ class Mediator:
             return None
         return await self.launcher.lost_reason(entry.description)
 
-    async def _open_relay(self, entry: RunnerEntry) -> ServerConnection | None:
+    async def _open_relay(self, entry: RunnerEntry, owner: str = "") -> ServerConnection | None:
         if entry.link is None or entry.protocol is None:
             return None
         ticket = secrets.token_urlsafe(24)
         waiter: asyncio.Future[ServerConnection | None] = asyncio.get_running_loop().create_future()
         self._tickets[ticket] = (entry.identity, waiter)
         try:
-            await entry.link.send(entry.protocol.send(Dial(ticket)))
+            await entry.link.send(entry.protocol.send(Dial(ticket, owner)))
             return await asyncio.wait_for(waiter, DIAL_TIMEOUT)
         except (ConnectionClosed, TimeoutError):
             return None
@@ -606,6 +677,8 @@ async def _pipe(
     """Copy frames both ways, unchanged, until either side closes; then close both.
 
     When ``b`` closes first, ``b_left`` may give the reason ``a`` is closed with.
+    Otherwise the side still open gets the close code the other sent if it was
+    1000 (the session ends), else :data:`LOST_CODE` (the session is kept).
     """
 
     async def copy(src: ServerConnection, dst: ServerConnection) -> None:
@@ -619,9 +692,17 @@ async def _pipe(
         if b_left is not None and tasks[1].done() and not tasks[0].done():
             reason = await b_left()
             if reason:
-                await a.close(1011, reason)
+                await a.close(RUNNER_GONE_CODE, reason)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(a.close(), b.close(), return_exceptions=True)
+        ended = any(_ended_on_purpose(s) for s in (a, b))
+        code, reason = (1000, "") if ended else (LOST_CODE, "peer connection lost")
+        await asyncio.gather(a.close(code, reason), b.close(code, reason), return_exceptions=True)
+
+
+def _ended_on_purpose(ws: ServerConnection) -> bool:
+    """Whether ``ws`` got a close frame of code 1000 (its side ended the session)."""
+    received = ws.protocol.close_rcvd
+    return received is not None and received.code == 1000

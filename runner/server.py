@@ -2,9 +2,12 @@
 
 A connection is authenticated during the HTTP upgrade (``Authorization:
 Bearer``, compared in constant time), so an unauthenticated peer gets a 401
-before any websocket message is read and before any kernel is touched. Each
-authenticated connection is one session: it gets a kernel from the pool, runs
-cells one at a time, and its kernel and directories go when it closes.
+before any websocket message is read and before any kernel is touched. A
+connection's hello opens a session: it gets a kernel from the pool and runs
+cells one at a time. A client that closes the connection (code 1000) ends the
+session, and its kernel and directories go; a connection that merely drops
+leaves the session kept for ``--session-grace`` seconds, for a connection
+that presents its ticket to take it back (see :mod:`runner.keeping`).
 
 A runner serves at most ``max_sessions`` sessions at once. Further sessions
 wait in a queue of at most ``max_queue`` places, in order of arrival, and are
@@ -28,7 +31,7 @@ import os
 import platform
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -47,6 +50,8 @@ from didomagic.protocol import (
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
     Answer,
+    Attach,
+    Attached,
     CommMsg,
     ErrorCode,
     Execute,
@@ -54,18 +59,21 @@ from didomagic.protocol import (
     Info,
     Installing,
     Interrupt,
+    ListSessions,
+    Message,
     Output,
     Query,
     Queued,
     Result,
     Role,
     Session,
+    SessionList,
     State,
     Status,
     Welcome,
     check_compatible,
     cloudpickle_version,
-    expect,
+    encode,
     python_version,
 )
 from runner import accept, admission, agent, resources, results, safefiles
@@ -75,7 +83,8 @@ from runner.certs import server_context
 from runner.comms import CommRelay
 from runner.envs import EnvCache
 from runner.health import with_health
-from runner.jobs import JOBS_PATH, JobService
+from runner.jobs import JOBS_PATH, JobService, owner_of
+from runner.keeping import OutputLog, SessionGone, SessionRegistry
 from runner.kernels import CellOutcome, Kernel, KernelPool
 from runner.limits import Limits, format_size
 from runner.sandbox import Sandbox
@@ -121,6 +130,8 @@ class RunnerSettings:
     """The longest any cell may run (a client's --timeout can only be shorter)."""
     idle_timeout: float | None = None
     """A session with no cell for this long is ended and its kernel freed."""
+    session_grace: float = 300.0
+    """Seconds a session whose connection dropped is kept for its client to come back."""
     max_connections: int = 64
     """Open websocket connections (any stage) beyond which new ones get a 503 at once."""
     warm_kernels: int = 1
@@ -227,6 +238,8 @@ class RunnerServer:
             sandbox=sandbox,
         )
         self.sessions: set[asyncio.Task[Any]] = set()
+        self.registry = SessionRegistry(settings.name)
+        """Every open session by id, attached or kept (see :mod:`runner.keeping`)."""
         self.active = 0
         """Sessions holding a slot."""
         self.waiting: list[asyncio.Future[None]] = []
@@ -239,6 +252,8 @@ class RunnerServer:
         self._machine: dict[str, Any] = {}
         self._measuring: asyncio.Task[None] | None = None
         self._gc_pending: asyncio.TimerHandle | None = None
+        self.stopping = False
+        """Set by :meth:`stop`: sessions end with their connections, none is kept."""
 
     def machine(self) -> dict[str, Any]:
         """The machine's description, as last measured (see :meth:`_measure`)."""
@@ -271,6 +286,7 @@ class RunnerServer:
             "status": "up",
             "limits": self.settings.limits.describe(),
             "max_message_size": self.settings.max_message_size,
+            "session_grace": self.settings.session_grace,
             "warm_kernels": self.pool.ready,
             "packages": self.envs.describe() if self.envs else {"install": False},
             **self.machine(),
@@ -380,6 +396,7 @@ class RunnerServer:
 
     async def stop(self) -> None:
         """Stop accepting, end every session, shut every kernel down."""
+        self.stopping = True
         if self._measuring is not None:
             self._measuring.cancel()
         if self.jobs is not None:
@@ -387,6 +404,8 @@ class RunnerServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        kept = [s for s in self.registry.open.values() if isinstance(s, SessionHandler)]
+        await asyncio.gather(*(s.close("the runner stopped") for s in kept), return_exceptions=True)
         await self.pool.close()
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -415,35 +434,119 @@ class RunnerServer:
             return
         await self.serve_connection(ws)
 
-    async def serve_connection(self, ws: Connection, peer: str | None = None) -> None:
-        """Serve one session on ``ws`` until it closes (direct or relayed)."""
+    async def serve_connection(
+        self, ws: Connection, peer: str | None = None, client: str | None = None
+    ) -> None:
+        """Serve one connection on ``ws`` until it closes (direct or relayed).
+
+        Its first message opens a session, takes a kept one back, or asks a
+        question. ``client`` is the client identity a mediator vouches for on a
+        relay; a direct connection's comes from its handshake header.
+        """
         task = asyncio.current_task()
         assert task is not None
         self.sessions.add(task)
+        peer = peer or peer_of(ws)
+        owner = owner_of(ws) if client is None else client
         try:
-            await SessionHandler(self, ws, peer).run()
+            protocol = Session(Role.RUNNER)
+            first = await _first_message(ws, protocol)
+            if isinstance(first, Hello):
+                await SessionHandler(self, owner, peer).run(ws, protocol, first)
+            elif isinstance(first, Attach):
+                try:
+                    kept = self.registry.claim(first.session, first.ticket, owner)
+                except SessionGone as exc:
+                    logger.info("refused to reattach a session from %s: gone or not its own", peer)
+                    await refuse(ws, ErrorCode.NOT_FOUND, str(exc))
+                    return
+                assert isinstance(kept, SessionHandler)
+                await kept.reattach(ws, protocol, first, peer)
+            elif isinstance(first, ListSessions):
+                held = [s.view() for s in self.registry.of(owner) if isinstance(s, SessionHandler)]
+                await ws.send(protocol.send(SessionList(tuple(held))))
+                await ws.close()
+            elif isinstance(first, Query):
+                info = Info(role="runner", runners=(self.describe(),), name=self.settings.name)
+                await ws.send(protocol.send(info))
+                await ws.close()
+        except TimeoutError:
+            await refuse(ws, ErrorCode.PROTOCOL, "No hello received in time.")
+        except ProtocolError as exc:
+            logger.warning("connection from %s: protocol error: %s", peer, exc)
+            await refuse(ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("connection from %s: internal error", peer)
+            await refuse(ws, ErrorCode.INTERNAL, "Internal runner error; see the runner's log.")
         finally:
             self.sessions.discard(task)
 
+    def keep_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` as a task the server tracks until it ends."""
+        task = asyncio.create_task(coroutine)
+        self.sessions.add(task)
+        task.add_done_callback(self.sessions.discard)
+
+
+async def _first_message(ws: Connection, protocol: Session) -> Message:
+    """The first message of a connection (a hello, attach, query or list-sessions)."""
+    text = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
+    if not isinstance(text, str):
+        raise ProtocolError("expected a hello text message first")
+    return protocol.receive(text)
+
+
+@dataclass
+class _Finished:
+    """A cell's result, kept until the client has it (and until the next cell, to resend)."""
+
+    result: Result
+    parts: list[list[memoryview]]
+    """The parts of its values, mapped from the kernel's ``out.bin`` (see runner.results)."""
+    delivered: bool = False
+
 
 class SessionHandler:
-    """One client session: its protocol state, its kernel, its cells."""
+    """One client session: its kernel, its cells, and the connection it is attached to.
 
-    def __init__(self, server: RunnerServer, ws: Connection, peer: str | None = None) -> None:
+    The session outlives its connection: when that drops without a close of
+    code 1000, the session waits ``--session-grace`` seconds, with its kernel
+    and any running cell going on and its outputs kept (see
+    :mod:`runner.keeping`), for a connection that takes it back (:meth:`reattach`).
+    """
+
+    def __init__(self, server: RunnerServer, owner: str, peer: str) -> None:
         self.server = server
-        self.ws = ws
-        self.peer = peer or peer_of(ws)
-        self.has_slot = False
-        self.id = secrets.token_urlsafe(16)
+        self.owner = owner
+        self.peer = peer
+        self.ws: Connection | None = None
+        """The connection the session is attached to (None while it waits for one)."""
         self.protocol = Session(Role.RUNNER)
+        """The protocol state of that connection."""
+        self.has_slot = False
+        self.id = server.registry.new_id()
+        self.ticket = secrets.token_urlsafe(24)
+        self.opened = time.time()
         self.kernel: Kernel | None = None
         self.broker: Broker | None = None
         """Carries the kernel's asks to the client (see runner.broker)."""
         self.cell_task: asyncio.Task[None] | None = None
+        self.cell_id = ""
+        self.last_cell = ""
+        """The first line of the last cell's code (for %runners sessions)."""
         self.upload: Upload | None = None
         self.interrupted = False
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
-        self.comms = CommRelay(lambda message: self.outbox.put_nowait(self.protocol.send(message)))
+        self.outputs = OutputLog(server.settings.max_output)
+        self.finished: _Finished | None = None
+        self._delivering = asyncio.Lock()
+        self.grace: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.welcomed = False
+        """Set once the client has the welcome (and its ticket): only then is it kept."""
+        self.comms = CommRelay(self._send_live)  # widget traffic, while a client is attached
         self.writer: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         """When the session last received a frame or was busy with a cell."""
@@ -455,84 +558,182 @@ class SessionHandler:
 
     @property
     def log_id(self) -> str:
-        """A short id for log lines (the full session id is a secret)."""
-        return self.id[:6]
+        """A short id for log lines (the part after the runner's instance id)."""
+        return self.id.rpartition(".")[2][:6]
 
-    async def run(self) -> None:
-        """Serve the session until the client leaves or breaks the protocol."""
+    def view(self) -> dict[str, Any]:
+        """What ``%runners sessions`` shows of this session."""
+        running = self.cell_task is not None and not self.cell_task.done()
+        waiting = self.finished is not None and not self.finished.delivered
+        return {
+            "id": self.id,
+            "runner": self.server.settings.name,
+            "opened": self.opened,
+            "age": time.time() - self.opened,
+            "last_cell": self.last_cell,
+            "state": "running" if running else "result waiting" if waiting else "idle",
+            "attached": self.ws is not None,
+        }
+
+    async def run(self, ws: Connection, protocol: Session, hello: Hello) -> None:
+        """Open the session on ``ws`` and serve it until the client leaves or breaks protocol."""
+        self.ws, self.protocol = ws, protocol
+        await self._attached(ws, lambda: self._open(hello))
+
+    async def reattach(self, ws: Connection, protocol: Session, attach: Attach, peer: str) -> None:
+        """Take the session over on ``ws``: replay missed outputs, then go on as before."""
         try:
-            if await self._handshake():
-                self.last_activity = time.monotonic()  # idle from the welcome, not the accept
-                self.writer = asyncio.create_task(self._write_outbox())
-                await self._serve_cells()
+            _check_versions(attach.protocol, attach.python, attach.cloudpickle)
+        except VersionMismatch as exc:
+            await refuse(ws, ErrorCode.VERSION, str(exc).replace("this side", "this runner"))
+            return
+        if self.closed:
+            await refuse(ws, ErrorCode.NOT_FOUND, self.server.registry.gone(self.id))
+            return
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        old = self.ws
+        if old is not None:  # a connection not yet seen dead: the ticket holder takes over
+            self._detach()
+            old.transport.abort()
+        cell = self._resumable(attach.cell)
+        resume, _ = self.outputs.since(attach.received if attach.cell == cell else 0)
+        attached = Attached(self.id, cell, resume if cell else 0, self.server.describe())
+        try:
+            await ws.send(protocol.send(attached))
+        except ConnectionClosed:
+            if self.ws is None and not self.closed:
+                self._keep()  # that connection went at once: wait for the next
+            raise
+        self.ws, self.protocol, self.peer = ws, protocol, peer
+        self.last_activity = time.monotonic()
+        if cell:
+            # Output in RUNNING stays RUNNING: the replayed texts need no new validation.
+            for text in self.outputs.since(resume)[1]:
+                self.outbox.put_nowait(text)
+            if self.broker is not None:  # the asks the client has not answered go again
+                self.broker.resend()
+            if self.cell_task is None or self.cell_task.done():
+                self.cell_task = asyncio.create_task(self._deliver_safely())
+        logger.info("session %s reattached from %s", self.log_id, peer)
+
+        async def serve() -> bool:
+            return await self._serve_cells(ws)
+
+        await self._attached(ws, serve)
+
+    def _resumable(self, waiting: str) -> str:
+        """The cell a reattached client gets outputs and a result of ("" for none)."""
+        if self.cell_task is not None and not self.cell_task.done():
+            return self.cell_id
+        finished = self.finished
+        if finished is not None and (not finished.delivered or finished.result.cell == waiting):
+            finished.delivered = False  # (again: the client says it did not get it all)
+            return finished.result.cell
+        return ""
+
+    async def _attached(self, ws: Connection, body: Callable[[], Awaitable[bool]]) -> None:
+        """Run ``body`` on ``ws``; then end the session, or keep it if the connection was lost."""
+        end = True
+        try:
+            end = await body()
         except ProtocolError as exc:
             logger.warning("session %s from %s: protocol error: %s", self.log_id, self.peer, exc)
-            await refuse(self.ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
+            await refuse(ws, ErrorCode.PROTOCOL, f"Protocol error: {exc}")
         except ConnectionClosed:
-            pass
+            received = ws.protocol.close_rcvd
+            end = received is not None and received.code == 1000  # closed on purpose
         except Exception:
             logger.exception("session %s: internal error", self.log_id)
             await refuse(
-                self.ws,
+                ws,
                 ErrorCode.INTERNAL,
                 "Internal runner error; the runner's log has the details.",
             )
         finally:
-            await self._close()
+            if self.ws is ws:  # (not taken over by a newer connection meanwhile)
+                if end or not self._keepable():
+                    await self.close("it was closed")
+                else:
+                    self._keep()
+
+    def _keepable(self) -> bool:
+        """Whether a lost connection leaves this session kept (it has a client to come back)."""
+        server = self.server
+        return bool(
+            self.has_slot
+            and self.owner
+            and server.settings.session_grace > 0
+            and not server.stopping
+        )
+
+    def _detach(self) -> None:
+        """Let go of the connection: queued outputs stay only in the log, an upload is void."""
+        self.ws = None
+        while not self.outbox.empty():
+            self.outbox.get_nowait()
+            self.outbox.task_done()
+        if self.upload is not None:  # the client sends the cell again when it is back
+            self.upload.close(keep=False)
+            self.upload = None
+        if self.broker is not None:
+            self.broker.connection_lost()
+
+    def _keep(self) -> None:
+        grace = self.server.settings.session_grace
+        self._detach()
+        self.grace = asyncio.get_running_loop().call_later(grace, self._expire)
+        logger.info(
+            "session %s: connection lost; kept for %g s (--session-grace)", self.log_id, grace
+        )
+
+    def _expire(self) -> None:
+        self.grace = None
+        grace = self.server.settings.session_grace
+        logger.info("session %s: no client came back within %g s; ending it", self.log_id, grace)
+        why = f"no client reattached within its grace period, --session-grace {grace:g} s"
+        self.server.keep_task(self.close(why))
+
+    def _send_live(self, message: Message) -> None:
+        """Queue ``message`` for the attached connection; drop it while there is none."""
+        if self.ws is not None:
+            self.outbox.put_nowait(self.protocol.send(message))
 
     async def _write_outbox(self) -> None:
         """Send queued outputs in order, so a slow client never blocks the kernel."""
         while True:
             text = await self.outbox.get()
-            with contextlib.suppress(ConnectionClosed):
-                await self.ws.send(text)
+            ws = self.ws
+            if ws is not None:
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(text)
             self.outbox.task_done()
 
-    async def _handshake(self) -> bool:
-        try:
-            text = await asyncio.wait_for(self.ws.recv(), HELLO_TIMEOUT)
-        except TimeoutError:
-            await refuse(self.ws, ErrorCode.PROTOCOL, "No hello received in time.")
-            return False
-        if not isinstance(text, str):
-            raise ProtocolError("expected a hello text message first")
-        first = self.protocol.receive(text)
-        if isinstance(first, Query):
-            await self.ws.send(
-                self.protocol.send(
-                    Info(
-                        role="runner",
-                        runners=(self.server.describe(),),
-                        name=self.server.settings.name,
-                    )
-                )
-            )
-            await self.ws.close()
-            return False
-        first = expect(first, Hello)
+    async def _open(self, first: Hello) -> bool:
+        """Check versions, take a slot and a kernel, welcome; then serve cells."""
+        ws = self.ws
+        assert ws is not None
         self.client_versions = {"python": first.python, "cloudpickle": first.cloudpickle}
         try:
-            check_compatible(
-                protocol=first.protocol,
-                python=first.python,
-                cloudpickle=first.cloudpickle,
-                side="client",
-            )
+            _check_versions(first.protocol, first.python, first.cloudpickle)
         except VersionMismatch as exc:
             logger.warning("refused a session from %s: %s", self.peer, exc)
             await refuse(
-                self.ws,
+                ws,
                 ErrorCode.VERSION,
                 str(exc).replace("this side", f"runner {self.server.settings.name}"),
             )
-            return False
-        if not await self._take_slot():
-            return False
+            return True
+        if not await self._take_slot(ws):
+            return True
         self.kernel = await self.server.pool.take()
         self.cache = ValueCache(self.kernel.cache)
         await self._attach_broker()
         self.comms.attach(self.kernel)
-        await self.ws.send(
+        self.server.registry.add(self)
+        self.writer = asyncio.create_task(self._write_outbox())
+        await ws.send(
             self.protocol.send(
                 Welcome(
                     protocol=PROTOCOL_VERSION,
@@ -540,20 +741,22 @@ class SessionHandler:
                     cloudpickle=cloudpickle_version(),
                     session=self.id,
                     runner=self.server.describe(),
+                    ticket=self.ticket if self.owner and self.server.settings.session_grace else "",
                 )
             )
         )
+        self.welcomed = True
         self.last_activity = time.monotonic()  # idle from now: a queue or a kernel start is not
         logger.info("session %s opened from %s (kernel %s)", self.log_id, self.peer, self.kernel.id)
-        return True
+        return await self._serve_cells(ws)
 
-    async def _take_slot(self) -> bool:
+    async def _take_slot(self, ws: Connection) -> bool:
         """Get a session slot, waiting in the queue if there is room; False if refused."""
         try:
             ticket = self.server.try_admit()
         except _Busy as exc:
             logger.info("refused a session from %s: busy", self.peer)
-            await refuse(self.ws, ErrorCode.BUSY, str(exc))
+            await refuse(ws, ErrorCode.BUSY, str(exc))
             return False
         if ticket is None:
             self.has_slot = True
@@ -566,13 +769,13 @@ class SessionHandler:
         )
         moved = asyncio.Event()
         self.server.load_listeners.append(moved.set)
-        closed = asyncio.ensure_future(self.ws.wait_closed())
+        closed = asyncio.ensure_future(ws.wait_closed())
         told = 0
         try:
             while not ticket.done():
                 position = self.server.position(ticket)
                 if position != told:
-                    await self.ws.send(self.protocol.send(Queued(position)))
+                    await ws.send(self.protocol.send(Queued(position)))
                     told = position
                 moved.clear()
                 changed = asyncio.ensure_future(moved.wait())
@@ -587,7 +790,7 @@ class SessionHandler:
                 self.server.leave_queue(ticket)
         if ticket.done() and not ticket.cancelled():
             self.has_slot = True
-            if closed.done() or self.ws.close_code is not None:
+            if closed.done() or ws.close_code is not None:
                 return False  # admitted just as the client left; _close gives the slot back
             logger.info("session %s left the queue", self.log_id)
             return True
@@ -598,12 +801,12 @@ class SessionHandler:
             self.cell_task is None or self.cell_task.done()
         )
 
-    async def _next_frame(self) -> str | bytes | None:
+    async def _next_frame(self, ws: Connection) -> str | bytes | None:
         """The next frame; None once the session has stayed idle past --idle-timeout."""
         limit = self.server.settings.idle_timeout
         if limit is None:
-            return await self.ws.recv()
-        receiving = asyncio.ensure_future(self.ws.recv())
+            return await ws.recv()
+        receiving = asyncio.ensure_future(ws.recv())
         while True:
             # Look again at least every second: a running cell may end meanwhile.
             wait = min(1.0, max(0.0, limit - (time.monotonic() - self.last_activity)))
@@ -619,22 +822,23 @@ class SessionHandler:
                     await receiving
                 return None
 
-    async def _serve_cells(self) -> None:
+    async def _serve_cells(self, ws: Connection) -> bool:
+        """Serve cells on ``ws``; True once the session should end (raise when ``ws`` closes)."""
         while True:
             if self.upload is not None:
-                frame = await self._next_upload_frame()
+                frame = await self._next_upload_frame(ws)
                 if frame is None:
-                    return
+                    return True
             else:
-                frame = await self._next_frame()
+                frame = await self._next_frame(ws)
             if frame is None:
                 logger.info(
                     "session %s: idle for %g s (--idle-timeout); ending it",
                     self.log_id,
                     self.server.settings.idle_timeout,
                 )
-                await self.ws.close(1000, IDLE_CLOSE_REASON)
-                return
+                await ws.close(1000, IDLE_CLOSE_REASON)
+                return True
             if isinstance(frame, bytes):
                 answering = self.protocol.state is State.ANSWER
                 chunks = self.protocol.receive_binary(frame)  # refuses one not expected now
@@ -653,8 +857,11 @@ class SessionHandler:
             message = self.protocol.receive(frame)
             if isinstance(message, Execute):
                 assert self.kernel is not None and self.cache is not None
-                if not await self._within_size_limit(message):
-                    return
+                if not await self._within_size_limit(ws, message):
+                    return True
+                self._forget_finished()  # the client has the last result: a new cell starts
+                self.cell_id, self.last_cell = message.cell, _first_line(message.code)
+                self.outputs.reset()
                 self.upload = Upload(message, self.kernel.exchange, self.cache)
                 self.interrupted = False
                 if self.protocol.state is State.RUNNING:
@@ -662,14 +869,14 @@ class SessionHandler:
             elif isinstance(message, Interrupt):
                 await self._interrupt()
             elif isinstance(message, Answer):
-                if not await self._within_size_limit(message):
-                    return
+                if not await self._within_size_limit(ws, message):
+                    return True
                 assert self.broker is not None
                 await self.broker.on_answer(message)
             elif isinstance(message, CommMsg):
                 self.comms.forward(message)
 
-    async def _within_size_limit(self, request: Execute | Answer) -> bool:
+    async def _within_size_limit(self, ws: Connection, request: Execute | Answer) -> bool:
         """Refuse (and end the session) a cell or answer over --max-message-size or --max-values."""
         if isinstance(request, Answer):
             limit = self.server.settings.max_message_size
@@ -685,21 +892,21 @@ class SessionHandler:
         if why is None:
             return True
         logger.warning("session %s: refused a cell: %s", self.log_id, why)
-        await refuse(self.ws, ErrorCode.BAD_REQUEST, why)
+        await refuse(ws, ErrorCode.BAD_REQUEST, why)
         return False
 
-    async def _next_upload_frame(self) -> str | bytes | None:
+    async def _next_upload_frame(self, ws: Connection) -> str | bytes | None:
         """The next frame of an upload; None (and the cell dropped) after --upload-timeout."""
         limits = self.server.settings.requests
         try:
             async with asyncio.timeout(limits.upload_timeout):
-                frame = await self.ws.recv()
+                frame = await ws.recv()
         except TimeoutError:
             assert self.upload is not None
             self.upload.close(keep=False)
             self.upload = None
             logger.warning("session %s: upload stalled (--upload-timeout)", self.log_id)
-            await refuse(self.ws, ErrorCode.BAD_REQUEST, admission.stalled(limits, "cell"))
+            await refuse(ws, ErrorCode.BAD_REQUEST, admission.stalled(limits, "cell"))
             return None
         self.last_activity = time.monotonic()
         return frame
@@ -732,11 +939,12 @@ class SessionHandler:
             pass
         except Exception:
             logger.exception("session %s: cell failed inside the runner", self.log_id)
-            await refuse(
-                self.ws,
-                ErrorCode.INTERNAL,
-                "Internal runner error; the runner's log has the details.",
-            )
+            if self.ws is not None:
+                await refuse(
+                    self.ws,
+                    ErrorCode.INTERNAL,
+                    "Internal runner error; the runner's log has the details.",
+                )
 
     async def _run_cell_inner(self, request: Execute, values: list[dict[str, Any]]) -> None:
         assert self.kernel is not None
@@ -745,8 +953,8 @@ class SessionHandler:
         failure = await self.packages.prepare(
             kernel,
             request.packages,
-            lambda count, line, done: self.outbox.put_nowait(
-                self.protocol.send(Installing(request.cell, count, line[-500:], done))
+            lambda count, line, done: self._send_live(
+                Installing(request.cell, count, line[-500:], done)
             ),
         )
         with contextlib.suppress(OSError):  # a directory planted there, say
@@ -770,9 +978,13 @@ class SessionHandler:
 
         def forward(msg_type: str, content: dict[str, Any]) -> None:
             nonlocal sent
+            output = Output(request.cell, msg_type, content)
+            if self.ws is None:  # kept for a reattach; beyond --max-output the oldest go
+                self.outputs.add(encode(output))
+                return
             if sent > limit:
                 return  # cut: the cell goes on, its further output is dropped
-            text = self.protocol.send(Output(request.cell, msg_type, content))
+            text = self.protocol.send(output)
             sent += len(text)
             if sent > limit:
                 logger.info("session %s: output cut at --max-output", self.log_id)
@@ -787,6 +999,7 @@ class SessionHandler:
                         },
                     )
                 )
+            self.outputs.add(text)
             self.outbox.put_nowait(text)
 
         # Interrupted while its values were still arriving, or its packages could not be had.
@@ -837,13 +1050,39 @@ class SessionHandler:
         result = Result(
             request.cell, status, tuple(values), tuple(deleted), failures, outcome.error
         )
-        await self.ws.send(self.protocol.send(result))
-        try:
-            if parts:
-                for frame in self.protocol.frames(parts):
-                    await self.ws.send(frame)
-        finally:
-            out_path.unlink(missing_ok=True)
+        out_path.unlink(missing_ok=True)  # (its parts are mapped: they outlive the name)
+        self.finished = _Finished(result, parts)
+        await self._deliver()
+
+    async def _deliver_safely(self) -> None:
+        """:meth:`_deliver` as a task of its own (after a reattach)."""
+        with contextlib.suppress(ConnectionClosed):
+            await self._deliver()
+
+    async def _deliver(self) -> None:
+        """Send the finished cell's result and values, on the attached connection.
+
+        Without one, or if it drops meanwhile, the result waits for a reattach.
+        """
+        async with self._delivering:
+            while (finished := self.finished) is not None and not finished.delivered:
+                ws, protocol = self.ws, self.protocol
+                if ws is None:
+                    return
+                try:
+                    await self.outbox.join()  # every output leaves before the result
+                    if self.ws is not ws:
+                        continue
+                    await ws.send(protocol.send(finished.result))
+                    for frame in protocol.frames(finished.parts):
+                        await ws.send(frame)
+                    finished.delivered = True
+                except ConnectionClosed:
+                    if self.ws is ws:
+                        return  # lost: kept, and delivered again on reattach
+
+    def _forget_finished(self) -> None:
+        self.finished = None
 
     async def _replace_kernel(self) -> None:
         old, self.kernel = self.kernel, await self.server.pool.take()
@@ -861,13 +1100,19 @@ class SessionHandler:
         if self.broker is not None:
             await self.broker.close()
 
-        def send(ask: Any) -> None:
-            self.outbox.put_nowait(self.protocol.send(ask))
-
-        self.broker = Broker(self.kernel.exchange, send, self.log_id)
+        # While detached, an ask waits in the broker; it goes again on reattach.
+        self.broker = Broker(self.kernel.exchange, self._send_live, self.log_id)
         await self.broker.start()
 
-    async def _close(self) -> None:
+    async def close(self, why: str) -> None:
+        """End the session now: its cell, kernel, values and slot go (``why`` is recorded)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.server.registry.remove(self, why)
+        if self.grace is not None:
+            self.grace.cancel()
+        self.ws = None
         if self.writer is not None:
             self.writer.cancel()
         if self.broker is not None:
@@ -880,6 +1125,7 @@ class SessionHandler:
                 await self.cell_task
         if self.upload is not None:
             self.upload.close(keep=False)
+        self._forget_finished()
         if self.cache is not None:
             self.cache.clear()
         self.packages.close()
@@ -890,6 +1136,16 @@ class SessionHandler:
             await self.kernel.shutdown()
             self.server.collect_garbage_soon()
             logger.info("session %s closed", self.log_id)
+
+
+def _first_line(code: str) -> str:
+    """The first non-blank line of a cell, shortened (what %runners sessions shows)."""
+    line = next((s.strip() for s in code.splitlines() if s.strip()), "")
+    return line if len(line) <= 60 else line[:59] + "…"
+
+
+def _check_versions(protocol: int, python: str, cloudpickle: str) -> None:
+    check_compatible(protocol=protocol, python=python, cloudpickle=cloudpickle, side="client")
 
 
 class _Busy(Exception):

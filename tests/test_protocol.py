@@ -15,15 +15,20 @@ from didomagic.protocol import (
     Answer,
     AnswerStatus,
     Ask,
+    Attach,
+    Attached,
+    Dial,
     Error,
     ErrorCode,
     Execute,
     Hello,
     Interrupt,
+    ListSessions,
     Output,
     Result,
     Role,
     Session,
+    SessionList,
     State,
     Status,
     ValueHeader,
@@ -49,6 +54,12 @@ EVERY_MESSAGE = [
     Answer("c1", "1", AnswerStatus.FOUND, "", {"modules": [{"name": "helpers"}]}, (10, 0, 3)),
     Answer("c1", "2", AnswerStatus.REFUSED, "outside the project"),
     Error(ErrorCode.BUSY, "busy"),
+    Welcome(PROTOCOL_VERSION, "3.11", "3.1.2", "sid", {}, "ticket"),
+    Attach(PROTOCOL_VERSION, "3.11", "3.1.2", "abc.sid", "ticket", "c1", 7),
+    Attached("abc.sid", "c1", 5, {"name": "r"}),
+    ListSessions(),
+    SessionList(({"id": "abc.sid", "state": "idle"},)),
+    Dial("t", "owner"),
 ]
 
 
@@ -219,6 +230,70 @@ def test_small_parts_share_frames_and_land_in_place():
             received[chunk.value][chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
     assert [bytes(r) for r in received] == [v[0].tobytes() for v in values]
     assert runner.state is State.RUNNING
+
+
+def _attach(cell: str = "") -> tuple[Session, Session]:
+    """A client and a runner end that have just taken a kept session back."""
+    client, runner = Session(Role.CLIENT), Session(Role.RUNNER)
+    runner.receive(client.send(Attach(PROTOCOL_VERSION, "3.11", "3", "s", "t", "c1", 2)))
+    assert runner.state is client.state is State.ATTACH
+    client.receive(runner.send(Attached("s", cell, 2)))
+    return client, runner
+
+
+def test_an_attach_naming_no_cell_leaves_the_session_idle_for_the_next_cell():
+    client, runner = _attach("")
+    assert client.state is runner.state is State.IDLE
+    runner.receive(client.send(Execute("c2", "x = 1")))
+    assert runner.state is State.RUNNING
+
+
+def test_an_attach_naming_a_cell_replays_its_outputs_then_its_result():
+    client, runner = _attach("c1")
+    assert client.state is runner.state is State.RUNNING
+    client.receive(runner.send(Output("c1", "stream", {"name": "stdout", "text": "missed"})))
+    client.receive(runner.send(Result("c1", Status.OK)))
+    assert client.state is runner.state is State.IDLE
+
+
+@pytest.mark.parametrize(
+    "move",
+    [
+        lambda c, r: r.receive(c.send(Execute("c", "x"))),  # no cell before the attached
+        lambda c, r: r.send(Welcome(PROTOCOL_VERSION, "3.11", "3", "s")),
+        lambda c, r: r.send(Attached("s")) and r.send(Attached("s")),
+    ],
+)
+def test_an_attach_must_be_answered_before_anything_else(move):
+    client, runner = Session(Role.CLIENT), Session(Role.RUNNER)
+    runner.receive(client.send(Attach(PROTOCOL_VERSION, "3.11", "3", "s", "t")))
+    with pytest.raises(ProtocolError):
+        move(client, runner)
+
+
+def test_an_attach_comes_first_or_not_at_all():
+    client, runner = Session(Role.CLIENT), Session(Role.RUNNER)
+    runner.receive(client.send(Hello(PROTOCOL_VERSION, "3.11", "3", "0")))
+    with pytest.raises(ProtocolError, match="not allowed in state 'welcome'"):
+        runner.receive(encode(Attach(PROTOCOL_VERSION, "3.11", "3", "s", "t")))
+    with pytest.raises(ProtocolError, match="does not send attached"):
+        Session(Role.CLIENT).send(Attached("s"))
+
+
+def test_a_session_listing_is_one_question_and_one_answer():
+    client, runner = Session(Role.CLIENT), Session(Role.RUNNER)
+    runner.receive(client.send(ListSessions()))
+    client.receive(runner.send(SessionList(({"id": "s"},))))
+    assert client.state is runner.state is State.CLOSED
+    with pytest.raises(ProtocolError):
+        runner.send(SessionList())
+
+
+def test_an_error_answers_an_attach_and_closes():
+    client, runner = Session(Role.CLIENT), Session(Role.RUNNER)
+    runner.receive(client.send(Attach(PROTOCOL_VERSION, "3.11", "3", "s", "t")))
+    client.receive(runner.send(Error(ErrorCode.NOT_FOUND, "gone")))
+    assert client.state is State.CLOSED
 
 
 # -- the request channel: asks and answers while a cell runs

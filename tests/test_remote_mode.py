@@ -67,6 +67,16 @@ def test_mode_options_are_checked_at_once(shell, mode_off):
     assert not magics(shell).mode.on
 
 
+def test_remote_help_lists_every_line_command_of_one_dispatcher(shell, mode_off):
+    result, cap = run(shell, "%remote help")
+    assert result.success
+    for form in ("%remote on [options]", "%remote off", "%remote attach ID", "%remote detach"):
+        assert form in cap.stdout
+    assert "%remote close ID" in cap.stdout and "%%local" in cap.stdout
+    result, _ = run(shell, "%remote off now")  # off takes nothing after it
+    assert not result.success and "%remote attach ID" in str(result.error_in_exec)
+
+
 def test_local_without_the_mode_runs_here_and_shows_its_value(shell, ns, mode_off):
     result, _ = run(shell, "%%local\nx = 20\nx + 1")
     assert result.success and ns["x"] == 20 and result.result == 21
