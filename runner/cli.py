@@ -48,6 +48,10 @@ from didomagic.urls import ConnectionURL
 from runner import accept, admission, certs, enrol, environment, fdlimit, slurm, slurm_options
 from runner.admission import RequestLimits
 from runner.advertise import Advertiser
+from runner.argtypes import non_negative as _non_negative
+from runner.argtypes import positive as _positive
+from runner.argtypes import seconds as _seconds
+from runner.argtypes import tags as _tags
 from runner.configfile import add_config_flags, parse_with_config, render
 from runner.envs import EnvCache, InstallSettings
 from runner.idle import stop_when_idle
@@ -65,31 +69,6 @@ logger = logging.getLogger("didomagic.runner")
 
 DEFAULT_PORT = 4940
 MEDIATOR_PORT = 4941
-
-
-def _tags(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
 
 
 def _grace(text: str) -> float:

@@ -12,25 +12,10 @@ import argparse
 import shlex
 import sys
 
+from runner.argtypes import positive as _positive
+from runner.argtypes import seconds as _seconds
+from runner.argtypes import tags as _tags
 from runner.slurm import JOB_NAME, SlurmTemplate
-
-
-def _tags(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
 
 
 def add_template_options(p: argparse.ArgumentParser) -> None:
