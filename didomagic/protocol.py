@@ -1106,7 +1106,7 @@ _TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     # Widgets talk in and between cells, whatever the values are doing.
     **{
         (state, kind): state
-        for state in (State.IDLE, State.UPLOAD, State.RUNNING, State.DOWNLOAD)
+        for state in (State.IDLE, State.UPLOAD, State.RUNNING, State.ANSWER, State.DOWNLOAD)
         for kind in ASIDE
     },
 }

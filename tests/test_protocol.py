@@ -17,6 +17,8 @@ from didomagic.protocol import (
     Ask,
     Attach,
     Attached,
+    Comm,
+    CommMsg,
     Dial,
     Error,
     ErrorCode,
@@ -317,6 +319,10 @@ def test_an_answer_and_its_parts_arrive_while_outputs_go_on():
     client.receive(runner.send(Output("c", "stream", {"name": "stdout", "text": "x"})))
     client.receive(runner.send(Ask("c", "3", "file", "b.csv")))
     runner.receive(client.send(Interrupt("c")))
+    # ... and so is widget traffic (a tqdm bar while a file arrives), both ways
+    client.receive(runner.send(Comm("comm_msg", {"comm_id": "w1", "data": {}})))
+    runner.receive(client.send(CommMsg("m", "comm_msg", {"comm_id": "w1", "data": {}})))
+    assert client.state is State.ANSWER and runner.state is State.ANSWER
     got: dict[int, bytearray] = {0: bytearray(3), 1: bytearray(len(big))}
     for frame in client.frames([[memoryview(b"abc"), memoryview(big)]]):
         for chunk in runner.receive_binary(bytes(frame)):
