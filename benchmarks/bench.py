@@ -226,7 +226,8 @@ def raw_websocket_throughput(total: int, message: int = 1 << 20) -> Measure:
 # --------------------------------------------------------------------------- didomagic
 
 
-def start_runner() -> tuple[subprocess.Popen[bytes], str]:
+def start_runner(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A runner on a free port with two warm kernels (plus ``extra`` flags); its URL."""
     state = tempfile.mkdtemp(prefix="didomagic-bench-")
     process = subprocess.Popen(
         [
@@ -243,6 +244,7 @@ def start_runner() -> tuple[subprocess.Popen[bytes], str]:
             "16",
             "--log-level",
             "WARNING",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

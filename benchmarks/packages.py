@@ -14,7 +14,6 @@ runner gets as ``--find-links DIR --no-index``, so nothing is downloaded.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,43 +33,17 @@ def _wheels(folder: Path) -> None:
     write_wheel(folder, "bmk-alpha", "1.0")
 
 
-def _runner(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    state = tempfile.mkdtemp(prefix="didomagic-bench-packages-")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "runner",
-            "--port",
-            "0",
-            "--state-dir",
-            state,
-            "--warm-kernels",
-            "2",
-            "--find-links",
-            str(folder),
-            "--no-index",
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
-    return process, process.stdout.readline().decode().strip()
-
-
 def package_measures(reps: int) -> list[Any]:
     """The package measures (see the module docstring)."""
     from IPython import get_ipython
     from IPython.testing.globalipapp import start_ipython
 
-    from benchmarks.bench import Measure, _wait_for_a_warm_kernel
+    from benchmarks.bench import Measure, _wait_for_a_warm_kernel, start_runner
     from didomagic.api import default_pool
 
     folder = Path(tempfile.mkdtemp(prefix="didomagic-bench-wheels-"))
     _wheels(folder)
-    process, url = _runner(folder)
+    process, url = start_runner("--find-links", str(folder), "--no-index")
     shell = start_ipython() or get_ipython()  # the suite's shell, if it has started one
     shell.run_line_magic("load_ext", "didomagic")
     os.environ["DIDOMAGIC_PROGRESS"] = "none"

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -25,17 +26,23 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_first_cell_starts_a_private_runner_that_stops_with_the_kernel(tmp_path):
+def run_notebook_process(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` as a fresh notebook process would, with no $DIDOMAGIC_RUNNER; it must pass."""
     env = {k: v for k, v in os.environ.items() if k != "DIDOMAGIC_RUNNER"}
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+        [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         timeout=4 * TIMEOUT,
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_first_cell_starts_a_private_runner_that_stops_with_the_kernel(tmp_path):
+    done = run_notebook_process(SCRIPT, tmp_path)
     out = done.stdout
     assert out.count("started an embedded runner on 127.0.0.1:") == 1  # once, then reused
     assert "RESULT 42 42" in out
@@ -67,16 +74,7 @@ RESTART = textwrap.dedent("""
 
 
 def test_a_dead_embedded_runner_is_replaced_by_the_next_cell_with_one_notice(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "DIDOMAGIC_RUNNER"}
-    done = subprocess.run(
-        [sys.executable, "-c", RESTART],
-        capture_output=True,
-        text=True,
-        timeout=4 * TIMEOUT,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_notebook_process(RESTART, tmp_path)
     out = done.stdout
     assert "RESULT 2 True" in out, out + done.stderr
     assert out.count("the embedded runner had stopped, so started a new one") == 1
