@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def client_secret() -> str:
         pass
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".client-secret.{os.getpid()}.tmp")
+    tmp = path.with_name(f".client-secret.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "w") as f:
         f.write(secret)

@@ -12,11 +12,11 @@ holder processes removes the namespaces and their links.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .conftest import TIMEOUT, skip_missing, wait_until
 
@@ -65,11 +65,11 @@ def require_namespaces() -> None:
 
 def _holder() -> Namespace:
     holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])
-    own = Path("/proc/self/ns/net").resolve()
+    own = os.readlink("/proc/self/ns/net")  # "net:[inode]": the namespace's identity
 
     def entered() -> bool:  # unshare has made the namespace and exec'd sleep
         try:
-            return Path(f"/proc/{holder.pid}/ns/net").resolve() != own
+            return os.readlink(f"/proc/{holder.pid}/ns/net") != own
         except OSError:
             return False
 
