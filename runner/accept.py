@@ -87,6 +87,9 @@ class _Listener(socket.socket):
     def accept(self) -> tuple[socket.socket, Any]:
         fd, address = self._accept()  # type: ignore[attr-defined]
         conn = _Accepted(self.family, self.type, self.proto, fileno=fd)
+        # asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and these say 0:
+        # without it, a small frame after another waits for a delayed ACK (40 ms).
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.handshakes is not None:
             conn.handshakes = self.handshakes
             self.handshakes.accepted(conn)
