@@ -29,7 +29,7 @@ from didomagic import serialize
 from didomagic.filebundle import FILES_VALUE, Bundle
 from didomagic.protocol import CODE_VALUE, cloudpickle_version, python_version
 from didomagic.versions import InPlaceTracker
-from runner import asking, codeimport
+from runner import asking, cleanpages, codeimport
 from runner.mirror import Mirror
 
 CELL_FILE = "cell.json"
@@ -62,7 +62,9 @@ class Agent:
         self._request: dict[str, Any] | None = None
         self._before: dict[str, Any] = {}
         self._failures: dict[str, str] = {}
-        self._versions = InPlaceTracker()
+        self._mapped = cleanpages.from_environment(exchange)
+        """The value files mapped here, so clean pages of a value need no hash after a cell."""
+        self._versions = InPlaceTracker(self._mapped)
         self.mirror = Mirror(Path.cwd(), asking.ask)
         """The notebook's project folder, mirrored under the kernel's working directory."""
         self._bundle: Bundle | None = None
@@ -85,8 +87,9 @@ class Agent:
             path = value["path"]  # a string: a thousand Path objects would cost milliseconds
             try:
                 view = mapped.get(path)
-                if view is None:
-                    view = mapped[path] = serialize.map_file(Path(path))
+                if view is None or value["keep"]:  # one cached file may hold two names' bytes:
+                    view = mapped[path] = serialize.map_file(Path(path))  # each its own copy
+                    self._mapped.register(view)
                 parts = serialize.slice_parts(view, value["offset"], value["sizes"])
                 if value["name"] == CODE_VALUE:  # the notebook's modules, before any value
                     code_failures = codeimport.apply_bundle(parts, ns)

@@ -1,0 +1,264 @@
+"""Which bytes of the values the agent loaded cannot have changed since: clean mapped pages.
+
+The agent loads a value's buffers straight from the file the runner wrote,
+through a private copy-on-write mapping (``mmap.ACCESS_COPY``, i.e.
+``MAP_PRIVATE``; see :func:`didomagic.serialize.map_file`). A page of such a
+mapping that was never written still shows the file's bytes; the first write
+to it gives this process a private anonymous copy. The runner never rewrites a
+file once written (new bytes go to a new file, renamed into place), so a byte
+that lies on a page still backed by the file holds what it held when the
+value was loaded, and need not be hashed again to know it.
+
+Linux tells which pages those are, without privileges, in
+``/proc/self/pagemap``: one 64-bit entry per virtual page, where bit 61 says
+"file page (or shared anonymous)", bit 62 "swapped" and bit 63 "present". A
+page of a private file mapping is *clean* when its entry has bit 61, or is
+neither present nor swapped (never touched, or a file page the kernel
+dropped: either way the file's bytes); it is *dirty* (a private copy, in RAM
+or in swap) otherwise. Reading the flags of 1 GiB is 2 MiB of reads.
+
+:class:`MappedFiles` records the mappings the agent made and answers, for a
+buffer, which runs of it are clean (:meth:`MappedFiles.clean_runs`, the hook
+:func:`didomagic.versions.fingerprint` uses). Wherever the answer is not
+certain (no pagemap, not Linux, a buffer outside every recorded mapping, a
+pagemap that failed the :func:`probe` at start, ``DIDOMAGIC_PAGEMAP=off``) it
+answers ``None`` and the buffer's bytes are hashed as before.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import itertools
+import logging
+import mmap
+import os
+import re
+import struct
+import sys
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("runner.cleanpages")
+
+PAGEMAP = "/proc/self/pagemap"
+"""This process's page flags (Linux)."""
+
+PAGEMAP_ENV = "DIDOMAGIC_PAGEMAP"
+"""Environment variable: ``off`` hashes every buffer; a path reads page flags there instead."""
+
+MIN_BYTES = 1 << 20
+"""Buffers smaller than this are hashed: reading their flags would cost as much."""
+
+MAX_RUNS = 64
+"""A buffer in more clean runs than this is hashed whole (the runs would cost more)."""
+
+_ENTRY = 8
+_PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20  # bits 63, 62, 61: in the entry's top byte
+_TOP = 7 if sys.byteorder == "little" else 0
+_DIRTY = bytes(
+    1 if flags & (_PRESENT | _SWAPPED) and not flags & _FILE else 0 for flags in range(256)
+)
+"""Maps an entry's top byte to 1 for a private copy (present or swapped, not a file page)."""
+
+_DIRTY_RUN = re.compile(rb"\x01+")
+
+
+class PageFlags:
+    """Reads which pages of this process are private copies, from a pagemap file."""
+
+    def __init__(self, path: str = PAGEMAP) -> None:
+        self.path = path
+        self.page = mmap.PAGESIZE
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def close(self) -> None:
+        """Close the pagemap file."""
+        os.close(self._fd)
+
+    def dirty_pages(self, address: int, length: int) -> list[tuple[int, int]] | None:
+        """The runs of dirty pages over ``length`` bytes at ``address``, as byte ranges.
+
+        Ranges are relative to ``address``, clipped to ``[0, length)``. ``None``
+        if the flags could not be read in full.
+        """
+        first = address // self.page
+        count = (address + length + self.page - 1) // self.page - first
+        try:
+            entries = os.pread(self._fd, count * _ENTRY, first * _ENTRY)
+        except OSError:
+            return None
+        if len(entries) != count * _ENTRY:
+            return None
+        marks = entries[_TOP::_ENTRY].translate(_DIRTY)
+        base = first * self.page - address
+        return [
+            (max(0, base + m.start() * self.page), min(length, base + m.end() * self.page))
+            for m in _DIRTY_RUN.finditer(marks)
+        ]
+
+
+def probe(flags: PageFlags, directory: Path | None = None) -> bool:
+    """True if ``flags`` tells a written page of a private file mapping from a read one.
+
+    Maps a two-page temporary file copy-on-write, reads the first page and
+    writes the second: only the second may read dirty. A pagemap that hides
+    its flags (a sandbox that answers zeros, say) fails, and then nothing is
+    ever taken as clean.
+    """
+    page = flags.page
+    try:
+        with tempfile.TemporaryFile(dir=directory) as file:
+            file.write(b"\0" * (2 * page))
+            file.flush()
+            mapping = mmap.mmap(file.fileno(), 2 * page, access=mmap.ACCESS_COPY)
+            try:
+                view = memoryview(mapping)
+                try:
+                    _ = view[0]  # faults the first page in, as a file page
+                    view[page] = 1  # the second becomes a private copy
+                    address = address_of(view)
+                    runs = None if address is None else flags.dirty_pages(address, 2 * page)
+                finally:
+                    view.release()
+            finally:
+                mapping.close()
+    except (OSError, ValueError, BufferError):
+        return False
+    return runs == [(page, 2 * page)]
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+
+
+def address_of(view: memoryview) -> int | None:
+    """The address of a contiguous buffer's first byte (read-only ones too); None if not one."""
+    buffer = _PyBuffer()
+    try:
+        _get_buffer(view, ctypes.byref(buffer), 0)  # PyBUF_SIMPLE: contiguous bytes
+    except (BufferError, TypeError, ValueError):
+        return None
+    try:
+        return buffer.buf
+    finally:
+        _release_buffer(ctypes.byref(buffer))
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    start: int
+    end: int
+    serial: int
+
+
+class MappedFiles:
+    """The private file mappings this process made for values, and which of their bytes are clean.
+
+    ``flags`` None: nothing is ever clean (every buffer is hashed).
+    """
+
+    def __init__(self, flags: PageFlags | None) -> None:
+        self.flags = flags
+        self._starts: list[int] = []
+        self._mappings: list[_Mapping] = []
+        self._serials = itertools.count(1)
+
+    def register(self, view: memoryview) -> None:
+        """Record a whole-file mapping from :func:`didomagic.serialize.map_file`.
+
+        It must be copy-on-write (``ACCESS_COPY``) of a file nobody rewrites.
+        Forgotten when the mapping is freed, and never confused with a later
+        one at the same address: each mapping gets a serial number of its own.
+        """
+        if self.flags is None or not isinstance(view.obj, mmap.mmap) or view.nbytes == 0:
+            return
+        start = address_of(view)
+        if start is None:
+            return
+        entry = _Mapping(start, start + view.nbytes, next(self._serials))
+        at = bisect.bisect(self._starts, start)
+        self._starts.insert(at, start)
+        self._mappings.insert(at, entry)
+        weakref.finalize(view.obj, self._forget, entry)
+
+    def _forget(self, entry: _Mapping) -> None:
+        with_start = bisect.bisect_left(self._starts, entry.start)
+        for at in range(with_start, len(self._mappings)):
+            if self._mappings[at] is entry:
+                del self._starts[at], self._mappings[at]
+                return
+
+    def clean_runs(self, view: memoryview) -> list[tuple[int, int, bytes]] | None:
+        """The runs of ``view`` that still hold their file's bytes, with a token naming those bytes.
+
+        Each run is ``(start, end, token)``, offsets into ``view``; the token
+        names the mapping and the bytes' place in it, so two equal tokens mean
+        equal bytes. ``None`` when nothing is known (hash the whole buffer).
+        """
+        if self.flags is None or view.nbytes < MIN_BYTES or not self._mappings:
+            return None
+        address = address_of(view)
+        if address is None:
+            return None
+        at = bisect.bisect(self._starts, address) - 1
+        if at < 0:
+            return None
+        mapping = self._mappings[at]
+        if address + view.nbytes > mapping.end:
+            return None
+        dirty = self.flags.dirty_pages(address, view.nbytes)
+        if dirty is None or len(dirty) >= MAX_RUNS:
+            return None
+        runs, clean_from = [], 0
+        for start, end in [*dirty, (view.nbytes, view.nbytes)]:
+            if start > clean_from:
+                where = address - mapping.start + clean_from
+                token = struct.pack("<QQQ", mapping.serial, where, start - clean_from)
+                runs.append((clean_from, start, token))
+            clean_from = end
+        return runs
+
+
+def from_environment(directory: Path | None = None) -> MappedFiles:
+    """The clean-page check for this process: on where the pagemap works, else hashing.
+
+    ``DIDOMAGIC_PAGEMAP=off`` turns it off; another value is read as the
+    pagemap's path (tests use it to stand in for a pagemap that lies).
+    ``directory``: where the probe's temporary file goes.
+    """
+    path = os.environ.get(PAGEMAP_ENV, PAGEMAP)
+    if path == "off":
+        return MappedFiles(None)
+    try:
+        flags = PageFlags(path)
+    except OSError as exc:
+        log.debug("no page flags at %s (%s): every buffer is hashed", path, exc)
+        return MappedFiles(None)
+    if not probe(flags, directory):
+        log.debug("%s does not tell written pages from clean ones: every buffer is hashed", path)
+        flags.close()
+        return MappedFiles(None)
+    return MappedFiles(flags)
