@@ -33,7 +33,6 @@ import itertools
 import logging
 import mmap
 import os
-import re
 import struct
 import sys
 import tempfile
@@ -53,7 +52,7 @@ MIN_BYTES = 1 << 20
 """Buffers smaller than this are hashed: reading their flags would cost as much."""
 
 MAX_RUNS = 64
-"""A buffer in more clean runs than this is hashed whole (the runs would cost more)."""
+"""A buffer cut into more clean runs than this is hashed whole (the runs would cost more)."""
 
 _ENTRY = 8
 _PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20  # bits 63, 62, 61: in the entry's top byte
@@ -62,8 +61,6 @@ _DIRTY = bytes(
     1 if flags & (_PRESENT | _SWAPPED) and not flags & _FILE else 0 for flags in range(256)
 )
 """Maps an entry's top byte to 1 for a private copy (present or swapped, not a file page)."""
-
-_DIRTY_RUN = re.compile(rb"\x01+")
 
 
 class PageFlags:
@@ -78,11 +75,13 @@ class PageFlags:
         """Close the pagemap file."""
         os.close(self._fd)
 
-    def dirty_pages(self, address: int, length: int) -> list[tuple[int, int]] | None:
+    def dirty_pages(
+        self, address: int, length: int, limit: int = MAX_RUNS
+    ) -> list[tuple[int, int]] | None:
         """The runs of dirty pages over ``length`` bytes at ``address``, as byte ranges.
 
         Ranges are relative to ``address``, clipped to ``[0, length)``. ``None``
-        if the flags could not be read in full.
+        if the flags could not be read in full, or there are more than ``limit`` runs.
         """
         first = address // self.page
         count = (address + length + self.page - 1) // self.page - first
@@ -94,10 +93,16 @@ class PageFlags:
             return None
         marks = entries[_TOP::_ENTRY].translate(_DIRTY)
         base = first * self.page - address
-        return [
-            (max(0, base + m.start() * self.page), min(length, base + m.end() * self.page))
-            for m in _DIRTY_RUN.finditer(marks)
-        ]
+        runs: list[tuple[int, int]] = []
+        start = marks.find(1)
+        while start != -1:  # bytes.find is a memchr: far quicker than a regex over the marks
+            if len(runs) == limit:
+                return None
+            end = marks.find(0, start)
+            end = count if end == -1 else end
+            runs.append((max(0, base + start * self.page), min(length, base + end * self.page)))
+            start = marks.find(1, end)
+        return runs
 
 
 def probe(flags: PageFlags, directory: Path | None = None) -> bool:
@@ -229,8 +234,8 @@ class MappedFiles:
         mapping = self._mappings[at]
         if address + view.nbytes > mapping.end:
             return None
-        dirty = self.flags.dirty_pages(address, view.nbytes)
-        if dirty is None or len(dirty) >= MAX_RUNS:
+        dirty = self.flags.dirty_pages(address, view.nbytes, MAX_RUNS - 1)
+        if dirty is None:
             return None
         runs, clean_from = [], 0
         for start, end in [*dirty, (view.nbytes, view.nbytes)]:
