@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from tests.conftest import RunnerProcess, start_runner
+from runner import sandbox
+from tests.conftest import RunnerProcess, skip_missing, start_runner
 
 from .test_remote import remote
 
@@ -135,3 +136,15 @@ def test_two_names_with_the_same_bytes_stay_two_arrays(shell, ns, runner, fast):
     assert ns["a"][0] == 1 and ns["b"][0] == 0
     run(shell, runner, "c = int(b[0])\nd = int(a[0])")
     assert (ns["c"], ns["d"]) == (0, 1)
+
+
+def test_a_kernel_in_a_bwrap_box_checks_clean_pages_too(shell, ns, runner_factory):
+    host = sandbox.probe()
+    if host.bwrap is not None:
+        skip_missing(f"no bubblewrap: {host.bwrap}")
+    boxed = runner_factory("--sandbox", "bwrap")  # its own /proc: the pagemap is there
+    start(shell, ns, boxed, fast=True)
+    run(shell, boxed, "a[5] = 7")
+    assert ns["a"][5] == 7
+    _, held, out = run(shell, boxed, "n = a.nbytes")
+    assert held >= 1 and out == 1
