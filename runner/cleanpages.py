@@ -172,11 +172,12 @@ def address_of(view: memoryview) -> int | None:
         _release_buffer(ctypes.byref(buffer))
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Mapping:
     start: int
     end: int
     serial: int
+    alive: bool = True
 
 
 class MappedFiles:
@@ -187,8 +188,9 @@ class MappedFiles:
 
     def __init__(self, flags: PageFlags | None) -> None:
         self.flags = flags
-        self._starts: list[int] = []
-        self._mappings: list[_Mapping] = []
+        self._index: tuple[tuple[int, ...], tuple[_Mapping, ...]] = ((), ())
+        """The mappings by start address. A mapping can be freed on any thread, even in
+        the middle of :meth:`register`: it is only marked dead then, and pruned here."""
         self._serials = itertools.count(1)
 
     def register(self, view: memoryview) -> None:
@@ -204,17 +206,9 @@ class MappedFiles:
         if start is None:
             return
         entry = _Mapping(start, start + view.nbytes, next(self._serials))
-        at = bisect.bisect(self._starts, start)
-        self._starts.insert(at, start)
-        self._mappings.insert(at, entry)
-        weakref.finalize(view.obj, self._forget, entry)
-
-    def _forget(self, entry: _Mapping) -> None:
-        with_start = bisect.bisect_left(self._starts, entry.start)
-        for at in range(with_start, len(self._mappings)):
-            if self._mappings[at] is entry:
-                del self._starts[at], self._mappings[at]
-                return
+        weakref.finalize(view.obj, _forget, entry)
+        mappings = sorted([*(m for m in self._index[1] if m.alive), entry], key=lambda m: m.start)
+        self._index = (tuple(m.start for m in mappings), tuple(mappings))
 
     def clean_runs(self, view: memoryview) -> list[tuple[int, int, bytes]] | None:
         """The runs of ``view`` that still hold their file's bytes, with a token naming those bytes.
@@ -223,16 +217,15 @@ class MappedFiles:
         names the mapping and the bytes' place in it, so two equal tokens mean
         equal bytes. ``None`` when nothing is known (hash the whole buffer).
         """
-        if self.flags is None or view.nbytes < MIN_BYTES or not self._mappings:
+        starts, mappings = self._index
+        if self.flags is None or view.nbytes < MIN_BYTES or not mappings:
             return None
         address = address_of(view)
         if address is None:
             return None
-        at = bisect.bisect(self._starts, address) - 1
-        if at < 0:
-            return None
-        mapping = self._mappings[at]
-        if address + view.nbytes > mapping.end:
+        at = bisect.bisect(starts, address) - 1
+        mapping = mappings[at] if at >= 0 else None
+        if mapping is None or not mapping.alive or address + view.nbytes > mapping.end:
             return None
         dirty = self.flags.dirty_pages(address, view.nbytes, MAX_RUNS - 1)
         if dirty is None:
@@ -245,6 +238,11 @@ class MappedFiles:
                 runs.append((clean_from, start, token))
             clean_from = end
         return runs
+
+
+def _forget(mapping: _Mapping) -> None:
+    """(When the mapping is freed.) Nothing lies there any more."""
+    mapping.alive = False
 
 
 def from_environment(directory: Path | None = None) -> MappedFiles:

@@ -84,9 +84,16 @@ def test_a_freed_mapping_is_forgotten(tmp_path: Path, flags):
     view = serialize.map_file(path)
     files.register(view)
     assert files.clean_runs(view) is not None
+    inner = view[:SIZE]
     del view
     gc.collect()
-    assert files._mappings == [] and files._starts == []
+    assert files.clean_runs(inner) is not None  # a slice keeps the mapping alive
+    del inner
+    gc.collect()
+    (entry,) = files._index[1]
+    assert not entry.alive  # freed: nothing is taken as clean there any more
+    files.register(serialize.map_file(path))  # and the next registration prunes it
+    assert entry not in files._index[1] and len(files._index[1]) == 1
 
 
 def test_the_fingerprint_skips_clean_bytes_and_sees_every_write(mapped):
