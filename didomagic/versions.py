@@ -227,15 +227,14 @@ class InPlaceTracker:
         memo shares, so a version is only ever compared on the side that made it.)
         """
         value = namespace.get(name, _MISSING)
-        if value is not _MISSING and versioned(value):
-            try:
-                self._seen[name] = _Seen(
-                    id(value), self._fingerprint(_repacked(namespace, name).parts)
-                )
-                return
-            except Exception:  # not picklable here: it cannot come back anyway
-                pass
         self._seen.pop(name, None)
+        if value is _MISSING or not versioned(value):
+            return
+        try:
+            parts = _repacked(namespace, name).parts
+        except Exception:  # not picklable here: it cannot come back anyway
+            return
+        self._seen[name] = _Seen(id(value), self._fingerprint(parts))
 
     def returned(self, namespace: Mapping[str, Any], packed: Iterable[serialize.Packed]) -> None:
         """Record values going back, at the version of the pickle that carries them."""
