@@ -18,6 +18,9 @@ per name:
   ``--local``): the version of each value the cell reads as it starts; after
   the cell, a value still bound to the same object whose pickle now has
   another version changed in place and goes back with the cell's results.
+  In a runner kernel the bytes of a loaded value that still lie on clean
+  pages of the file they were loaded from need no hash (see
+  :mod:`runner.cleanpages`); in the notebook, its own value is always hashed.
 
 Values of immutable scalar types (numbers, strings, bytes, None) cannot change
 in place and are cheap to send: they carry no version and are always sent.
