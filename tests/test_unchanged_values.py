@@ -104,6 +104,16 @@ def test_a_change_in_place_on_the_runner_comes_back(shell, ns, runner, fast, wri
     assert held >= 1 and out == 1  # a held, and not sent back: only n
 
 
+def test_a_change_to_one_of_several_buffers_of_a_value_comes_back(shell, ns, runner, fast):
+    start(shell, ns, runner, fast)
+    ns["d"] = {"x": np.zeros(SIZE // 2, np.uint8), "y": np.zeros(SIZE // 2, np.uint8)}
+    run(shell, runner, "n = len(d)")
+    _, held, out = run(shell, runner, "n = len(d)")
+    assert held >= 1 and out == 1
+    run(shell, runner, "d['y'][-1] = 3")
+    assert ns["d"]["y"][-1] == 3 and int(ns["d"]["x"].sum()) == 0
+
+
 def test_every_later_change_on_the_runner_is_noticed_too(shell, ns, runner, fast):
     start(shell, ns, runner, fast)
     for step, position in enumerate([SIZE // 2, SIZE // 2, 0, SIZE - 1], start=1):
