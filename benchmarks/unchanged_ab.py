@@ -23,12 +23,24 @@ import numpy as np
 from benchmarks.bench import timed
 
 
-def start(name: str, cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    """A runner from the checkout at ``cwd``; its URL."""
-    state = tempfile.mkdtemp(prefix=f"didomagic-ab-{name}-")
+def start(
+    name: str, cwd: Path, env: dict[str, str], state: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A runner from the checkout at ``cwd``, its state under ``state``; its URL."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "runner", "--port", "0", "--state-dir", state]
-        + ["--warm-kernels", "1", "--log-level", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "--port",
+            "0",
+            "--state-dir",
+            state,
+            "--warm-kernels",
+            "1",
+            "--log-level",
+            "WARNING",
+        ],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         cwd=cwd,
@@ -49,7 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     setups = {"check on": (here, {}), "check off": (here, {"DIDOMAGIC_PAGEMAP": "off"})}
     if args.baseline is not None:
         setups["baseline"] = (args.baseline.resolve(), {})
-    runners = {name: start(name, cwd, env) for name, (cwd, env) in setups.items()}
+    states = tempfile.TemporaryDirectory(prefix="didomagic-ab-")
+    runners = {
+        name: start(name, cwd, env, f"{states.name}/{i}")
+        for i, (name, (cwd, env)) in enumerate(setups.items())
+    }
     from IPython.testing.globalipapp import start_ipython
 
     shell = start_ipython()
@@ -83,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             process.terminate()
         for process, _ in runners.values():
             process.wait(timeout=60)
+        states.cleanup()
 
 
 if __name__ == "__main__":

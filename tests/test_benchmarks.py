@@ -40,3 +40,16 @@ def test_quick_benchmark_measures_everything_and_writes_json(tmp_path):
     bars = {r["what"] for r in report["ratios"]}
     assert "trivial cell / ipyparallel view.execute" in bars
     assert "trivial cell / ipyparallel view.execute" in done.stdout  # the printed table
+
+
+def test_the_unchanged_input_a_b_runs_end_to_end():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.unchanged_ab", "--size", "4e6", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "check on" in done.stdout and "check off" in done.stdout
