@@ -64,11 +64,16 @@ _DIRTY = bytes(
 
 
 class PageFlags:
-    """Reads which pages of this process are private copies, from a pagemap file."""
+    """Reads which pages of this process are private copies, from a pagemap file.
 
-    def __init__(self, path: str = PAGEMAP) -> None:
+    ``pages_per_read``: entries read at once (the default, 1 MiB of them, covers
+    512 MiB of 4 KiB pages), so a huge value never needs a huge read.
+    """
+
+    def __init__(self, path: str = PAGEMAP, pages_per_read: int = 1 << 17) -> None:
         self.path = path
         self.page = mmap.PAGESIZE
+        self.pages_per_read = pages_per_read
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
     def close(self) -> None:
@@ -84,25 +89,33 @@ class PageFlags:
         if the flags could not be read in full, or there are more than ``limit`` runs.
         """
         first = address // self.page
-        count = (address + length + self.page - 1) // self.page - first
-        try:
-            entries = os.pread(self._fd, count * _ENTRY, first * _ENTRY)
-        except OSError:
-            return None
-        if len(entries) != count * _ENTRY:
-            return None
-        marks = entries[_TOP::_ENTRY].translate(_DIRTY)
-        base = first * self.page - address
-        runs: list[tuple[int, int]] = []
-        start = marks.find(1)
-        while start != -1:  # bytes.find is a memchr: far quicker than a regex over the marks
-            if len(runs) == limit:
+        last = (address + length + self.page - 1) // self.page
+        runs: list[list[int]] = []  # page numbers from ``first``, end exclusive
+        for at in range(first, last, self.pages_per_read):
+            count = min(self.pages_per_read, last - at)
+            try:
+                entries = os.pread(self._fd, count * _ENTRY, at * _ENTRY)
+            except OSError:
                 return None
-            end = marks.find(0, start)
-            end = count if end == -1 else end
-            runs.append((max(0, base + start * self.page), min(length, base + end * self.page)))
-            start = marks.find(1, end)
-        return runs
+            if len(entries) != count * _ENTRY:
+                return None
+            marks = entries[_TOP::_ENTRY].translate(_DIRTY)
+            start = marks.find(1)
+            while start != -1:  # bytes.find is a memchr: far quicker than a regex over the marks
+                end = marks.find(0, start)
+                end = count if end == -1 else end
+                if runs and runs[-1][1] == at - first + start:  # goes on from the last read
+                    runs[-1][1] = at - first + end
+                elif len(runs) == limit:
+                    return None
+                else:
+                    runs.append([at - first + start, at - first + end])
+                start = marks.find(1, end)
+        base = first * self.page - address
+        return [
+            (max(0, base + start * self.page), min(length, base + end * self.page))
+            for start, end in runs
+        ]
 
 
 def probe(flags: PageFlags, directory: Path | None = None) -> bool:

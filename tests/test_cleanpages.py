@@ -67,6 +67,20 @@ def test_a_written_page_is_cut_out_of_the_clean_runs(mapped):
     assert files.clean_runs(view)[0][2] != before[0][2]  # the run's token names its length
 
 
+def test_runs_across_reads_are_one_run(mapped, flags):
+    _, view = mapped
+    for page in (2, 3, 4, 9):  # a run across the boundary of two reads of 3 pages, and one more
+        view[page * PAGE] ^= 1
+    small = cleanpages.PageFlags(pages_per_read=3)
+    try:
+        address = cleanpages.address_of(view)
+        assert small.dirty_pages(address, SIZE) == flags.dirty_pages(address, SIZE)
+        assert small.dirty_pages(address, SIZE) == [(2 * PAGE, 5 * PAGE), (9 * PAGE, 10 * PAGE)]
+        assert small.dirty_pages(address, SIZE, limit=1) is None
+    finally:
+        small.close()
+
+
 def test_unknown_small_or_scattered_buffers_are_left_to_the_hash(mapped):
     files, view = mapped
     assert files.clean_runs(memoryview(bytearray(SIZE))) is None  # not in any mapping
