@@ -115,7 +115,12 @@ class HandshakingConnection(ServerConnection):
             return
         starting = self.loop.create_task(
             self.loop.start_tls(
-                tcp, self, self.tls, server_side=True, ssl_handshake_timeout=self.tls_timeout
+                tcp,
+                self,
+                self.tls,
+                server_side=True,
+                ssl_handshake_timeout=self.tls_timeout,
+                ssl_shutdown_timeout=self.close_timeout,  # as serve(ssl=...) sets it
             )
         )
         while tcp.get_protocol() is self and not starting.done():
@@ -124,15 +129,17 @@ class HandshakingConnection(ServerConnection):
         await asyncio.sleep(0)  # and calls the layer's connection_made soon after
         if self._gone or tcp.is_closing():  # shed, or the peer left before TLS
             starting.cancel()  # start_tls closes the transport
+        else:
+            early, self._early = self._early, []
+            _deliver(tcp.get_protocol(), early)  # what uvloop read as TCP (it reads regardless)
+        await asyncio.wait([starting])
+        failure = None if starting.cancelled() else starting.exception()
+        if starting.cancelled() or failure is not None:
             self.handshakes.finished(self)
-            return
-        early, self._early = self._early, []
-        _deliver(tcp.get_protocol(), early)  # what uvloop read as TCP (it reads regardless)
-        try:
-            tls = await starting
-        except OSError:  # failed, timed out (ConnectionAbortedError) or shed: closed already
-            self.handshakes.finished(self)
-            return
+            if failure is None or isinstance(failure, OSError):
+                return  # failed, timed out (ConnectionAbortedError) or shed: closed already
+            raise failure
+        tls = starting.result()
         if tls is None or tls.is_closing() or self._gone:  # lost as the handshake ended
             self.handshakes.finished(self)
             tcp.abort()
