@@ -18,6 +18,13 @@ uvloop's alike, though uvloop accepts in C — and shedding aborts a
 connection's own transport, never a descriptor number that may already be
 reused. ``loop.start_tls`` runs the same TLS layer as ``create_server(ssl=)``
 on both loops, with ``ssl_handshake_timeout`` as the TLS deadline.
+
+Two things the loops do that the class allows for: uvloop starts reading a
+new connection as soon as ``connection_made`` returns, whatever
+``pause_reading`` said, so the client's first TLS bytes may arrive before the
+TLS layer is in place (they are handed to it once it is); and both loops'
+TLS layers pass on the first decrypted bytes (the HTTP request) before
+``start_tls`` returns (they are kept for the websocket side).
 """
 
 from __future__ import annotations
@@ -202,11 +209,15 @@ def connection_factory(
     context: ssl.SSLContext, tls_timeout: float, handshakes: Handshakes
 ) -> type[HandshakingConnection]:
     """The class ``serve(create_connection=...)`` takes: TLS by ``context``, counted."""
-    return type(
-        "Connection",
-        (HandshakingConnection,),
-        {"tls": context, "tls_timeout": tls_timeout, "handshakes": handshakes},
-    )
+
+    timeout, pending = tls_timeout, handshakes  # a class body reads no same-named locals
+
+    class Connection(HandshakingConnection):
+        tls = context
+        tls_timeout = timeout
+        handshakes = pending
+
+    return Connection
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
