@@ -5,10 +5,11 @@
     .venv/bin/python -m benchmarks.event_loops_ab [--size BYTES] [--rounds N] [--no-relay]
 
 Starts one runner on each loop and measures them in turns, round after round
-(interleaved, so that a busy machine weighs on both alike): the trivial cell,
-a value of ``--size`` bytes into a cell and returned. Then the same through a
-mediator's relay, a mediator on each loop (with its runner on uvloop). The
-notebook side stays on its default loop throughout. Prints medians per loop.
+(interleaved, each first every other round, so a busy machine weighs on both
+alike): the trivial cell, a value of ``--size`` bytes into a cell and returned.
+Then the same through a mediator's relay, a mediator on each loop (with its
+runner on uvloop). The notebook side stays on its default loop throughout.
+Prints medians per loop.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ def one_round(url: str, pool: api.SessionPool, size: int) -> dict[str, float]:
     trivial = statistics.median(timed(lambda: cell("x = 1"), 20, warmup=3)) * 1e3
     cell("import numpy as np")
     ns["a"] = np.ones(size // 8)
-    ns["a"][0] = 2  # changed in place: the whole array travels
+    ns["a"][0] = time.time()  # content no session has seen: the whole array travels
     into = timed(lambda: cell("n = a.nbytes"), 1, warmup=0)[0]
-    del ns["a"]
-    cell(f"big = np.ones({size // 8})\ndel a")
+    ns.clear()
+    cell(f"big = np.ones({size // 8})\nbig[0] = __import__('time').time()\ndel a", sync=False)
     back = timed(lambda: cell("pass", pull=("big",), sync=False), 1, warmup=0)[0]
     ns.clear()
     cell("del big", sync=False)
@@ -72,9 +73,10 @@ def compare(urls: dict[str, str], size: int, rounds: int, what: str) -> None:
     pools = {name: api.SessionPool() for name in urls}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
     try:
-        for _ in range(rounds):
-            for name, url in urls.items():
-                results[name].append(one_round(url, pools[name], size))
+        for n in range(rounds):
+            order = list(urls) if n % 2 == 0 else list(reversed(urls))  # neither always first
+            for name in order:
+                results[name].append(one_round(urls[name], pools[name], size))
     finally:
         for pool in pools.values():
             pool.close()

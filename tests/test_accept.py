@@ -58,6 +58,7 @@ async def _listen(
     tls: tuple[Path, Path],
     handler: Callable[[ServerConnection], Awaitable[None]],
     max_handshakes: int = 128,
+    handshake_timeout: float = TIMEOUT,
 ) -> tuple[Server, int]:
     server = await listen(
         handler,
@@ -66,7 +67,7 @@ async def _listen(
         0,
         *tls,
         "test.websockets",
-        handshake_timeout=TIMEOUT,
+        handshake_timeout=handshake_timeout,
         max_handshakes=max_handshakes,
     )
     return server, next(iter(server.sockets)).getsockname()[1]
@@ -147,3 +148,29 @@ def test_a_tls_handshake_that_fails_frees_its_place(on_loop, tls):
     answer, greeting = on_loop(main())
     assert not answer.startswith(b"HTTP")
     assert greeting == "hello"
+
+
+def test_connections_that_stall_in_either_handshake_are_closed_at_the_timeout(on_loop, tls):
+    """``--handshake-timeout``: silent after TCP (the TLS deadline), and silent after TLS
+    (the websocket deadline)."""
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send("hello")
+
+    async def main() -> tuple[bytes, bytes]:
+        server, port = await _listen(tls, handler, handshake_timeout=0.5)
+        try:
+            tcp_reader, tcp_writer = await asyncio.open_connection("127.0.0.1", port)
+            tls_reader, tls_writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=_trusting(tls[0])
+            )
+            silent_tcp = await asyncio.wait_for(tcp_reader.read(), TIMEOUT)
+            silent_tls = await asyncio.wait_for(tls_reader.read(), TIMEOUT)
+            tcp_writer.close()
+            tls_writer.close()
+            return silent_tcp, silent_tls
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert on_loop(main()) == (b"", b"")
