@@ -48,8 +48,16 @@ def loop_env(value: str) -> Iterator[None]:
             os.environ[eventloops.DISABLE_ENV] = before
 
 
-def one_round(url: str, pool: api.SessionPool, size: int) -> dict[str, float]:
-    """Trivial cell (median of 20, ms), ``size`` bytes in and out (MB/s) on ``url``."""
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process ``pid`` has used (all its threads, no children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_round(url: str, pool: api.SessionPool, size: int, pid: int) -> dict[str, float]:
+    """On ``url``: the trivial cell (median of 20, ms); ``size`` bytes in and out (MB/s), and
+    the CPU time process ``pid`` (the runner, or the relaying mediator) spent per GB of them.
+    CPU time says more than wall time on a busy machine."""
     ns: dict[str, Any] = {}
 
     def cell(code: str, **spec: Any) -> None:
@@ -59,30 +67,44 @@ def one_round(url: str, pool: api.SessionPool, size: int) -> dict[str, float]:
     cell("import numpy as np")
     ns["a"] = np.ones(size // 8)
     ns["a"][0] = time.time()  # content no session has seen: the whole array travels
+    cpu = cpu_seconds(pid)
     into = timed(lambda: cell("n = a.nbytes"), 1, warmup=0)[0]
+    cpu_in = (cpu_seconds(pid) - cpu) / (size / 1e9)
     ns.clear()
     cell(f"big = np.ones({size // 8})\nbig[0] = __import__('time').time()\ndel a", sync=False)
+    cpu = cpu_seconds(pid)
     back = timed(lambda: cell("pass", pull=("big",), sync=False), 1, warmup=0)[0]
+    cpu_out = (cpu_seconds(pid) - cpu) / (size / 1e9)
     ns.clear()
     cell("del big", sync=False)
-    return {"trivial ms": trivial, "in MB/s": size / into / 1e6, "out MB/s": size / back / 1e6}
+    return {
+        "trivial ms": trivial,
+        "in MB/s": size / into / 1e6,
+        "out MB/s": size / back / 1e6,
+        "CPU s/GB in": cpu_in,
+        "CPU s/GB out": cpu_out,
+    }
 
 
-def compare(urls: dict[str, str], size: int, rounds: int, what: str) -> None:
-    """Interleave ``rounds`` rounds over ``urls`` (one per loop) and print the medians."""
+def compare(urls: dict[str, tuple[str, int]], size: int, rounds: int, what: str) -> None:
+    """Interleave ``rounds`` rounds over ``urls`` (one URL and the pid to watch per loop)
+    and print the medians."""
     pools = {name: api.SessionPool() for name in urls}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
     try:
         for n in range(rounds):
             order = list(urls) if n % 2 == 0 else list(reversed(urls))  # neither always first
             for name in order:
-                results[name].append(one_round(urls[name], pools[name], size))
+                url, pid = urls[name]
+                results[name].append(one_round(url, pools[name], size, pid))
     finally:
         for pool in pools.values():
             pool.close()
     for name, rows in results.items():
         medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        shown = ", ".join(f"{k} {v:.1f}" for k, v in medians.items())
+        shown = ", ".join(
+            f"{k} {v:.2f}" if "CPU" in k else f"{k} {v:.1f}" for k, v in medians.items()
+        )
         print(f"{what}, {name:8s}: {shown}   ({rounds} rounds, {size / 1e6:g} MB)", flush=True)
 
 
@@ -113,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         urls = {}
         for name, value in LOOPS.items():
             with loop_env(value):
-                process, urls[name] = start_runner()
+                process, url = start_runner()
             processes.append(process)
+            urls[name] = (url, process.pid)
         compare(urls, args.size, args.rounds, "direct")
         if not args.no_relay:
             from tests.conftest import start_mediator
@@ -127,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 with loop_env(""):
                     process, _ = start_runner("--mediator", mediator.runner_url, "--name", name)
                 processes.append(process)
-                relayed[name] = mediator.url
+                relayed[name] = (mediator.url, mediator.process.pid)
                 wait_for_pool(mediator.url)
             compare(relayed, args.size, args.rounds, "relay (mediator's loop)")
     finally:
