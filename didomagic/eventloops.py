@@ -1,14 +1,13 @@
-"""Which event loop the notebook side's I/O runs on: uvloop where installed, else asyncio's.
+"""Which event loop didomagic's I/O runs on: uvloop where installed, else asyncio's.
 
+Both sides use it: the notebook side's background loop, and runners and
+mediators (``didomagic-runner`` runs both roles through :func:`run`).
 uvloop's TLS transport moves about twice the bytes per second of asyncio's
 default one on the same machine, and TLS is on every byte didomagic sends.
 It does not exist on Windows, and ``DIDOMAGIC_NO_UVLOOP=1`` turns it off
 anywhere (to compare, or to rule it out); either way the standard loop is
-used and nothing else changes.
-
-Runners and mediators stay on asyncio's own loop for now: their bound on
-connections still in the TLS handshake (:mod:`runner.accept`) counts accepts
-in Python, which uvloop does in C.
+used and nothing else changes. A runner's log says which one it got
+(``(event loop: uvloop)``).
 """
 
 from __future__ import annotations

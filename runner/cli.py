@@ -1032,7 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render(parser, margs), end="")
             return 0
         _configure_logging(margs.log_level)
-        asyncio.run(mediate(margs))  # asyncio's loop: see runner.accept
+        eventloops.run(mediate(margs))  # uvloop where available (didomagic.eventloops)
         return 0
     parser = serve_parser()
     args = parse_with_config(parser, _from_environment("runner") + argv)
@@ -1043,5 +1043,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report(limits_of(args), probe(use_cgroups=not args.no_cgroups)))
         return 0
     _configure_logging(args.log_level)
-    asyncio.run(serve(args))  # asyncio's loop: see runner.accept
+    eventloops.run(serve(args))  # uvloop where available (didomagic.eventloops)
     return 0

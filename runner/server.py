@@ -195,9 +195,9 @@ async def listen(
 
     return await serve(
         handler,
-        sock=accept.listening_socket(host, port, pending),
-        ssl=context,
-        ssl_handshake_timeout=handshake_timeout,
+        sock=accept.listening_socket(host, port),
+        ssl=None,  # each connection starts TLS itself, once counted (see runner.accept)
+        create_connection=accept.connection_factory(context, handshake_timeout, pending),
         open_timeout=handshake_timeout,
         process_request=process_request,
         compression=None,  # no compression bombs, and values are mostly incompressible

@@ -132,10 +132,13 @@ class MediatorProcess:
     stop = RunnerProcess.stop
 
 
-def start_mediator(tmp: Path, *args: str, prefix: Sequence[str] = ()) -> MediatorProcess:
+def start_mediator(
+    tmp: Path, *args: str, prefix: Sequence[str] = (), env: dict[str, str] | None = None
+) -> MediatorProcess:
     """Start ``didomagic-runner mediator`` and wait for the two URLs it prints.
 
-    ``prefix`` runs it through another command (``nsenter --net=...``) that execs it.
+    ``prefix`` runs it through another command (``nsenter --net=...``) that execs it;
+    ``env`` is added to its environment.
     """
     tmp.mkdir(parents=True, exist_ok=True)
     state = tmp / "state"
@@ -146,7 +149,11 @@ def start_mediator(tmp: Path, *args: str, prefix: Sequence[str] = ()) -> Mediato
         command += ["--port", "0"]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
+            command,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )
     assert process.stdout is not None
     client_url = process.stdout.readline().decode().strip()

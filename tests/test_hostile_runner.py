@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from didomagic import detached, serialize
+from didomagic import detached, eventloops, serialize
 from didomagic.client import open_connection, query
 from didomagic.errors import ConnectionLost, ProtocolError, RunnerBusy
 from didomagic.loop import background_loop
@@ -530,8 +530,21 @@ def _lower_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (200, 400))
 
 
-def test_idle_tcp_connections_that_never_finish_tls_do_not_stop_a_client(runner_factory):
-    runner = runner_factory("--handshake-timeout", str(TIMEOUT * 2), preexec_fn=_lower_nofile)
+EVENT_LOOPS = pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+"""Both event loops a runner or mediator may run on (uvloop where installed)."""
+
+
+def on_loop(loop: str) -> dict[str, str]:
+    """The environment that puts a runner or mediator on ``loop``."""
+    return {eventloops.DISABLE_ENV: "" if loop == "uvloop" else "1"}
+
+
+@EVENT_LOOPS
+def test_idle_tcp_connections_that_never_finish_tls_do_not_stop_a_client(runner_factory, loop):
+    runner = runner_factory(
+        "--handshake-timeout", str(TIMEOUT * 2), preexec_fn=_lower_nofile, env=on_loop(loop)
+    )
+    assert f"(event loop: {loop})" in runner.log
     url = ConnectionURL.parse(runner.url)
     flood: list[socket.socket] = []
     try:
@@ -543,11 +556,16 @@ def test_idle_tcp_connections_that_never_finish_tls_do_not_stop_a_client(runner_
             raw.close()
     assert legit_cell(url) == 42
     assert "RLIMIT_NOFILE: soft 400 (was 200), hard 400" in runner.log
+    assert "connections still in their handshake (--max-handshakes 128)" in runner.log
 
 
-def test_the_mediator_bounds_connections_and_ends_idle_jobs_connections(tmp_path):
-    mediator = start_mediator(tmp_path / "m", "--max-connections", "2", "--idle-timeout", "1")
+@EVENT_LOOPS
+def test_the_mediator_bounds_connections_and_ends_idle_jobs_connections(tmp_path, loop):
+    mediator = start_mediator(
+        tmp_path / "m", "--max-connections", "2", "--idle-timeout", "1", env=on_loop(loop)
+    )
     try:
+        assert f"(event loop: {loop})" in mediator.log
         url = ConnectionURL.parse(mediator.url)
 
         async def go() -> tuple[list[object], object]:
