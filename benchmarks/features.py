@@ -1,0 +1,238 @@
+"""What each feature costs a trivial cell when it is not used, and widget messages per second.
+
+Issue 16: unchanged local modules, cached package environments, file reads and
+remote widgets may each slow the trivial cell by at most 3 ms when unused.
+Each is measured as the trivial cell with the feature as shipped minus the
+same cell with the feature switched off, interleaved cell by cell so the
+host's load weighs on both alike, from a notebook folder with no local
+modules and no files:
+
+- *packages*: the runner as started by default against the same runner with
+  ``--no-install`` (two runner processes, the same flags otherwise);
+- *local modules*: the notebook's per-cell look at its first-party modules,
+  switched off in this process (there is no user switch: the runner's import
+  hook stays installed either way);
+- *file reads* and *widgets* have no switch at all, so their figure is the
+  time the notebook side spends in their per-cell work during the trivial
+  cells (the files' bundle and what comes back; the cell's identity for
+  widget outputs), timed in place without changing it. Their runner side
+  (the kernel's file mirror, comm forwarding) is not in it.
+
+The widget rate: a remote cell updating an ``IntProgress`` many times, in a
+real notebook kernel whose iopub this process reads as a frontend does;
+messages per second arriving there, beside the same loop run in that
+notebook kernel itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+PACKAGES_ON = "features: trivial cell, runner defaults"
+PACKAGES_OFF = "features: trivial cell, runner --no-install"
+CODE_ON = "features: trivial cell, no local modules, check on"
+CODE_OFF = "features: trivial cell, no local modules, check off"
+FILES_WORK = "features: file feature's notebook-side work per trivial cell"
+WIDGETS_WORK = "features: widget feature's notebook-side work per trivial cell"
+REMOTE_RATE = "features: remote widget updates arriving at the notebook"
+LOCAL_RATE = "features: the same widget updates in the notebook's own kernel"
+
+
+@contextlib.contextmanager
+def switched_off(module: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    """``module.name`` replaced for the block; a missing name fails loudly, never silently."""
+    original = getattr(module, name)  # AttributeError: the benchmark must follow the code
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+class Timed:
+    """Wraps functions in place, adding up the seconds spent in them (behaviour unchanged)."""
+
+    def __init__(self, targets: list[tuple[Any, str]]) -> None:
+        self.targets = targets
+        self.spent = 0.0
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Count while inside the block."""
+        with contextlib.ExitStack() as stack:
+            for module, name in self.targets:
+                stack.enter_context(switched_off(module, name, self._wrap(getattr(module, name))))
+            yield
+
+    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spent += time.perf_counter() - started
+
+        return timed
+
+
+@contextlib.contextmanager
+def empty_project() -> Iterator[Path]:
+    """A notebook folder of its own (a git root) with nothing in it; its working directory."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="didomagic-bench-empty-") as tmp:
+        (Path(tmp) / ".git").mkdir()
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(here)
+
+
+def unused_costs(shell: Any, url: str, reps: int) -> list[Any]:
+    """The trivial cell with each feature on and off (see the module docstring)."""
+    from benchmarks.bench import Measure, start_runner, stop
+    from didomagic import api, comms, files, localcode
+
+    def cell(target: str) -> float:
+        started = time.perf_counter()
+        result = shell.run_cell(f"%%remote --runner {target}\nx = 1")
+        elapsed = time.perf_counter() - started
+        if not result.success:
+            raise RuntimeError(f"bench cell failed: {result.error_in_exec}")
+        return elapsed
+
+    no_install, no_install_url = start_runner("--no-install")
+    rows: dict[str, list[float]] = {n: [] for n in (PACKAGES_ON, PACKAGES_OFF, CODE_ON, CODE_OFF)}
+    file_work = Timed([(files, "bundle_value"), (files, "take_back")])
+    widget_work = Timed([(comms, "cell_identity")])
+    try:
+        with empty_project():
+            for target in (url, no_install_url):
+                for _ in range(3):
+                    cell(target)
+            for _ in range(reps):
+                rows[PACKAGES_ON].append(cell(url))
+                rows[PACKAGES_OFF].append(cell(no_install_url))
+                with file_work.active(), widget_work.active():
+                    rows[CODE_ON].append(cell(url))
+                with switched_off(localcode, "shipped", lambda values: True):
+                    rows[CODE_OFF].append(cell(url))
+    finally:
+        api.default_pool().close()
+        stop(no_install)
+    out = [Measure(name, "ms", samples) for name, samples in rows.items()]
+    out.append(Measure(FILES_WORK, "ms", [file_work.spent / reps]))
+    out.append(Measure(WIDGETS_WORK, "ms", [widget_work.spent / reps]))
+    return out
+
+
+WIDGET_CELL = """\
+import ipywidgets
+bar = ipywidgets.IntProgress(max={n})
+display(bar)
+for i in range({n}):
+    bar.value = i + 1
+"""
+
+
+def widget_rates(url: str, updates: int, reps: int = 3) -> list[Any]:
+    """Updates per second reaching the frontend: a remote cell's widget, and a local one's."""
+    from jupyter_client.manager import KernelManager
+
+    from benchmarks.bench import Measure
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIDOMAGIC_")}
+    env |= {"DIDOMAGIC_RUNNER": url, "DIDOMAGIC_PROGRESS": "none"}
+    remote, local = [], []
+    with tempfile.TemporaryDirectory(prefix="didomagic-bench-widgets-") as tmp:
+        km = KernelManager(kernel_name="python3")
+        km.start_kernel(cwd=tmp, env=env)
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            _run(kc, "%load_ext didomagic")
+            _run(kc, "%%remote\nx = 1")
+            body = WIDGET_CELL.format(n=updates)
+            for _ in range(reps):
+                remote.append(_update_rate(kc, "%%remote --no-sync\n" + body, updates))
+                local.append(_update_rate(kc, body, updates))
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+    note = f"{updates} IntProgress updates, comm_msg on the notebook kernel's iopub"
+    return [
+        Measure(REMOTE_RATE, "msgs/s", remote, note),
+        Measure(LOCAL_RATE, "msgs/s", local, note),
+    ]
+
+
+def _run(kc: Any, code: str) -> list[dict[str, Any]]:
+    """Run ``code`` in the notebook kernel; its iopub messages until idle (fails on an error)."""
+    msg_id = kc.execute(code)
+    seen = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=120)
+        seen.append((time.perf_counter(), msg))
+        if msg["msg_type"] == "error":
+            raise RuntimeError(f"bench cell failed: {msg['content']['evalue']}")
+        if (
+            msg["msg_type"] == "status"
+            and msg["parent_header"].get("msg_id") == msg_id
+            and msg["content"]["execution_state"] == "idle"
+        ):
+            return seen
+
+
+def _update_rate(kc: Any, code: str, updates: int) -> float:
+    """Value updates of the cell's progress bar arriving per second, from its comm_open on."""
+    seen = _run(kc, code)
+    opened = next(
+        (at, m["content"]["comm_id"])
+        for at, m in seen
+        if m["msg_type"] == "comm_open"
+        and m["content"]["data"].get("state", {}).get("_model_name") == "IntProgressModel"
+    )
+    arrived = [
+        at
+        for at, m in seen
+        if m["msg_type"] == "comm_msg"
+        and m["content"]["comm_id"] == opened[1]
+        and "value" in m["content"]["data"].get("state", {})
+    ]
+    if len(arrived) < updates:
+        raise RuntimeError(f"only {len(arrived)} of {updates} widget updates arrived")
+    return len(arrived) / (arrived[-1] - opened[0])
+
+
+def feature_bars(measures: list[Any]) -> list[tuple[str, float, str]]:
+    """Each feature's cost to the trivial cell when unused (ms), and the widget rate's ratio."""
+    by = {m.name: m for m in measures}
+    found = []
+    for what, on, off in (
+        ("packages", PACKAGES_ON, PACKAGES_OFF),
+        ("local modules", CODE_ON, CODE_OFF),
+    ):
+        if on in by and off in by:
+            extra = (by[on].median - by[off].median) * 1e3
+            found.append((f"unused {what}: trivial cell, on - off (ms)", extra, "<= 3"))
+    for what, name in (("file reads", FILES_WORK), ("widgets", WIDGETS_WORK)):
+        if name in by:
+            found.append(
+                (f"unused {what}: notebook-side work per cell (ms)", by[name].median * 1e3, "<= 3")
+            )
+    if REMOTE_RATE in by and LOCAL_RATE in by:
+        found.append(
+            (
+                "widget updates per second, remote / local kernel",
+                by[REMOTE_RATE].median / by[LOCAL_RATE].median,
+                "-",
+            )
+        )
+    return found
