@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +46,7 @@ LOCAL_RATE = "features: the same widget updates in the notebook's own kernel"
 
 
 @contextlib.contextmanager
-def switched_off(module: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+def replaced(module: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
     """``module.name`` replaced for the block; a missing name fails loudly, never silently."""
     original = getattr(module, name)  # AttributeError: the benchmark must follow the code
     setattr(module, name, replacement)
@@ -62,12 +63,17 @@ class Timed:
         self.targets = targets
         self.spent = 0.0
 
+    def take(self) -> float:
+        """The seconds counted since the last take."""
+        spent, self.spent = self.spent, 0.0
+        return spent
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Count while inside the block."""
         with contextlib.ExitStack() as stack:
             for module, name in self.targets:
-                stack.enter_context(switched_off(module, name, self._wrap(getattr(module, name))))
+                stack.enter_context(replaced(module, name, self._wrap(getattr(module, name))))
             yield
 
     def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,15 +89,29 @@ class Timed:
 
 @contextlib.contextmanager
 def empty_project() -> Iterator[Path]:
-    """A notebook folder of its own (a git root) with nothing in it; its working directory."""
+    """A notebook with no local modules, in a folder of its own (a git root) with nothing in it.
+
+    The suite's own modules (``benchmarks.*``) are first-party to it, as it
+    runs from the project (an editable install), so they are taken out of
+    ``sys.modules`` for the block: the notebook then has imported no local
+    module, and nothing imports inside the block.
+    """
     here = os.getcwd()
+    own = {n: m for n, m in sys.modules.items() if n.partition(".")[0] in OWN_PACKAGES}
     with tempfile.TemporaryDirectory(prefix="didomagic-bench-empty-") as tmp:
         (Path(tmp) / ".git").mkdir()
         os.chdir(tmp)
+        for name in own:
+            del sys.modules[name]
         try:
             yield Path(tmp)
         finally:
+            sys.modules.update(own)
             os.chdir(here)
+
+
+OWN_PACKAGES = ("benchmarks", "tests", "dev")
+"""The project's top-level modules the suite itself may have imported."""
 
 
 def unused_costs(shell: Any, url: str, reps: int) -> list[Any]:
@@ -108,7 +128,8 @@ def unused_costs(shell: Any, url: str, reps: int) -> list[Any]:
         return elapsed
 
     no_install, no_install_url = start_runner("--no-install")
-    rows: dict[str, list[float]] = {n: [] for n in (PACKAGES_ON, PACKAGES_OFF, CODE_ON, CODE_OFF)}
+    names = (PACKAGES_ON, PACKAGES_OFF, CODE_ON, CODE_OFF, FILES_WORK, WIDGETS_WORK)
+    rows: dict[str, list[float]] = {n: [] for n in names}
     file_work = Timed([(files, "bundle_value"), (files, "take_back")])
     widget_work = Timed([(comms, "cell_identity")])
     try:
@@ -121,15 +142,14 @@ def unused_costs(shell: Any, url: str, reps: int) -> list[Any]:
                 rows[PACKAGES_OFF].append(cell(no_install_url))
                 with file_work.active(), widget_work.active():
                     rows[CODE_ON].append(cell(url))
-                with switched_off(localcode, "shipped", lambda values: True):
+                rows[FILES_WORK].append(file_work.take())
+                rows[WIDGETS_WORK].append(widget_work.take())
+                with replaced(localcode, "shipped", lambda values: True):
                     rows[CODE_OFF].append(cell(url))
     finally:
         api.default_pool().close()
         stop(no_install)
-    out = [Measure(name, "ms", samples) for name, samples in rows.items()]
-    out.append(Measure(FILES_WORK, "ms", [file_work.spent / reps]))
-    out.append(Measure(WIDGETS_WORK, "ms", [widget_work.spent / reps]))
-    return out
+    return [Measure(name, "ms", samples) for name, samples in rows.items()]
 
 
 WIDGET_CELL = """\
