@@ -137,15 +137,27 @@ def unused_costs(shell: Any, url: str, reps: int) -> list[Any]:
             for target in (url, no_install_url):
                 for _ in range(3):
                     cell(target)
-            for _ in range(reps):
-                rows[PACKAGES_ON].append(cell(url))
-                rows[PACKAGES_OFF].append(cell(no_install_url))
+
+            def timed_work() -> float:
                 with file_work.active(), widget_work.active():
-                    rows[CODE_ON].append(cell(url))
+                    elapsed = cell(url)
                 rows[FILES_WORK].append(file_work.take())
                 rows[WIDGETS_WORK].append(widget_work.take())
+                return elapsed
+
+            def check_off() -> float:
                 with replaced(localcode, "shipped", lambda values: True):
-                    rows[CODE_OFF].append(cell(url))
+                    return cell(url)
+
+            order: list[tuple[str, Callable[[], float]]] = [
+                (PACKAGES_ON, lambda: cell(url)),
+                (PACKAGES_OFF, lambda: cell(no_install_url)),
+                (CODE_ON, timed_work),
+                (CODE_OFF, check_off),
+            ]
+            for rep in range(reps):  # A B C D, then D C B A: no variant always goes first
+                for name, run in order if rep % 2 == 0 else reversed(order):
+                    rows[name].append(run())
     finally:
         api.default_pool().close()
         stop(no_install)

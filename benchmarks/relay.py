@@ -98,8 +98,8 @@ def relay_measures(shell: Any, reps: int, size: int) -> list[Any]:
         samples: dict[tuple[str, str], list[float]] = {}
 
         def interleaved(what: str, rounds: int, run: Any) -> None:
-            for _ in range(rounds):
-                for route in ROUTES:
+            for rep in range(rounds):  # each route goes first every other round
+                for route in ROUTES if rep % 2 == 0 else ROUTES[::-1]:
                     samples.setdefault((what, route), []).append(run(route))
 
         for route in ROUTES:
