@@ -262,6 +262,7 @@ def start_runner(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
             "16",
             "--log-level",
             "WARNING",
+            "--remove-state-on-exit",
             *extra,
         ],
         stdout=subprocess.PIPE,

@@ -31,9 +31,8 @@ ROUTES = ("through the mediator", "direct to the runner")
 RELAYED, DIRECT = ROUTES
 
 
-def start_mediator() -> tuple[subprocess.Popen[bytes], str, str]:
+def start_mediator(state: str) -> tuple[subprocess.Popen[bytes], str, str]:
     """``didomagic-runner mediator`` on a free port; its client URL and its runner URL."""
-    state = tempfile.mkdtemp(prefix="didomagic-bench-mediator-")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -79,7 +78,8 @@ def relay_measures(shell: Any, reps: int, size: int) -> list[Any]:
     from benchmarks.bench import Measure, _mb, _rates, start_runner, stop
     from didomagic.api import default_pool
 
-    mediator, client_url, runner_url = start_mediator()
+    state = tempfile.TemporaryDirectory(prefix="didomagic-bench-mediator-")
+    mediator, client_url, runner_url = start_mediator(state.name)
     runner = None
     try:
         runner, direct_url = start_runner("--mediator", runner_url, "--name", "bench-relayed")
@@ -126,6 +126,7 @@ def relay_measures(shell: Any, reps: int, size: int) -> list[Any]:
         if runner is not None:
             stop(runner)
         stop(mediator)
+        state.cleanup()
     rows = [Measure(f"{TRIVIAL}, {route}", "ms", samples[(TRIVIAL, route)]) for route in ROUTES]
     for what in (INTO, BACK):
         for route in ROUTES:
