@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -407,9 +408,15 @@ def transfer_measures(dm: Didomagic, sizes: list[int]) -> list[Measure]:
     return out
 
 
-def feature_measures(dm: Didomagic, reps: int, quick: bool) -> list[Measure]:
-    """Local modules and file reads in use, every feature's cost unused, the widget rate."""
-    from benchmarks.features import unused_costs, widget_rates
+def feature_measures(
+    dm: Didomagic, reps: int, quick: bool, failures: dict[str, str]
+) -> list[Measure]:
+    """Local modules and file reads in use, every feature's cost unused, the widget rate.
+
+    A widget rate that cannot be measured (updates lost, a cell that never
+    ends) goes into ``failures``; the group's other rows are kept.
+    """
+    from benchmarks.features import WidgetRateFailed, unused_costs, widget_rates
     from benchmarks.files_bench import file_read_measures
     from didomagic.api import default_pool
 
@@ -417,7 +424,10 @@ def feature_measures(dm: Didomagic, reps: int, quick: bool) -> list[Measure]:
     out += file_read_measures(dm.shell, dm.url, 20_000_000 if quick else 100_000_000)
     default_pool().close()
     out += unused_costs(dm.shell, dm.url, reps)
-    out += widget_rates(dm.url, 200 if quick else 2000)
+    try:
+        out += widget_rates(dm.url, 200 if quick else 2000)
+    except WidgetRateFailed as exc:
+        failures["features: widget rate"] = str(exc)
     return out
 
 
@@ -590,8 +600,8 @@ GROUPS = ("baselines", "cells", "transfer", "relay", "features", "packages", "me
 """The parts of the suite, in the order they run (``--only`` picks some)."""
 
 
-def run_group(group: str, dm: Didomagic, quick: bool) -> list[Measure]:
-    """The measures of one group."""
+def run_group(group: str, dm: Didomagic, quick: bool, failures: dict[str, str]) -> list[Measure]:
+    """The measures of one group; what could not be measured goes into ``failures``."""
     reps = 10 if quick else 50
     sizes = [20_000_000] if quick else [100_000_000, 1_000_000_000]
     if group == "baselines":
@@ -613,7 +623,7 @@ def run_group(group: str, dm: Didomagic, quick: bool) -> list[Measure]:
     if group == "relay":
         return relay_measures(dm.shell, reps, sizes[-1])
     if group == "features":
-        return feature_measures(dm, reps, quick)
+        return feature_measures(dm, reps, quick, failures)
     if group == "packages":
         return package_measures(reps)
     assert group == "mediator"
@@ -645,11 +655,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     measures: list[Measure] = []
     durations: dict[str, float] = {}
+    failures: dict[str, str] = {}
     dm = Didomagic()
     try:
         for group in (g for g in GROUPS if g in args.only):
             started = time.perf_counter()
-            measures += run_group(group, dm, args.quick)
+            try:
+                measures += run_group(group, dm, args.quick, failures)
+            except Exception as exc:  # the other groups still run; the exit status says so
+                traceback.print_exc()
+                failures[group] = f"{type(exc).__name__}: {exc}"
             durations[group] = time.perf_counter() - started
             if group in ("cells", "transfer", "features"):
                 from didomagic.api import default_pool
@@ -660,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     bars = ratios(measures)
     print(show(measures, bars))
     print("\nseconds per group: " + ", ".join(f"{g} {s:.0f}" for g, s in durations.items()))
+    for what, why in failures.items():
+        print(f"NOT MEASURED: {what}: {why}")
     machine = {
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
@@ -677,12 +694,13 @@ def main(argv: list[str] | None = None) -> int:
                 "ratios": [
                     {"what": w, "value": v, "bar": b, "met": meets(v, b)} for w, v, b in bars
                 ],
+                "failures": failures,
             },
             indent=2,
         )
     )
     print(f"\nwritten to {args.json}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import sys
 import tempfile
 import time
@@ -205,12 +206,28 @@ def widget_rates(url: str, updates: int, reps: int = 3) -> list[Any]:
     ]
 
 
-def _run(kc: Any, code: str) -> list[dict[str, Any]]:
+class WidgetRateFailed(RuntimeError):
+    """The widget cells lost updates or never finished: no rate to report."""
+
+
+CELL_WAIT = 120.0
+"""Seconds a widget cell may take before the measurement gives up on it."""
+
+
+def _run(kc: Any, code: str) -> list[tuple[float, dict[str, Any]]]:
     """Run ``code`` in the notebook kernel; its iopub messages until idle (fails on an error)."""
     msg_id = kc.execute(code)
-    seen = []
+    seen: list[tuple[float, dict[str, Any]]] = []
+    deadline = time.monotonic() + CELL_WAIT
     while True:
-        msg = kc.get_iopub_msg(timeout=120)
+        try:
+            msg = kc.get_iopub_msg(timeout=max(deadline - time.monotonic(), 0.01))
+        except queue.Empty:
+            comms = sum(m["msg_type"] == "comm_msg" for _, m in seen)
+            raise WidgetRateFailed(
+                f"the cell did not finish within {CELL_WAIT:g} s ({comms} comm messages "
+                f"had arrived): {code.splitlines()[0]!r}"
+            ) from None
         seen.append((time.perf_counter(), msg))
         if msg["msg_type"] == "error":
             raise RuntimeError(f"bench cell failed: {msg['content']['evalue']}")
@@ -239,7 +256,7 @@ def _update_rate(kc: Any, code: str, updates: int) -> float:
         and "value" in m["content"]["data"].get("state", {})
     ]
     if len(arrived) < updates:
-        raise RuntimeError(f"only {len(arrived)} of {updates} widget updates arrived")
+        raise WidgetRateFailed(f"only {len(arrived)} of {updates} widget updates arrived")
     return len(arrived) / (arrived[-1] - opened[0])
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import features, localcode, relay
+from benchmarks import bench, features, localcode, relay
 from benchmarks.bench import GROUPS, Measure, main, meets, ratios, show
 
 from .conftest import TIMEOUT
@@ -134,6 +134,25 @@ def test_only_refuses_an_unknown_group(capsys):
     assert "relay" in GROUPS and "mediator" in GROUPS
 
 
+def test_a_failing_group_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    def run_group(group, dm, quick, failures):
+        if group == "cells":
+            raise RuntimeError("the runner went away")
+        failures["relay: one part"] = "could not be measured"
+        return [Measure(f"{relay.TRIVIAL}, {relay.DIRECT}", "ms", [0.006])]
+
+    monkeypatch.setattr(bench, "run_group", run_group)
+    out = tmp_path / "results.json"
+    assert main(["--only", "cells,relay", "--json", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["failures"] == {
+        "cells": "RuntimeError: the runner went away",
+        "relay: one part": "could not be measured",
+    }
+    assert [m["name"] for m in report["measures"]] == [f"{relay.TRIVIAL}, {relay.DIRECT}"]
+    assert "NOT MEASURED: cells: RuntimeError: the runner went away" in capsys.readouterr().out
+
+
 def test_quick_benchmark_measures_everything_and_writes_json(tmp_path):
     out = tmp_path / "results.json"
     done = subprocess.run(
@@ -144,8 +163,9 @@ def test_quick_benchmark_measures_everything_and_writes_json(tmp_path):
         timeout=20 * TIMEOUT,
         stdin=subprocess.DEVNULL,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["failures"] == {}
     names = {m["name"] for m in report["measures"]}
     for expected in (
         "baseline: jupyter_client execute round trip",
