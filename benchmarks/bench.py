@@ -413,10 +413,10 @@ def feature_measures(
 ) -> list[Measure]:
     """Local modules and file reads in use, every feature's cost unused, the widget rate.
 
-    A widget rate that cannot be measured (updates lost, a cell that never
-    ends) goes into ``failures``; the group's other rows are kept.
+    A widget cell that never ends goes into ``failures``; the group's other
+    rows are kept.
     """
-    from benchmarks.features import WidgetRateFailed, unused_costs, widget_rates
+    from benchmarks.features import unused_costs, widget_rates
     from benchmarks.files_bench import file_read_measures
     from didomagic.api import default_pool
 
@@ -424,10 +424,7 @@ def feature_measures(
     out += file_read_measures(dm.shell, dm.url, 20_000_000 if quick else 100_000_000)
     default_pool().close()
     out += unused_costs(dm.shell, dm.url, reps)
-    try:
-        out += widget_rates(dm.url, 200 if quick else 2000)
-    except WidgetRateFailed as exc:
-        failures["features: widget rate"] = str(exc)
+    out += widget_rates(dm.url, 200 if quick else 2000, failures)
     return out
 
 

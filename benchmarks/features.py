@@ -44,6 +44,8 @@ FILES_WORK = "features: file feature's notebook-side work per trivial cell"
 WIDGETS_WORK = "features: widget feature's notebook-side work per trivial cell"
 REMOTE_RATE = "features: remote widget updates arriving at the notebook"
 LOCAL_RATE = "features: the same widget updates in the notebook's own kernel"
+REMOTE_ARRIVED = "features: remote widget updates that arrived, of those sent"
+LOCAL_ARRIVED = "features: local widget updates that arrived, of those sent"
 
 
 @contextlib.contextmanager
@@ -174,15 +176,20 @@ for i in range({n}):
 """
 
 
-def widget_rates(url: str, updates: int, reps: int = 3) -> list[Any]:
-    """Updates per second reaching the frontend: a remote cell's widget, and a local one's."""
+def widget_rates(url: str, updates: int, failures: dict[str, str], reps: int = 3) -> list[Any]:
+    """Updates per second reaching the frontend: a remote cell's widget, and a local one's.
+
+    A cell that never ends stops the measurement (its notebook kernel is stuck):
+    the rounds before it are kept and the reason goes into ``failures``.
+    """
     from jupyter_client.manager import KernelManager
 
     from benchmarks.bench import Measure
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIDOMAGIC_")}
     env |= {"DIDOMAGIC_RUNNER": url, "DIDOMAGIC_PROGRESS": "none"}
-    remote, local = [], []
+    remote: list[tuple[float, float]] = []
+    local: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="didomagic-bench-widgets-") as tmp:
         km = KernelManager(kernel_name="python3")
         km.start_kernel(cwd=tmp, env=env)
@@ -196,18 +203,24 @@ def widget_rates(url: str, updates: int, reps: int = 3) -> list[Any]:
             for _ in range(reps):
                 remote.append(_update_rate(kc, "%%remote --no-sync\n" + body, updates))
                 local.append(_update_rate(kc, body, updates))
+        except WidgetRateFailed as exc:
+            failures["features: widget rate"] = f"{exc} (after {len(remote)} good rounds)"
         finally:
             kc.stop_channels()
             km.shutdown_kernel(now=True)
     note = f"{updates} IntProgress updates, comm_msg on the notebook kernel's iopub"
+    if not remote or not local:
+        return []
     return [
-        Measure(REMOTE_RATE, "msgs/s", remote, note),
-        Measure(LOCAL_RATE, "msgs/s", local, note),
+        Measure(REMOTE_RATE, "msgs/s", [rate for rate, _ in remote], note),
+        Measure(REMOTE_ARRIVED, "fraction", [share for _, share in remote], note),
+        Measure(LOCAL_RATE, "msgs/s", [rate for rate, _ in local], note),
+        Measure(LOCAL_ARRIVED, "fraction", [share for _, share in local], note),
     ]
 
 
 class WidgetRateFailed(RuntimeError):
-    """The widget cells lost updates or never finished: no rate to report."""
+    """A widget cell never finished, or too few of its updates arrived for a rate."""
 
 
 CELL_WAIT = 120.0
@@ -239,8 +252,9 @@ def _run(kc: Any, code: str) -> list[tuple[float, dict[str, Any]]]:
             return seen
 
 
-def _update_rate(kc: Any, code: str, updates: int) -> float:
-    """Value updates of the cell's progress bar arriving per second, from its comm_open on."""
+def _update_rate(kc: Any, code: str, updates: int) -> tuple[float, float]:
+    """Value updates of the cell's progress bar arriving per second, from its comm_open on,
+    and the fraction of the ``updates`` that arrived before the cell ended."""
     seen = _run(kc, code)
     opened = next(
         (at, m["content"]["comm_id"])
@@ -255,9 +269,9 @@ def _update_rate(kc: Any, code: str, updates: int) -> float:
         and m["content"]["comm_id"] == opened[1]
         and "value" in m["content"]["data"].get("state", {})
     ]
-    if len(arrived) < updates:
+    if len(arrived) < 2:
         raise WidgetRateFailed(f"only {len(arrived)} of {updates} widget updates arrived")
-    return len(arrived) / (arrived[-1] - opened[0])
+    return len(arrived) / (arrived[-1] - opened[0]), len(arrived) / updates
 
 
 def feature_bars(measures: list[Any]) -> list[tuple[str, float, str]]:
@@ -276,6 +290,9 @@ def feature_bars(measures: list[Any]) -> list[tuple[str, float, str]]:
             found.append(
                 (f"unused {what}: notebook-side work per cell (ms)", by[name].median * 1e3, "<= 3")
             )
+    if REMOTE_ARRIVED in by:
+        share = by[REMOTE_ARRIVED].median
+        found.append(("remote widget updates that reached the notebook (fraction)", share, ">= 1"))
     if REMOTE_RATE in by and LOCAL_RATE in by:
         found.append(
             (

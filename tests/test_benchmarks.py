@@ -38,6 +38,7 @@ ISSUE_BARS = [
     (r"^unused widgets: notebook-side work per cell \(ms\)$", "<= 3"),
     (r"^later cell, 50 local modules unchanged - trivial cell, no modules \(ms\)$", "<= 3"),
     (r"^widget updates per second, remote / local kernel$", "-"),
+    (r"^remote widget updates that reached the notebook \(fraction\)$", ">= 1"),
     (r"^new session, cached package set - no packages \(ms\)$", "<= 100"),
     (r"^mediator pick a runner, p99 \(ms\)$", "< 10"),
 ]
@@ -85,6 +86,8 @@ def _made_up() -> list[Measure]:
         (features.WIDGETS_WORK, ms, 0.00003),
         (features.REMOTE_RATE, "msgs/s", 1000.0),
         (features.LOCAL_RATE, "msgs/s", 2000.0),
+        (features.REMOTE_ARRIVED, "fraction", 1.0),
+        (features.LOCAL_ARRIVED, "fraction", 1.0),
         ("didomagic: new session, no packages (package runner)", ms, 0.04),
         ("didomagic: new session, cached set of 3 packages", ms, 0.05),
         ("didomagic: cold build of 3 small wheels (local uv cache)", ms, 0.2),
