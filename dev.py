@@ -4,7 +4,8 @@
     python3 dev.py quickstart   run notebooks/quickstart.ipynb end to end on the embedded runner
     python3 dev.py test         run the whole test suite
     python3 dev.py pool         start a mediator and three runners here, run notebooks/pool.ipynb
-    python3 dev.py bench [--quick]  didomagic and its baselines side by side (benchmarks/)
+    python3 dev.py bench [--quick] [--only GROUPS]  didomagic and its baselines side by side
+                                                     (benchmarks/, docs/performance.md)
 
 Each creates ``.venv`` and installs the project with its test extras the first
 time (again when pyproject.toml changes), then runs inside it.
@@ -128,7 +129,7 @@ def _pool() -> int:
 
 
 def bench(args: list[str]) -> int:
-    """Run the benchmark suite (``--quick``: under a minute)."""
+    """Run the benchmark suite (``--quick``: small and few; ``--only relay,cells``: some groups)."""
     return _in_venv("-m", "benchmarks.bench", *args)
 
 

@@ -1,16 +1,32 @@
 """didomagic and its baselines, measured side by side in one run.
 
-    python3 dev.py bench            # the full suite (a few minutes; 1 GB arrays)
-    python3 dev.py bench --quick    # the same measurements, small and few (under a minute)
+    python3 dev.py bench                    # the full suite (about 10 minutes; 1 GB arrays)
+    python3 dev.py bench --quick            # the same measurements, small and few
+    python3 dev.py bench --only relay,cells # some groups only (names: GROUPS below)
 
-Prints a table of medians, p90s and ratios and writes the same as JSON
-(``--json PATH``, default ``benchmarks/results.json``). Baselines: a bare
-jupyter_client ``execute`` round trip to a local kernel, ipyparallel with one
-local engine (``view.execute``, push and pull), and raw TLS websocket loopback
-throughput with ``websockets``. didomagic is measured through the real
-``%%remote`` magic in an IPython shell, against a real runner process. The
-mediator at scale (:mod:`benchmarks.mediator_scale`: 500 runners, 5,000
-waiting sessions) closes the run.
+Prints a table of medians, p90s and the bars of issue 16 as ratios, each
+marked met or not, and writes the same as JSON (``--json PATH``, default
+``benchmarks/results.json``). Groups, in the order they run:
+
+- ``baselines``: a bare jupyter_client ``execute`` round trip to a local
+  kernel, ipyparallel with one local engine (``view.execute``, push, pull),
+  a TLS websocket stream with ``websockets`` and a plain blocking TLS socket
+  stream between two processes;
+- ``cells``: the trivial warm ``%%remote`` cell, a new session's first cell,
+  1,000 small variables, concurrent sessions, the embedded runner from nothing;
+- ``transfer``: arrays into a cell and returned, an unchanged re-run;
+- ``relay``: the same runner through a mediator's relay and direct
+  (:mod:`benchmarks.relay`);
+- ``features``: local modules and file reads in use, each feature's cost to
+  the trivial cell when unused, remote widget messages per second
+  (:mod:`benchmarks.features`);
+- ``packages``: cached and cold package environments (:mod:`benchmarks.packages`);
+- ``mediator``: the mediator at scale, 500 runners and 5,000 waiting sessions
+  (:mod:`benchmarks.mediator_scale`).
+
+didomagic is measured through the real ``%%remote`` magic in an IPython
+shell, against real runner and mediator processes. docs/performance.md says
+what each row and bar means.
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,8 +51,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks import mediator_scale
+from benchmarks.features import feature_bars
 from benchmarks.localcode import local_code_bars, local_code_measures
 from benchmarks.packages import package_measures, package_ratios
+from benchmarks.relay import relay_bars, relay_measures
 from benchmarks.tls_baseline import blocking_tls_throughput
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,6 +263,7 @@ def start_runner(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
             "16",
             "--log-level",
             "WARNING",
+            "--remove-state-on-exit",
             *extra,
         ],
         stdout=subprocess.PIPE,
@@ -268,69 +288,79 @@ def _rates(size: int, seconds: list[float]) -> list[float]:
     return [size / s / 1e6 for s in seconds]
 
 
-def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[Measure]:
-    from IPython.testing.globalipapp import start_ipython
+class Didomagic:
+    """The shared notebook shell and runner of the didomagic groups, started on first use."""
 
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "didomagic")
-    os.environ["DIDOMAGIC_PROGRESS"] = "none"
-    ns = shell.user_ns
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._url = ""
+        self._shell: Any = None
 
-    def cell(code: str) -> None:
-        result = shell.run_cell(f"%%remote --runner {url}\n{code}")
+    @property
+    def url(self) -> str:
+        """The runner's URL (a runner with defaults, two warm kernels)."""
+        if self._process is None:
+            self._process, self._url = start_runner()
+        return self._url
+
+    @property
+    def pid(self) -> int:
+        """The runner's process id."""
+        assert self.url and self._process is not None
+        return self._process.pid
+
+    @property
+    def shell(self) -> Any:
+        """An IPython shell with didomagic loaded, progress display off."""
+        if self._shell is None:
+            from IPython.testing.globalipapp import start_ipython
+
+            self._shell = start_ipython()
+            self._shell.run_line_magic("load_ext", "didomagic")
+            os.environ["DIDOMAGIC_PROGRESS"] = "none"
+        return self._shell
+
+    def cell(self, code: str, options: str = "") -> None:
+        """Run one ``%%remote`` cell on the runner; a failure stops the benchmark."""
+        result = self.shell.run_cell(f"%%remote --runner {self.url} {options}\n{code}")
         if not result.success:
             raise RuntimeError(f"bench cell failed: {result.error_in_exec}")
 
+    def close(self) -> None:
+        """Close the sessions and stop the runner."""
+        if self._process is not None:
+            from didomagic.api import default_pool
+
+            default_pool().close()
+            stop(self._process)
+            self._process = None
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a runner or mediator this benchmark started."""
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def cell_measures(dm: Didomagic, reps: int) -> list[Measure]:
+    """The trivial cell, a new session's first cell, 1,000 small variables, concurrency."""
+    from didomagic.api import default_pool
+
+    url = dm.url
     out = [
         Measure(
             "didomagic: trivial warm %%remote cell (x = 1)",
             "ms",
-            timed(lambda: cell("x = 1"), reps, warmup=3),
+            timed(lambda: dm.cell("x = 1"), reps, warmup=3),
         )
     ]
-
-    from didomagic.api import default_pool
-
-    def new_session() -> None:
-        default_pool().close()
-        _wait_for_a_warm_kernel(url)
-        started = time.perf_counter()
-        cell("x = 1")
-        new.append(time.perf_counter() - started)
-
     new: list[float] = []
     for _ in range(max(2, reps // 10)):
-        new_session()
+        default_pool().close()
+        _wait_for_a_warm_kernel(url)
+        new += timed(lambda: dm.cell("x = 1"), 1, warmup=0)
     out.append(Measure("didomagic: first cell of a new session (warm pool)", "ms", new))
-
-    cell("import numpy as np")
-    for size in sizes:
-        ns["a"] = np.ones(size // 8)
-        idle = _rss(pid, "VmRSS")
-        sends = []
-        for rep in range(3):
-            ns["a"][0] = rep  # changed in place each time: the whole array travels
-            sends += timed(lambda: cell("n = a.nbytes"), 1, warmup=0)
-        peak = _rss(pid, "VmHWM") - idle
-        out.append(
-            Measure(f"didomagic: {_mb(size)} array into a cell", "MB/s", _rates(size, sends))
-        )
-        rerun = timed(lambda: cell("n = a.nbytes"), 3, warmup=0)
-        out.append(Measure(f"didomagic: re-run with the {_mb(size)} input unchanged", "ms", rerun))
-        out.append(
-            Measure(f"didomagic: peak runner RSS over idle, {_mb(size)} in", "MB", [peak / 1e6])
-        )
-        del ns["a"]
-        cell(f"big = np.ones({size // 8})\ndel a")
-        back = timed(
-            lambda: shell.run_cell(f"%%remote --runner {url} --no-sync --pull big\npass"),
-            3,
-            warmup=0,
-        )
-        out.append(Measure(f"didomagic: {_mb(size)} array returned", "MB/s", _rates(size, back)))
-        ns.pop("big", None)
-        cell("del big")
-
+    ns = dm.shell.user_ns
     for i in range(1000):
         ns[f"v{i}"] = i
     many = "sum([" + ", ".join(f"v{i}" for i in range(1000)) + "])"
@@ -338,17 +368,63 @@ def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[
         Measure(
             "didomagic: a cell reading 1,000 small variables",
             "ms",
-            timed(lambda: cell(f"total = {many}"), max(3, reps // 5)),
+            timed(lambda: dm.cell(f"total = {many}"), max(3, reps // 5)),
         )
     )
     for i in range(1000):
         del ns[f"v{i}"]
     out.append(concurrent_sessions(url, 8, max(5, reps // 2)))
-    out += local_code_measures(shell, url, reps, Measure, _wait_for_a_warm_kernel)
-    from benchmarks.files_bench import file_read_measures
+    return out
 
-    out += file_read_measures(shell, url, min(sizes[0], 100_000_000))
+
+def transfer_measures(dm: Didomagic, sizes: list[int]) -> list[Measure]:
+    """Arrays into a cell and returned, an unchanged re-run, the runner's memory meanwhile."""
+    ns = dm.shell.user_ns
+    dm.cell("import numpy as np")
+    out = []
+    for size in sizes:
+        ns["a"] = np.ones(size // 8)
+        idle = _rss(dm.pid, "VmRSS")
+        sends = []
+        for rep in range(3):
+            ns["a"][0] = rep  # changed in place each time: the whole array travels
+            sends += timed(lambda: dm.cell("n = a.nbytes"), 1, warmup=0)
+        peak = _rss(dm.pid, "VmHWM") - idle
+        out.append(
+            Measure(f"didomagic: {_mb(size)} array into a cell", "MB/s", _rates(size, sends))
+        )
+        rerun = timed(lambda: dm.cell("n = a.nbytes"), 3, warmup=0)
+        out.append(Measure(f"didomagic: re-run with the {_mb(size)} input unchanged", "ms", rerun))
+        out.append(
+            Measure(f"didomagic: peak runner RSS over idle, {_mb(size)} in", "MB", [peak / 1e6])
+        )
+        del ns["a"]
+        dm.cell(f"big = np.ones({size // 8})\ndel a")
+        # Changed in place by each cell, so it all comes back whatever the unchanged check does.
+        back = timed(lambda: dm.cell("big[0] += 1", "--no-sync --pull big"), 3, warmup=0)
+        out.append(Measure(f"didomagic: {_mb(size)} array returned", "MB/s", _rates(size, back)))
+        ns.pop("big", None)
+        dm.cell("del big", "--no-sync")
+    return out
+
+
+def feature_measures(
+    dm: Didomagic, reps: int, quick: bool, failures: dict[str, str]
+) -> list[Measure]:
+    """Local modules and file reads in use, every feature's cost unused, the widget rate.
+
+    A widget cell that never ends goes into ``failures``; the group's other
+    rows are kept.
+    """
+    from benchmarks.features import unused_costs, widget_rates
+    from benchmarks.files_bench import file_read_measures
+    from didomagic.api import default_pool
+
+    out = local_code_measures(dm.shell, dm.url, reps, Measure, _wait_for_a_warm_kernel)
+    out += file_read_measures(dm.shell, dm.url, 20_000_000 if quick else 100_000_000)
     default_pool().close()
+    out += unused_costs(dm.shell, dm.url, reps)
+    out += widget_rates(dm.url, 200 if quick else 2000, failures)
     return out
 
 
@@ -428,7 +504,11 @@ def first_cell_from_nothing(reps: int) -> Measure:
 
 
 def ratios(measures: list[Measure]) -> list[tuple[str, float, str]]:
-    """The bars (issue 16) as ratios from this run: (what, value, bar)."""
+    """Every bar (issue 16) as a ratio or a difference from this run: (what, value, bar).
+
+    A row appears when the measures it needs are in the run (``--only`` leaves
+    some groups out).
+    """
     by = {m.name: m for m in measures}
     found = []
 
@@ -478,56 +558,129 @@ def ratios(measures: list[Measure]) -> list[tuple[str, float, str]]:
                     "<= 30",
                 )
             )
-    return found + local_code_bars({m.name: m.median for m in measures})
+    found += relay_bars(measures)
+    found += local_code_bars({m.name: m.median for m in measures})
+    found += feature_bars(measures)
+    found += package_ratios(measures)
+    found += mediator_scale.bars_of(measures)
+    return found
+
+
+def meets(value: float, bar: str) -> bool | None:
+    """Whether ``value`` meets a bar such as ``<= 1.2`` or ``>= 0.8``; None for ``-``."""
+    for op, test in (
+        ("<=", float.__le__),
+        (">=", float.__ge__),
+        ("<", float.__lt__),
+        (">", float.__gt__),
+    ):
+        if bar.startswith(op):
+            return bool(test(float(value), float(bar[len(op) :])))
+    return None
 
 
 def show(measures: list[Measure], bars: list[tuple[str, float, str]]) -> str:
-    lines = [f"{'measure':<64} {'median':>10} {'p90':>10}  unit"]
+    """The table: every measure, then every ratio with its bar and whether it is met."""
+    lines = [f"{'measure':<72} {'median':>10} {'p90':>10}  unit"]
     for m in measures:
         scale = 1e3 if m.unit == "ms" else 1
-        lines.append(f"{m.name:<64} {m.median * scale:>10.2f} {m.p90 * scale:>10.2f}  {m.unit}")
+        lines.append(f"{m.name:<72} {m.median * scale:>10.2f} {m.p90 * scale:>10.2f}  {m.unit}")
     lines.append("")
-    lines.append(f"{'ratio (same run)':<72} {'value':>8}  bar")
+    lines.append(f"{'ratio (same run)':<72} {'value':>10}  {'bar':<8} met")
     for what, value, bar in bars:
-        lines.append(f"{what:<72} {value:>8.2f}  {bar}")
+        met = {True: "yes", False: "NO", None: ""}[meets(value, bar)]
+        lines.append(f"{what:<72} {value:>10.2f}  {bar:<8} {met}".rstrip())
     return "\n".join(lines)
 
 
+GROUPS = ("baselines", "cells", "transfer", "relay", "features", "packages", "mediator")
+"""The parts of the suite, in the order they run (``--only`` picks some)."""
+
+
+def run_group(group: str, dm: Didomagic, quick: bool, failures: dict[str, str]) -> list[Measure]:
+    """The measures of one group; what could not be measured goes into ``failures``."""
+    reps = 10 if quick else 50
+    sizes = [20_000_000] if quick else [100_000_000, 1_000_000_000]
+    if group == "baselines":
+        out = [bare_jupyter_client(reps), *ipyparallel_measures(reps, sizes)]
+        out.append(raw_websocket_throughput(sizes[-1]))
+        out.append(
+            Measure(
+                f"baseline: raw blocking TLS socket, {_mb(sizes[-1])} in 1 MiB writes",
+                "MB/s",
+                _rates(sizes[-1], blocking_tls_throughput(sizes[-1])),
+            )
+        )
+        return out
+    if group == "cells":
+        out = cell_measures(dm, reps)
+        return [*out, first_cell_from_nothing(1 if quick else 3)]
+    if group == "transfer":
+        return transfer_measures(dm, sizes)
+    if group == "relay":
+        return relay_measures(dm.shell, reps, sizes[-1])
+    if group == "features":
+        return feature_measures(dm, reps, quick, failures)
+    if group == "packages":
+        return package_measures(reps)
+    assert group == "mediator"
+    return mediator_scale.measures(mediator_scale.run(*((20, 200) if quick else (500, 5000))))
+
+
+def _groups(text: str) -> list[str]:
+    chosen = [g.strip() for g in text.split(",") if g.strip()]
+    unknown = [g for g in chosen if g not in GROUPS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown group {', '.join(unknown) or '(none)'}; choose from {', '.join(GROUPS)}"
+        )
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the groups asked for, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small and few: under a minute")
+    parser.add_argument("--quick", action="store_true", help="small and few: about a minute")
+    parser.add_argument(
+        "--only",
+        type=_groups,
+        default=list(GROUPS),
+        metavar="GROUP[,GROUP]",
+        help=f"run only these groups ({', '.join(GROUPS)}; default: all)",
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results.json")
     args = parser.parse_args(argv)
-    reps = 10 if args.quick else 50
-    sizes = [20_000_000] if args.quick else [100_000_000, 1_000_000_000]
-    measures: list[Measure] = [bare_jupyter_client(reps)]
-    measures += ipyparallel_measures(reps, sizes)
-    raw_size = sizes[-1] if args.quick else 1_000_000_000
-    measures.append(raw_websocket_throughput(raw_size))
-    measures.append(
-        Measure(
-            f"baseline: raw blocking TLS socket, {_mb(raw_size)} in 1 MiB writes",
-            "MB/s",
-            _rates(raw_size, blocking_tls_throughput(raw_size)),
-        )
-    )
-    process, url = start_runner()
+    measures: list[Measure] = []
+    durations: dict[str, float] = {}
+    failures: dict[str, str] = {}
+    dm = Didomagic()
     try:
-        measures += didomagic_measures(reps, sizes, url, process.pid)
+        for group in (g for g in GROUPS if g in args.only):
+            started = time.perf_counter()
+            try:
+                measures += run_group(group, dm, args.quick, failures)
+            except Exception as exc:  # the other groups still run; the exit status says so
+                traceback.print_exc()
+                failures[group] = f"{type(exc).__name__}: {exc}"
+            durations[group] = time.perf_counter() - started
+            if group in ("cells", "transfer", "features"):
+                from didomagic.api import default_pool
+
+                default_pool().close()  # the next group starts from no open session
     finally:
-        process.terminate()
-        process.wait(timeout=60)
-    measures += package_measures(reps)
-    measures.append(first_cell_from_nothing(1 if args.quick else 3))
-    scale = mediator_scale.run(*((20, 200) if args.quick else (500, 5000)))
-    measures += mediator_scale.measures(scale)
-    bars = ratios(measures) + package_ratios(measures) + mediator_scale.bars(scale)
+        dm.close()
+    bars = ratios(measures)
     print(show(measures, bars))
+    print("\nseconds per group: " + ", ".join(f"{g} {s:.0f}" for g, s in durations.items()))
+    for what, why in failures.items():
+        print(f"NOT MEASURED: {what}: {why}")
     machine = {
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "quick": args.quick,
+        "groups": list(durations),
+        "seconds": durations,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
@@ -535,13 +688,16 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "machine": machine,
                 "measures": [asdict(m) | {"median": m.median, "p90": m.p90} for m in measures],
-                "ratios": [{"what": w, "value": v, "bar": b} for w, v, b in bars],
+                "ratios": [
+                    {"what": w, "value": v, "bar": b, "met": meets(v, b)} for w, v, b in bars
+                ],
+                "failures": failures,
             },
             indent=2,
         )
     )
     print(f"\nwritten to {args.json}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

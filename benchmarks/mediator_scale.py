@@ -141,7 +141,7 @@ async def measure(
 ) -> dict[str, Any]:
     """Run the storm and the picks against the mediator at ``pid``; return the figures."""
     gc.disable()  # this process's own pauses are not the mediator's: keep them out
-    steady_picks = max(1, min(STEADY, sessions // 10))
+    steady_picks = steady_count(sessions)
     slots = -(-(sessions + steady_picks) // runners)  # enough that every pick succeeds
     fakes = FakeRunners(runner_url, slots)
     started = time.perf_counter()
@@ -199,14 +199,23 @@ async def measure(
     }
 
 
+def steady_count(sessions: int) -> int:
+    """How many picks are measured once every session waits."""
+    return max(1, min(STEADY, sessions // 10))
+
+
 def _room(runners: int, sessions: int) -> list[str]:
-    """Connection limits raised for the run, where this mediator has such flags."""
+    """Connection limits raised for the run, where this mediator has such flags.
+
+    Every session, the steady picks' too, holds two connections at the end
+    (the client's and the runner's relay).
+    """
     flags = subprocess.run(
         [sys.executable, "-m", "runner", "mediator", "--help"], capture_output=True, text=True
     ).stdout
     room = []
     for flag, value in (
-        ("--max-connections", 2 * sessions + runners + 100),
+        ("--max-connections", 2 * (sessions + steady_count(sessions)) + runners + 100),
         ("--max-handshakes", runners + 100),
     ):
         if flag in flags:
@@ -245,9 +254,26 @@ def run(runners: int, sessions: int) -> dict[str, Any]:
             figures["mediator_rss_idle"] = idle
             return figures
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            stop(process)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+STOP_WAIT = 5.0
+"""Seconds the mediator gets to stop by itself before it is killed."""
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after :data:`STOP_WAIT`: its shutdown is not what is measured.
+
+    (With thousands of relayed sessions whose peers vanished, a graceful stop
+    takes tens of seconds, most of a short run.)
+    """
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_WAIT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=60)
 
 
 def report(figures: dict[str, Any]) -> str:
@@ -293,12 +319,17 @@ def measures(figures: dict[str, Any]) -> list[Any]:
     ]
 
 
-def bars(figures: dict[str, Any]) -> list[tuple[str, float, str]]:
-    """The suite's pass marks: p99 pick under 10 ms, the storm under 5 s."""
-    return [
-        ("mediator pick a runner, p99 (ms)", figures["pick_p99_s"] * 1e3, "< 10"),
-        ("mediator registration storm (s)", figures["registration_storm_s"], "< 5"),
-    ]
+def bars_of(measures: list[Any]) -> list[tuple[str, float, str]]:
+    """The suite's pass marks from its rows: p99 pick under 10 ms, the storm under 5 s."""
+    found = []
+    for m in measures:
+        if m.name.startswith("mediator: pick a runner ("):
+            found.append(
+                ("mediator pick a runner, p99 (ms)", percentile(m.samples, 0.99) * 1e3, "< 10")
+            )
+        elif m.name.startswith("mediator: registration storm"):
+            found.append(("mediator registration storm (s)", m.median, "< 5"))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
