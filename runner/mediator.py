@@ -189,6 +189,7 @@ class Mediator:
         self.credentials = RunnerCredentials(settings.state_dir)
         self._tickets: dict[str, tuple[Identity, asyncio.Future[ServerConnection | None]]] = {}
         self._server: Server | None = None
+        self._open = accept.OpenConnections()
         self._watchdog: asyncio.Task[None] | None = None
         self.jobs: JobService | None = None
         self.launcher: Launcher | None = None
@@ -209,6 +210,7 @@ class Mediator:
             settings.client_ca,
             settings.handshake_timeout,
             settings.max_handshakes,
+            self._open,
         )
         self._watchdog = asyncio.create_task(self._watch_heartbeats())
         store = JobStore(self.settings.state_dir / "jobs")
@@ -258,7 +260,7 @@ class Mediator:
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
         full = accept.too_many(
-            connection, self._server, self.settings.max_connections, "mediator", logger
+            connection, self._open, self.settings.max_connections, "mediator", logger
         )
         if full is not None:
             return full

@@ -170,6 +170,7 @@ async def listen(
     client_ca: Path | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     max_handshakes: int = accept.MAX_HANDSHAKES,
+    opened: accept.OpenConnections | None = None,
 ) -> Server:
     """A TLS websocket server as runners and mediators run it: compression off, sized limits.
 
@@ -178,7 +179,7 @@ async def listen(
     are in those handshakes at once (see :mod:`runner.accept`). With
     ``client_ca``, clients must present a certificate it signed (or the
     server's own, so that a runner can open sessions to itself for its
-    detached jobs).
+    detached jobs). ``opened`` counts the open websockets (``--max-connections``).
     """
     context = server_context(certfile, keyfile, client_ca)
     if client_ca is not None:
@@ -194,7 +195,7 @@ async def listen(
         return checked(connection, request)
 
     return await serve(
-        handler,
+        opened.counted(handler) if opened is not None else handler,
         sock=accept.listening_socket(host, port),
         ssl=None,  # each connection starts TLS itself, once counted (see runner.accept)
         create_connection=accept.connection_factory(context, handshake_timeout, pending),
@@ -247,6 +248,7 @@ class RunnerServer:
         self.load_listeners: list[Callable[[], None]] = []
         """Called whenever the number of active or queued sessions changes."""
         self._server: Server | None = None
+        self._open = accept.OpenConnections()
         self.jobs: JobService | None = None
         """The runner's own detached jobs (set up by the command line once listening)."""
         self._machine: dict[str, Any] = {}
@@ -378,6 +380,7 @@ class RunnerServer:
             settings.client_ca,
             settings.handshake_timeout,
             settings.max_handshakes,
+            self._open,
         )
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
@@ -410,7 +413,7 @@ class RunnerServer:
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
         full = accept.too_many(
-            connection, self._server, self.settings.max_connections, "runner", logger
+            connection, self._open, self.settings.max_connections, "runner", logger
         )
         if full is not None:
             return full
