@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zmq
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import Dict, List, Unicode
@@ -72,7 +73,7 @@ class _SpecManager(KernelSpecManager):
                 *self.prefix,
                 sys.executable,
                 "-m",
-                "ipykernel_launcher",
+                "runner.kernel_main",  # ipykernel's, with an IOPub that never drops
                 "-f",
                 "{connection_file}",
                 # Runner kernels must not write into the runner user's IPython history.
@@ -148,6 +149,7 @@ class Kernel:
         )
         await self._km.start_kernel(cwd=str(self.scratch))
         self._kc = self._km.client()
+        self._kc.context.setsockopt(zmq.RCVHWM, 0)  # every IOPub message (runner.kernel_main)
         self._kc.start_channels()
         await self._kc.wait_for_ready(timeout=START_TIMEOUT)
         # The kernel has read it; its key stays in this process only (see the module docstring).

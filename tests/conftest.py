@@ -210,8 +210,8 @@ def _cmdline(pid: int) -> bytes:
 
 
 def kernel_count(pid: int) -> int:
-    """How many ipykernel processes run under process ``pid``."""
-    return sum(1 for child in _descendants(pid) if b"ipykernel" in _cmdline(child))
+    """How many kernel processes (``python -m runner.kernel_main``) run under process ``pid``."""
+    return sum(1 for child in _descendants(pid) if b"runner.kernel_main" in _cmdline(child))
 
 
 @pytest.fixture
