@@ -352,6 +352,37 @@ def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[
     return out
 
 
+def websocket_path_measures(size: int) -> list[Measure]:
+    """The same array in and out on a ``--no-bulk`` runner: the websocket path, for the A/B."""
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    process, url = start_runner("--no-bulk")
+
+    def cell(code: str, flags: str = "") -> None:
+        if not shell.run_cell(f"%%remote --runner {url} {flags}\n{code}").success:
+            raise RuntimeError(f"bench cell failed: {code}")
+
+    try:
+        cell("import numpy as np")
+        shell.user_ns["a"] = np.ones(size // 8)
+        sends = []
+        for rep in range(3):
+            shell.user_ns["a"][0] = rep
+            sends += timed(lambda: cell("n = a.nbytes"), 1, warmup=0)
+        cell(f"big = np.ones({size // 8})\ndel a", "--no-sync")
+        back = timed(lambda: cell("pass", "--no-sync --pull big"), 3, warmup=0)
+    finally:
+        shell.user_ns.pop("a", None)
+        shell.user_ns.pop("big", None)
+        process.terminate()
+        process.wait(timeout=60)
+    return [
+        Measure(f"didomagic --no-bulk: {_mb(size)} in (websocket)", "MB/s", _rates(size, sends)),
+        Measure(f"didomagic --no-bulk: {_mb(size)} out (websocket)", "MB/s", _rates(size, back)),
+    ]
+
+
 def _wait_for_a_warm_kernel(url: str, timeout: float = 60.0) -> None:
     """Ask the runner until it has a kernel started and waiting (it says so in its info)."""
     from didomagic.client import query
@@ -517,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         process.terminate()
         process.wait(timeout=60)
+    measures += websocket_path_measures(sizes[-1])
     measures += package_measures(reps)
     measures.append(first_cell_from_nothing(1 if args.quick else 3))
     scale = mediator_scale.run(*((20, 200) if args.quick else (500, 5000)))

@@ -385,6 +385,8 @@ class RunnerConnection:
                         answering.add(task)
                         task.add_done_callback(answering.discard)
                     elif isinstance(message, Result):
+                        if uploading is not None:  # (its connection has ended: the runner's)
+                            await asyncio.wait([uploading])
                         if message.status is CellStatus.TRANSFER_FAILED:
                             raise TransferFailed(
                                 f"Runner {self.runner_name}: "

@@ -34,6 +34,7 @@ import secrets
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -264,12 +265,19 @@ class BulkServer:
             return
         connection.settimeout(self.io_timeout)
         error: BaseException | None = None
+        started = time.perf_counter()
         try:
             grant.transfer(connection)
         except (OSError, TransferBroken) as exc:
             error = exc if isinstance(exc, TransferBroken) else TransferBroken(str(exc))
         except Exception as exc:  # handed to the session, which logs it
             error = exc
+        logger.debug(
+            "bulk transfer %s of cell %s: %.1f ms",
+            grant.direction.value,
+            grant.cell[:8],
+            (time.perf_counter() - started) * 1e3,
+        )
         self._finish(grant, error)
 
 

@@ -991,7 +991,11 @@ class SessionHandler:
                 raise error
             upload.verify()
             upload.close()
-        except (ProtocolError, bulk.TransferBroken, OSError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, ProtocolError | bulk.TransferBroken | OSError):
+                logger.error(
+                    "session %s: bulk upload failed inside the runner", self.log_id, exc_info=exc
+                )
             upload.close(keep=False)
             logger.warning(
                 "session %s: cell %s: bulk upload failed: %s", self.log_id, request.cell[:8], exc
