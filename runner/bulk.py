@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import queue
 import secrets
 import socket
 import ssl
@@ -300,32 +301,85 @@ def receive_exactly(connection: ssl.SSLSocket, nbytes: int) -> bytes:
 def receive_upload(upload: Upload) -> Transfer:
     """The transfer of a cell's values into ``upload``'s files, as their bytes arrive.
 
-    Bytes go through one fixed buffer into the files (nothing is allocated for
-    a declared size); the runner's status byte confirms the last one.
+    Bytes are decrypted into a few fixed buffers that a second thread writes
+    into the files (and hashes) while the next ones arrive, so receiving and
+    writing use two cores; nothing is allocated for a declared size. The
+    runner's status byte confirms the last byte.
     """
 
     def transfer(connection: ssl.SSLSocket) -> None:
-        buffer = memoryview(bytearray(BUFFER))
         total = sum(v.nbytes for v in upload.request.values if not v.cached)
         received = 0
-        for index, header in enumerate(upload.request.values):
-            left = 0 if header.cached else header.nbytes
-            while left:
-                filled, want = 0, min(left, BUFFER)
-                while filled < want:
-                    n = connection.recv_into(buffer[filled:want])
-                    if not n:
-                        raise TransferBroken(
-                            f"the client's connection ended after {received + filled:,} of "
-                            f"{total:,} bytes"
-                        )
-                    filled += n
-                upload.write(index, buffer[:filled])
-                received += filled
-                left -= filled
+        writer = _Writer(upload)
+        try:
+            for index, header in enumerate(upload.request.values):
+                left = 0 if header.cached else header.nbytes
+                while left:
+                    buffer = writer.take()
+                    filled, want = 0, min(left, BUFFER)
+                    while filled < want:
+                        n = connection.recv_into(buffer[filled:want])
+                        if not n:
+                            raise TransferBroken(
+                                f"the client's connection ended after {received + filled:,} "
+                                f"of {total:,} bytes"
+                            )
+                        filled += n
+                    writer.give(index, buffer, filled)
+                    received += filled
+                    left -= filled
+        except BaseException:
+            writer.close(quiet=True)
+            raise
+        writer.close()
         connection.sendall(BULK_OK)
 
     return transfer
+
+
+class _Writer:
+    """Writes received buffers into an upload on a thread of its own, in order."""
+
+    DEPTH = 3
+    """Buffers in rotation: one being received, one being written, one spare."""
+
+    def __init__(self, upload: Upload) -> None:
+        self.upload = upload
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for _ in range(self.DEPTH):
+            self._free.put(memoryview(bytearray(BUFFER)))
+        self._full: queue.SimpleQueue[tuple[int, memoryview, int] | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="didomagic-bulk-write", daemon=True)
+        self._thread.start()
+
+    def take(self) -> memoryview:
+        """A free buffer (waits for the writer); raise what the writer met, if anything."""
+        buffer = self._free.get()
+        if self.error is not None:
+            raise self.error
+        return buffer
+
+    def give(self, value: int, buffer: memoryview, nbytes: int) -> None:
+        """Have the first ``nbytes`` of ``buffer`` (from :meth:`take`) written as ``value``'s."""
+        self._full.put((value, buffer, nbytes))
+
+    def close(self, quiet: bool = False) -> None:
+        """Wait for every buffer to be written; raise the writer's error unless ``quiet``."""
+        self._full.put(None)
+        self._thread.join()
+        if self.error is not None and not quiet:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self._full.get()) is not None:
+            value, buffer, nbytes = item
+            if self.error is None:
+                try:
+                    self.upload.write(value, buffer[:nbytes])
+                except BaseException as exc:  # handed to the receiving thread
+                    self.error = exc
+            self._free.put(buffer)
 
 
 def send_parts(parts: Sequence[Sequence[memoryview]]) -> Transfer:
