@@ -51,6 +51,7 @@ from didomagic.protocol import (
 )
 from didomagic.urls import ConnectionURL
 from runner import certs
+from runner.bulk import MAX_TRANSFERS
 
 from .conftest import TIMEOUT, RunnerProcess, wait_until
 
@@ -383,3 +384,43 @@ def test_values_declared_over_bulk_expect_no_frames():
     assert client_side.state is State.IDLE and runner_side.state is State.IDLE
     with pytest.raises(ProtocolError):
         Result("c", Status.OK, bulk="not a ticket")
+
+
+def test_a_fixed_bulk_port_is_the_one_the_welcome_names(runner_factory):
+    port = _free_port()
+    runner = runner_factory("--bulk-port", str(port))
+    assert f"bulk transfers on port {port}" in runner.log
+    connection = run(open_connection(ConnectionURL.parse(runner.url)))
+    assert connection.welcome.bulk == port
+    run(connection.close())
+
+
+def test_connections_beyond_the_bound_are_closed_at_once_and_transfers_go_on(runner_factory):
+    runner = runner_factory()
+    connection = run(open_connection(ConnectionURL.parse(runner.url)))
+    port = connection.welcome.bulk
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_TRANSFERS)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(TIMEOUT)
+        assert extra.recv(1) == b""  # closed at once, not left waiting for a handshake
+        extra.close()
+        assert "too many at once" in runner.log
+    finally:
+        for s in idle:
+            s.close()
+    assert connection.bulk is not None
+    context = connection.bulk.context
+    run(connection.close())
+
+    def a_slot_is_free() -> bool:
+        tls = bulk.BulkLink("127.0.0.1", port, context).connect()
+        if tls is not None:
+            tls.close()
+        return tls is not None
+
+    wait_until(a_slot_is_free, "the runner let the idle connections go")
+    ns: dict[str, Any] = {"a": big(6)}
+    api.run_cell(api.CellSpec("n = len(a)"), ns, runner=runner.url)
+    assert ns["n"] == SIZE and bulk_lines(runner, "in") == 1, runner.log
+    api.default_pool().close()
