@@ -354,9 +354,10 @@ def didomagic_measures(reps: int, sizes: list[int], url: str, pid: int) -> list[
 
 def websocket_path_measures(size: int) -> list[Measure]:
     """The same array in and out on a ``--no-bulk`` runner: the websocket path, for the A/B."""
+    from IPython import get_ipython
     from IPython.testing.globalipapp import start_ipython
 
-    shell = start_ipython()
+    shell = get_ipython() or start_ipython()  # (the one the didomagic group started)
     process, url = start_runner("--no-bulk")
 
     def cell(code: str, flags: str = "") -> None:
