@@ -478,9 +478,11 @@ class RunnerConnection:
         try:
             yield
         except ProtocolError:
+            self._abandon_upload(None)
             await self.ws.close(1002, "protocol error")
             raise
         except ConnectionClosed as exc:
+            self._abandon_upload(None)
             ended = (1000, RUNNER_GONE_CODE)  # on purpose, or its runner is gone for good
             self.ended_by_runner = exc.rcvd is not None and exc.rcvd.code in ended
             raise ConnectionLost(
