@@ -428,6 +428,34 @@ def feature_measures(
     return out
 
 
+def websocket_path_measures(shell: Any, size: int) -> list[Measure]:
+    """The same array in and out on a ``--no-bulk`` runner: the websocket path, for the A/B."""
+    process, url = start_runner("--no-bulk")
+
+    def cell(code: str, flags: str = "") -> None:
+        if not shell.run_cell(f"%%remote --runner {url} {flags}\n{code}").success:
+            raise RuntimeError(f"bench cell failed: {code}")
+
+    try:
+        cell("import numpy as np")
+        shell.user_ns["a"] = np.ones(size // 8)
+        sends = []
+        for rep in range(3):
+            shell.user_ns["a"][0] = rep
+            sends += timed(lambda: cell("n = a.nbytes"), 1, warmup=0)
+        cell(f"big = np.ones({size // 8})\ndel a", "--no-sync")
+        back = timed(lambda: cell("pass", "--no-sync --pull big"), 3, warmup=0)
+    finally:
+        shell.user_ns.pop("a", None)
+        shell.user_ns.pop("big", None)
+        process.terminate()
+        process.wait(timeout=60)
+    return [
+        Measure(f"didomagic --no-bulk: {_mb(size)} in (websocket)", "MB/s", _rates(size, sends)),
+        Measure(f"didomagic --no-bulk: {_mb(size)} out (websocket)", "MB/s", _rates(size, back)),
+    ]
+
+
 def _wait_for_a_warm_kernel(url: str, timeout: float = 60.0) -> None:
     """Ask the runner until it has a kernel started and waiting (it says so in its info)."""
     from didomagic.client import query
@@ -616,7 +644,7 @@ def run_group(group: str, dm: Didomagic, quick: bool, failures: dict[str, str]) 
         out = cell_measures(dm, reps)
         return [*out, first_cell_from_nothing(1 if quick else 3)]
     if group == "transfer":
-        return transfer_measures(dm, sizes)
+        return [*transfer_measures(dm, sizes), *websocket_path_measures(dm.shell, sizes[-1])]
     if group == "relay":
         return relay_measures(dm.shell, reps, sizes[-1])
     if group == "features":

@@ -18,13 +18,14 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 import didomagic
+from didomagic.bulk import BulkLink, receive_values, send_values
 from didomagic.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -36,11 +37,13 @@ from didomagic.errors import (
     RunnerBusy,
     RunnerUnreachable,
     SessionEnded,
+    TransferFailed,
     VersionMismatch,
 )
 from didomagic.inbound import Inbound
 from didomagic.protocol import (
     ASIDE,
+    BULK_MIN,
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
     RUNNER_GONE_CODE,
@@ -48,6 +51,8 @@ from didomagic.protocol import (
     Ask,
     Attach,
     Attached,
+    BulkClaim,
+    BulkTicket,
     Channel,
     Chunk,
     CommMsg,
@@ -72,6 +77,8 @@ from didomagic.protocol import (
     expect,
     python_version,
 )
+from didomagic.protocol import Direction as BulkDirection
+from didomagic.protocol import Status as CellStatus
 from didomagic.resources import Responder
 from didomagic.urls import ConnectionURL
 
@@ -218,6 +225,12 @@ class RunnerConnection:
         self._inbox: asyncio.Queue[Message | list[Chunk] | BaseException] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._on_output: Callable[[Output], None] | None = None
+        self.bulk: BulkLink | None = None
+        """The runner's bulk port, when it has one and is reached directly (see didomagic.bulk)."""
+        self._uploading: ssl.SSLSocket | None = None
+        self._bulk_upload: tuple[ssl.SSLSocket, Execute, Sequence[Sequence[memoryview]]] | None = (
+            None
+        )
 
     def listen(self, on_aside: Callable[[Message | None], None]) -> None:
         """Read the session from now on, in and between cells; widget traffic to ``on_aside``."""
@@ -302,12 +315,25 @@ class RunnerConnection:
         parts: Sequence[Sequence[memoryview]],
         on_transfer: Callable[[str, int, int], None] = lambda direction, done, total: None,
     ) -> None:
-        """Send a cell and its values (the first half of :meth:`execute`)."""
+        """Send a cell and its values (the first half of :meth:`execute`).
+
+        Values of :data:`~didomagic.protocol.BULK_MIN` bytes or more go over the
+        runner's bulk port when it can be reached (the websocket otherwise).
+        """
         self.running = request.cell
         self.received = 0
+        total = sum(v.nbytes for v in request.values if not v.cached)
+        link = self.bulk
+        connection = None
+        if link is not None and total >= BULK_MIN:
+            connection = await asyncio.to_thread(link.connect)
+        bulk_out = link is not None and link.reachable is True
+        request = replace(request, bulk_in=connection is not None, bulk_out=bulk_out)
+        self._bulk_upload = None if connection is None else (connection, request, parts)
         async with self._translated():
             await self.ws.send(self.session.send(request))
-            total = sum(v.nbytes for v in request.values if not v.cached)
+            if connection is not None:
+                return  # the runner's ticket comes next (see receive_result)
             sent = 0
             for frame in self.session.frames(parts):
                 await self.ws.send(frame)
@@ -328,6 +354,7 @@ class RunnerConnection:
         """
         self.running = cell
         answering: set[asyncio.Task[None]] = set()
+        uploading: asyncio.Future[None] | None = None
 
         def counted(output: Output) -> None:
             self.received += 1
@@ -349,13 +376,25 @@ class RunnerConnection:
                             received += chunk.data.nbytes
                         on_transfer("receiving", received, expected)
                         continue
-                    if isinstance(message, Installing):
+                    if isinstance(message, BulkTicket):
+                        uploading = self._upload(message, on_transfer)
+                    elif isinstance(message, Installing):
                         on_installing(message)
                     elif isinstance(message, Ask):
                         task = asyncio.create_task(self._answer(message, responder))
                         answering.add(task)
                         task.add_done_callback(answering.discard)
                     elif isinstance(message, Result):
+                        if uploading is not None:  # (its connection has ended: the runner's)
+                            await asyncio.wait([uploading])
+                        if message.status is CellStatus.TRANSFER_FAILED:
+                            raise TransferFailed(
+                                f"Runner {self.runner_name}: "
+                                f"{(message.error or {}).get('message', 'the transfer failed')}. "
+                                "The session is fine: run the cell again."
+                            )
+                        if message.bulk:
+                            return message, await self._download(message, on_transfer)
                         result = message
                         inbound = Inbound(message.values)
                         expected = sum(v.nbytes for v in message.values)
@@ -367,6 +406,71 @@ class RunnerConnection:
             self._on_output = None
             for task in list(answering):
                 task.cancel()
+            self._abandon_upload(uploading)
+
+    def _upload(
+        self, ticket: BulkTicket, on_transfer: Callable[[str, int, int], None]
+    ) -> asyncio.Future[None]:
+        """Send the cell's values on the bulk connection :meth:`send_cell` opened, on a thread."""
+        if self._bulk_upload is None or self._bulk_upload[1].cell != ticket.cell:
+            raise ProtocolError(f"a bulk ticket for cell {ticket.cell!r:.40}, which sent none")
+        connection, request, parts = self._bulk_upload
+        self._bulk_upload = None
+        claim = BulkClaim(ticket.ticket, self.welcome.session, ticket.cell, BulkDirection.IN)
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(on_transfer, "sending", done, total)
+
+        def sent(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                logger.warning("bulk upload to %s: %s", self.runner_name, future.exception())
+
+        future = asyncio.ensure_future(
+            asyncio.to_thread(send_values, connection, claim, request.values, parts, progress)
+        )
+        future.add_done_callback(sent)  # (the runner's result says how the cell fared)
+        self._uploading = connection
+        return future
+
+    def _abandon_upload(self, uploading: asyncio.Future[None] | None) -> None:
+        """Break a bulk upload still going (or never started) when the cell is over."""
+        pending = self._bulk_upload
+        self._bulk_upload = None
+        if pending is not None:
+            pending[0].close()
+        if uploading is not None and not uploading.done() and self._uploading is not None:
+            with contextlib.suppress(OSError):
+                self._uploading.shutdown(socket.SHUT_RDWR)
+
+    async def _download(
+        self, result: Result, on_transfer: Callable[[str, int, int], None]
+    ) -> list[list[Any]]:
+        """The values of ``result`` over a bulk connection opened with its ticket."""
+        link = self.bulk
+        if link is None:
+            raise ProtocolError("a result with a bulk ticket on a connection with no bulk port")
+        connection = await asyncio.to_thread(link.connect)
+        if connection is None:
+            raise TransferFailed(
+                f"Runner {self.runner_name} sent its result over its bulk port, which cannot "
+                "be reached now; its values stay bound in the remote session. Run the cell "
+                "again: it uses the websocket from now on."
+            )
+        claim = BulkClaim(result.bulk, self.welcome.session, result.cell, BulkDirection.OUT)
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(on_transfer, "receiving", done, total)
+
+        try:
+            return await asyncio.to_thread(
+                receive_values, connection, claim, result.values, progress
+            )
+        except TransferFailed as exc:
+            raise TransferFailed(
+                f"Runner {self.runner_name}: {exc}; the values stay bound in the remote session"
+            ) from None
 
     @contextlib.asynccontextmanager
     async def _translated(self) -> AsyncIterator[None]:
@@ -374,9 +478,11 @@ class RunnerConnection:
         try:
             yield
         except ProtocolError:
+            self._abandon_upload(None)
             await self.ws.close(1002, "protocol error")
             raise
         except ConnectionClosed as exc:
+            self._abandon_upload(None)
             ended = (1000, RUNNER_GONE_CODE)  # on purpose, or its runner is gone for good
             self.ended_by_runner = exc.rcvd is not None and exc.rcvd.code in ended
             raise ConnectionLost(
@@ -560,7 +666,18 @@ async def handshake(
         raise refusal(reply)
     reply = expect(reply, Welcome)
     logger.debug("session opened with runner %s", reply.runner.get("name"))
-    return RunnerConnection(ws, session, reply, url)
+    connection = RunnerConnection(ws, session, reply, url)
+    connection.bulk = await _bulk_link(url, reply.bulk)
+    return connection
+
+
+async def _bulk_link(url: ConnectionURL | None, port: int) -> BulkLink | None:
+    """The runner's bulk port as this client reaches it (probed in the background), or None."""
+    if url is None or not port:
+        return None
+    link = BulkLink(url.host, port, await tls_context(url))
+    link.probe()
+    return link
 
 
 async def attach(
@@ -605,6 +722,7 @@ async def attach(
     )
     connection = RunnerConnection(ws, protocol, welcome, url)
     connection.attached = reply
+    connection.bulk = await _bulk_link(url, reply.bulk)
     return connection
 
 

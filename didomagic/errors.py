@@ -16,6 +16,7 @@ as that one paragraph, without the plumbing's traceback::
     │   └── NoMatchingRunner      no known runner has the tags / OS asked for
     ├── ConnectionLost            the connection broke during a cell
     │   └── SessionEnded          the kept remote session is gone (grace, restart)
+    ├── TransferFailed            a bulk connection broke; the session is fine
     ├── JobError                  a detached job cannot be found, pulled or submitted
     ├── RunnerStartError          the embedded runner did not start
     ├── ItemFailed                one call of map() failed; carries its index
@@ -115,6 +116,14 @@ class SessionEnded(ConnectionLost):
 
     The message names the runner and when the session ended; the next cell opens
     a new session.
+    """
+
+
+class TransferFailed(DidomagicError):
+    """A cell's values did not all cross their bulk connection (see ``didomagic.bulk``).
+
+    The session and its websocket are fine: values sent did not run the cell,
+    values returned stay bound in the remote session. Run the cell again.
     """
 
 

@@ -68,6 +68,19 @@ replies with one :class:`Answer` whose parts follow at once as binary frames,
 sized first like values. Several asks may be open at a time; each answer names
 its ask, and the runner sends the cell's result only once every ask of the
 cell is answered, so no answer ever crosses a result on the wire.
+
+Bulk transfers: a runner that listens on a bulk port says so in its welcome
+(``bulk``). A client that reaches it directly may then move a cell's large
+values there instead of as binary frames: an ``execute`` with ``bulk_in``
+declares its values as usual but sends no frames; the runner answers with a
+:class:`BulkTicket`, and the client opens a TLS connection to the bulk port
+(pinned like the websocket), sends :func:`bulk_claim` (the ticket, the
+session, the cell, the direction) and then every declared byte, in order;
+the runner answers one status byte (:data:`BULK_OK`, or a refusal with its
+reason). With ``bulk_out``, a result may carry a ticket in ``bulk``: the
+client opens a connection with it and the runner sends the status byte, then
+the values' bytes. A ticket is random, bound to one session, cell and
+direction, used once, and void after :data:`BULK_TICKET_TTL` seconds.
 """
 
 from __future__ import annotations
@@ -86,7 +99,7 @@ from typing import Any, ClassVar, TypeVar
 
 from didomagic.errors import ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """Bumped on any change that an older peer could misread."""
 
 RUNNER_GONE_CODE = 1011
@@ -118,6 +131,17 @@ DIGEST_LENGTH = 32
 """Hex digits of a value's digest (XXH3-128, as ``serialize.Digester`` writes it)."""
 
 _DIGEST = re.compile(f"[0-9a-f]{{{DIGEST_LENGTH}}}")
+
+BULK_TICKET_BYTES = 32
+"""Random bytes of a bulk ticket (see "Bulk transfers" at the end of this module)."""
+
+BULK_MIN = 4 << 20
+"""Values smaller than this in all (per cell, per result) keep to the websocket."""
+
+BULK_TICKET_TTL = 30.0
+"""Seconds a bulk ticket admits its connection; unused by then, it is void."""
+
+_TICKET = re.compile(f"[0-9a-f]{{{2 * BULK_TICKET_BYTES}}}")
 
 
 def python_version() -> str:
@@ -223,7 +247,9 @@ class Welcome(Message):
     """Runner → client: the session is open; ``runner`` describes the runner.
 
     ``ticket`` is the secret an :class:`Attach` presents to take the session
-    back after its connection dropped.
+    back after its connection dropped. ``bulk`` is the runner's bulk port on
+    the same host (0: none, or the session is relayed): large values may
+    travel there instead of as binary frames (see "Bulk transfers" below).
     """
 
     kind: ClassVar[str] = "welcome"
@@ -233,6 +259,7 @@ class Welcome(Message):
     session: str
     runner: dict[str, Any] = field(default_factory=dict)
     ticket: str = ""
+    bulk: int = 0
 
 
 @dataclass(frozen=True)
@@ -267,6 +294,8 @@ class Attached(Message):
     cell: str = ""
     resume: int = 0
     runner: dict[str, Any] = field(default_factory=dict)
+    bulk: int = 0
+    """The runner's bulk port, as in :class:`Welcome`."""
 
 
 @dataclass(frozen=True)
@@ -295,6 +324,9 @@ class Execute(Message):
     ``packages`` are requirements (``name==1.0``, ``name>=2``) the cell's
     kernel must see, installed by the runner from its own index if needed
     (see ``runner.envs``); never URLs, paths or index options.
+    ``bulk_in``: the values' bytes come over a bulk connection, not as
+    binary frames (the runner answers with a :class:`BulkTicket`);
+    ``bulk_out``: the client can take large returned values over one too.
     """
 
     kind: ClassVar[str] = "execute"
@@ -311,6 +343,8 @@ class Execute(Message):
 
     packages: tuple[str, ...] = ()
     held: tuple[str, ...] = ()
+    bulk_in: bool = False
+    bulk_out: bool = False
 
     def __post_init__(self) -> None:
         _check_request_id(self.kind, "parent", self.parent, empty=True)
@@ -490,6 +524,8 @@ class Status(StrEnum):
     TIMEOUT = "timeout"
     KERNEL_DIED = "kernel-died"
     INTERRUPTED = "interrupted"
+    TRANSFER_FAILED = "transfer-failed"
+    """The cell's values did not all arrive over its bulk connection; it did not run."""
 
 
 @dataclass(frozen=True)
@@ -499,7 +535,9 @@ class Result(Message):
     ``failures`` maps a name to why it could not travel (either way);
     ``deleted`` lists names of ``Execute.deletes`` that are unbound now;
     ``error`` holds ``ename``, ``evalue`` and ``traceback`` for an error,
-    or a ``message`` for a timeout or a dead kernel.
+    or a ``message`` for a timeout, a dead kernel or a failed transfer.
+    ``bulk`` (a :class:`BulkTicket`'s hex ticket) says the values' bytes come
+    over a bulk connection the client opens with it, not as binary frames.
     """
 
     kind: ClassVar[str] = "result"
@@ -509,6 +547,34 @@ class Result(Message):
     deleted: tuple[str, ...] = ()
     failures: dict[str, str] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    bulk: str = ""
+
+    def __post_init__(self) -> None:
+        _check_ticket(self.kind, "bulk", self.bulk, empty=True)
+
+
+@dataclass(frozen=True)
+class BulkTicket(Message):
+    """Runner → client, after an ``Execute`` with ``bulk_in``: send the values with ``ticket``.
+
+    ``ticket`` (hex) admits one bulk connection, for this session, this cell
+    and this direction, within :data:`BULK_TICKET_TTL` seconds.
+    """
+
+    kind: ClassVar[str] = "bulk-ticket"
+    cell: str
+    ticket: str
+
+    def __post_init__(self) -> None:
+        _check_ticket(self.kind, "ticket", self.ticket)
+
+
+def _check_ticket(kind: str, name: str, value: str, *, empty: bool = False) -> None:
+    if not (empty and not value) and not _TICKET.fullmatch(value):
+        raise ProtocolError(
+            f"{kind}.{name} must be {2 * BULK_TICKET_BYTES} lower-case hex digits, got "
+            f"{value!r:.80}"
+        )
 
 
 @dataclass(frozen=True)
@@ -744,6 +810,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Interrupt,
         Output,
         Result,
+        BulkTicket,
         Ask,
         Answer,
         Error,
@@ -1070,6 +1137,7 @@ _SENDER = {
     Output: Role.RUNNER,
     Installing: Role.RUNNER,
     Result: Role.RUNNER,
+    BulkTicket: Role.RUNNER,
     Ask: Role.RUNNER,
     Answer: Role.CLIENT,
     Error: Role.RUNNER,
@@ -1095,6 +1163,7 @@ _TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     (State.RUNNING, Installing): State.RUNNING,
     (State.RUNNING, Interrupt): State.RUNNING,
     (State.RUNNING, Result): State.DOWNLOAD,  # only once every ask is answered
+    (State.RUNNING, BulkTicket): State.RUNNING,  # (the cell starts once its bytes are in)
     (State.RUNNING, Ask): State.RUNNING,
     (State.RUNNING, Answer): State.ANSWER,  # then RUNNING once its parts have arrived
     (State.ANSWER, Ask): State.ANSWER,
@@ -1190,7 +1259,7 @@ class Session:
         if isinstance(message, Ask | Answer | Result):
             self._track_ask(message)
         if isinstance(message, Execute | Result | Submit | JobData):
-            self._expect(message.values)
+            self._expect(() if _over_bulk(message) else message.values)
         elif isinstance(message, Answer):
             self._expect((ValueHeader(message.id, message.sizes),))
         if isinstance(message, Attached) and message.cell:
@@ -1383,3 +1452,100 @@ class Link:
             raise ProtocolError(f"{message.kind} message before the registration completed")
         elif isinstance(message, Leave):
             self.closed = True
+
+
+# --------------------------------------------------------------------------- bulk claims
+
+BULK_MAGIC = b"DMB1"
+"""The first bytes a client sends on a bulk connection."""
+
+BULK_OK = b"\x00"
+"""The runner's status byte for a claim it accepts (upload: once every byte is in)."""
+
+BULK_REFUSED = b"\x01"
+"""The status byte of a refusal; up to :data:`MAX_BULK_REASON` bytes of UTF-8 reason follow."""
+
+MAX_BULK_CLAIM = 1024
+"""Largest claim body (JSON) accepted on a bulk connection."""
+
+MAX_BULK_REASON = 512
+"""Largest refusal reason a runner sends on a bulk connection."""
+
+
+class Direction(StrEnum):
+    """Which way a bulk connection carries values."""
+
+    IN = "in"  # client → runner: a cell's values
+    OUT = "out"  # runner → client: a result's values
+
+
+@dataclass(frozen=True)
+class BulkClaim:
+    """What a client presents on a bulk connection: a ticket and what it believes it is for."""
+
+    ticket: str
+    session: str
+    cell: str
+    direction: Direction
+
+    def __post_init__(self) -> None:
+        _check_ticket("bulk claim", "ticket", self.ticket)
+
+
+def bulk_claim(claim: BulkClaim) -> bytes:
+    """The bytes that open a bulk connection: magic, a 2-byte length, the claim as JSON."""
+    body = json.dumps(
+        {
+            "ticket": claim.ticket,
+            "session": claim.session,
+            "cell": claim.cell,
+            "direction": claim.direction.value,
+        },
+        separators=(",", ":"),
+    ).encode()
+    if len(body) > MAX_BULK_CLAIM:
+        raise ProtocolError(f"bulk claim of {len(body)} bytes exceeds {MAX_BULK_CLAIM}")
+    return BULK_MAGIC + len(body).to_bytes(2, "big") + body
+
+
+BULK_CLAIM_HEAD = len(BULK_MAGIC) + 2
+"""Bytes before a claim's body: the magic and the body's length."""
+
+
+def bulk_claim_length(head: bytes) -> int:
+    """The body length announced by the first :data:`BULK_CLAIM_HEAD` bytes; raise if bad."""
+    if len(head) != BULK_CLAIM_HEAD or head[: len(BULK_MAGIC)] != BULK_MAGIC:
+        raise ProtocolError("not a didomagic bulk claim (bad magic)")
+    length = int.from_bytes(head[len(BULK_MAGIC) :], "big")
+    if not 0 < length <= MAX_BULK_CLAIM:
+        raise ProtocolError(f"bulk claim length {length} is not in 1..{MAX_BULK_CLAIM}")
+    return length
+
+
+def parse_bulk_claim(body: bytes) -> BulkClaim:
+    """The claim in a bulk connection's body; raise :class:`ProtocolError` if malformed."""
+    try:
+        fields_ = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"bulk claim is not valid JSON: {exc}") from None
+    keys = {"ticket", "session", "cell", "direction"}
+    if not (
+        isinstance(fields_, dict)
+        and fields_.keys() == keys
+        and all(type(fields_[k]) is str for k in keys)
+    ):
+        raise ProtocolError(f"bulk claim must be an object of the strings {sorted(keys)}")
+    direction = _enum_of(Direction)("bulk claim", "direction", fields_["direction"])
+    return BulkClaim(fields_["ticket"], fields_["session"], fields_["cell"], direction)
+
+
+def bulk_refusal(reason: str) -> bytes:
+    """A runner's refusal on a bulk connection: the status byte, then the reason."""
+    return BULK_REFUSED + reason.encode()[:MAX_BULK_REASON]
+
+
+def _over_bulk(message: Execute | Result | Submit | JobData) -> bool:
+    """Whether the values a message declares travel over a bulk connection, not as frames."""
+    if isinstance(message, Execute):
+        return message.bulk_in
+    return isinstance(message, Result) and bool(message.bulk)

@@ -207,6 +207,18 @@ def serve_parser() -> argparse.ArgumentParser:
     )
     _add_common(p, DEFAULT_PORT, "runner")
     p.add_argument("--name", default=None, help="runner name (default: the host name)")
+    p.add_argument(
+        "--bulk-port",
+        type=_non_negative,
+        default=0,
+        help="second port on --host for large values over plain TLS, one-time tickets "
+        "(default 0: a free one; see docs/bulk-transfers.md)",
+    )
+    p.add_argument(
+        "--no-bulk",
+        action="store_true",
+        help="listen on no bulk port: every value travels over the websocket",
+    )
     p.add_argument("--tags", type=_tags, default=(), help="comma-separated tags, e.g. gpu,a100")
     p.add_argument(
         "--max-sessions",
@@ -788,6 +800,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_values=args.max_values,
         upload_timeout=args.upload_timeout,
         max_handshakes=args.max_handshakes,
+        bulk_port=None if args.no_bulk else args.bulk_port,
     )
     if args.name:
         settings.name = args.name

@@ -30,9 +30,10 @@ import logging
 import os
 import platform
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -46,13 +47,16 @@ from websockets.http11 import Request, Response
 import didomagic
 from didomagic.errors import ProtocolError, VersionMismatch
 from didomagic.protocol import (
+    BULK_MIN,
     CHUNK_SIZE,
     MAX_TEXT_SIZE,
     PROTOCOL_VERSION,
     Answer,
     Attach,
     Attached,
+    BulkTicket,
     CommMsg,
+    Direction,
     ErrorCode,
     Execute,
     Hello,
@@ -76,7 +80,7 @@ from didomagic.protocol import (
     encode,
     python_version,
 )
-from runner import accept, admission, agent, resources, results, safefiles
+from runner import accept, admission, agent, bulk, resources, results, safefiles
 from runner.admission import RequestLimits
 from runner.broker import Broker
 from runner.certs import server_context
@@ -150,6 +154,8 @@ class RunnerSettings:
     """Seconds a cell's declared values may go without a frame before the cell is dropped."""
     max_handshakes: int = accept.MAX_HANDSHAKES
     """Connections still in their TLS or HTTP handshake; beyond it the oldest is dropped."""
+    bulk_port: int | None = 0
+    """The bulk port on ``host`` (0: any free one; None: no bulk port, see runner.bulk)."""
 
     @property
     def requests(self) -> RequestLimits:
@@ -181,9 +187,7 @@ async def listen(
     server's own, so that a runner can open sessions to itself for its
     detached jobs). ``opened`` counts the open websockets (``--max-connections``).
     """
-    context = server_context(certfile, keyfile, client_ca)
-    if client_ca is not None:
-        context.load_verify_locations(cafile=str(certfile))
+    context = tls_context(certfile, keyfile, client_ca)
     pending = accept.Handshakes(max_handshakes, logging.getLogger(logger_name))
 
     checked = with_health(authenticate)  # /healthz needs no token
@@ -207,6 +211,14 @@ async def listen(
         server_header=None,
         logger=logging.getLogger(logger_name),
     )
+
+
+def tls_context(certfile: Path, keyfile: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """The server TLS context of a runner's ports (with ``client_ca``, its own cert is let in)."""
+    context = server_context(certfile, keyfile, client_ca)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=str(certfile))
+    return context
 
 
 def check_token(request: Request, token: str) -> bool:
@@ -256,6 +268,8 @@ class RunnerServer:
         self._gc_pending: asyncio.TimerHandle | None = None
         self.stopping = False
         """Set by :meth:`stop`: sessions end with their connections, none is kept."""
+        self.bulk: bulk.BulkServer | None = None
+        """The bulk port's server (None with --no-bulk)."""
 
     def machine(self) -> dict[str, Any]:
         """The machine's description, as last measured (see :meth:`_measure`)."""
@@ -382,6 +396,14 @@ class RunnerServer:
             settings.max_handshakes,
             self._open,
         )
+        if settings.bulk_port is not None:
+            self.bulk = bulk.BulkServer(
+                settings.host,
+                settings.bulk_port,
+                tls_context(settings.certfile, settings.keyfile, settings.client_ca),
+                settings.upload_timeout,
+            )
+            logger.info("bulk transfers on port %d", self.bulk.start())
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
     async def _status(self) -> PageData:
@@ -407,6 +429,8 @@ class RunnerServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self.bulk is not None:
+            self.bulk.close()
         kept = [s for s in self.registry.open.values() if isinstance(s, SessionHandler)]
         await asyncio.gather(*(s.close("the runner stopped") for s in kept), return_exceptions=True)
         await self.pool.close()
@@ -509,6 +533,8 @@ class _Finished:
     parts: list[list[memoryview]]
     """The parts of its values, mapped from the kernel's ``out.bin`` (see runner.results)."""
     delivered: bool = False
+    bulk_out: bool = False
+    """Whether the client takes the values over the bulk port."""
 
 
 class SessionHandler:
@@ -540,6 +566,8 @@ class SessionHandler:
         self.last_cell = ""
         """The first line of the last cell's code (for %runners sessions)."""
         self.upload: Upload | None = None
+        self.bulk_upload: tuple[str, Upload] | None = None
+        """The ticket and upload of a cell whose values come over the bulk port."""
         self.interrupted = False
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.outputs = OutputLog(server.settings.max_output)
@@ -602,7 +630,9 @@ class SessionHandler:
             old.transport.abort()
         cell = self._resumable(attach.cell)
         resume, _ = self.outputs.since(attach.received if attach.cell == cell else 0)
-        attached = Attached(self.id, cell, resume if cell else 0, self.server.describe())
+        attached = Attached(
+            self.id, cell, resume if cell else 0, self.server.describe(), self._bulk_port(ws)
+        )
         try:
             await ws.send(protocol.send(attached))
         except ConnectionClosed:
@@ -680,6 +710,7 @@ class SessionHandler:
         if self.upload is not None:  # the client sends the cell again when it is back
             self.upload.close(keep=False)
             self.upload = None
+        self._cancel_bulk_upload()
         if self.broker is not None:
             self.broker.connection_lost()
 
@@ -745,6 +776,7 @@ class SessionHandler:
                     session=self.id,
                     runner=self.server.describe(),
                     ticket=self.ticket if self.owner and self.server.settings.session_grace else "",
+                    bulk=self._bulk_port(ws),
                 )
             )
         )
@@ -867,7 +899,9 @@ class SessionHandler:
                 self.outputs.reset()
                 self.upload = Upload(message, self.kernel.exchange, self.cache)
                 self.interrupted = False
-                if self.protocol.state is State.RUNNING:
+                if message.bulk_in:
+                    await self._upload_over_bulk(ws)
+                elif self.protocol.state is State.RUNNING:
                     self._start_cell()
             elif isinstance(message, Interrupt):
                 await self._interrupt()
@@ -925,8 +959,72 @@ class SessionHandler:
         upload.close()
         self.cell_task = asyncio.create_task(self._run_cell(upload.request, upload.described()))
 
+    def _bulk_port(self, ws: Connection) -> int:
+        """The bulk port this session's client may use (0: none; a relayed session has none)."""
+        direct = isinstance(ws, ServerConnection)
+        return self.server.bulk.port if self.server.bulk is not None and direct else 0
+
+    async def _upload_over_bulk(self, ws: Connection) -> None:
+        """Give the client a ticket for the cell's values; the cell starts once they are in."""
+        upload, self.upload = self.upload, None
+        assert upload is not None
+        server = self.server.bulk
+        if server is None or not self._bulk_port(ws):
+            upload.close(keep=False)
+            raise ProtocolError("an execute with bulk_in, but this session has no bulk port")
+        ticket = server.issue(
+            self.id,
+            upload.request.cell,
+            Direction.IN,
+            bulk.receive_upload(upload),
+            lambda error: self._bulk_upload_done(upload, error),
+        )
+        self.bulk_upload = (ticket, upload)
+        await ws.send(self.protocol.send(BulkTicket(upload.request.cell, ticket)))
+
+    def _bulk_upload_done(self, upload: Upload, error: BaseException | None) -> None:
+        """(On the loop.) Start the cell whose values came over the bulk port, or fail it."""
+        if self.bulk_upload is None or self.bulk_upload[1] is not upload:
+            upload.close(keep=False)  # voided meanwhile (detached, closed)
+            return
+        self.bulk_upload = None
+        request = upload.request
+        try:
+            if error is not None:
+                raise error
+            upload.verify()
+            upload.close()
+        except Exception as exc:
+            if not isinstance(exc, ProtocolError | bulk.TransferBroken | OSError):
+                logger.error(
+                    "session %s: bulk upload failed inside the runner", self.log_id, exc_info=exc
+                )
+            upload.close(keep=False)
+            logger.warning(
+                "session %s: cell %s: bulk upload failed: %s", self.log_id, request.cell[:8], exc
+            )
+            why = f"the cell's values did not all arrive over the bulk connection ({exc})"
+            result = Result(request.cell, Status.TRANSFER_FAILED, error={"message": why})
+            self.finished = _Finished(result, [])
+            self.cell_task = asyncio.create_task(self._deliver_safely())
+            return
+        nbytes = sum(v.nbytes for v in request.values if not v.cached)
+        logger.info(
+            "session %s: cell %s: %d bytes in over the bulk port",
+            self.log_id,
+            request.cell[:8],
+            nbytes,
+        )
+        self.cell_task = asyncio.create_task(self._run_cell(request, upload.described()))
+
+    def _cancel_bulk_upload(self) -> None:
+        """Void a bulk upload in flight (its upload is removed once its thread lets go)."""
+        if self.bulk_upload is not None and self.server.bulk is not None:
+            ticket, self.bulk_upload = self.bulk_upload[0], None
+            self.server.bulk.cancel(ticket)
+
     async def _interrupt(self) -> None:
-        if self.upload is not None:  # the cell has not started: it will not
+        if self.upload is not None or self.bulk_upload is not None:  # it has not started
             self.interrupted = True
             logger.info("session %s: cell cancelled before it started", self.log_id)
             return
@@ -1054,7 +1152,7 @@ class SessionHandler:
             request.cell, status, tuple(values), tuple(deleted), failures, outcome.error
         )
         out_path.unlink(missing_ok=True)  # (its parts are mapped: they outlive the name)
-        self.finished = _Finished(result, parts)
+        self.finished = _Finished(result, parts, bulk_out=request.bulk_out)
         await self._deliver()
 
     async def _deliver_safely(self) -> None:
@@ -1076,13 +1174,39 @@ class SessionHandler:
                     await self.outbox.join()  # every output leaves before the result
                     if self.ws is not ws:
                         continue
-                    await ws.send(protocol.send(finished.result))
-                    for frame in protocol.frames(finished.parts):
-                        await ws.send(frame)
+                    result = self._offer_bulk(ws, finished)
+                    await ws.send(protocol.send(result))
+                    if not result.bulk:
+                        for frame in protocol.frames(finished.parts):
+                            await ws.send(frame)
                     finished.delivered = True
                 except ConnectionClosed:
                     if self.ws is ws:
                         return  # lost: kept, and delivered again on reattach
+
+    def _offer_bulk(self, ws: Connection, finished: _Finished) -> Result:
+        """The result to send: with a bulk ticket for its values when they are large enough."""
+        nbytes = sum(part.nbytes for value in finished.parts for part in value)
+        server = self.server.bulk
+        if server is None or not finished.bulk_out or nbytes < BULK_MIN or not self._bulk_port(ws):
+            return finished.result
+        cell = finished.result.cell
+
+        def done(error: BaseException | None) -> None:
+            if error is None:
+                logger.info(
+                    "session %s: cell %s: %d bytes out over the bulk port",
+                    self.log_id,
+                    cell[:8],
+                    nbytes,
+                )
+            else:
+                logger.warning(
+                    "session %s: cell %s: bulk download failed: %s", self.log_id, cell[:8], error
+                )
+
+        ticket = server.issue(self.id, cell, Direction.OUT, bulk.send_parts(finished.parts), done)
+        return replace(finished.result, bulk=ticket)
 
     def _forget_finished(self) -> None:
         self.finished = None
@@ -1128,6 +1252,7 @@ class SessionHandler:
                 await self.cell_task
         if self.upload is not None:
             self.upload.close(keep=False)
+        self._cancel_bulk_upload()
         self._forget_finished()
         if self.cache is not None:
             self.cache.clear()
