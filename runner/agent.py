@@ -1,12 +1,14 @@
 """The helper loaded into every runner kernel: moves values in and out of its namespace.
 
-The runner and the agent share a private *exchange* directory. Before sending
-a cell as an ordinary ``execute_request``, the runner writes each incoming
-value to a file there and then ``cell.json`` describing them. The agent's
-``pre_run_cell`` hook loads those values into the user namespace; its
-``post_run_cell`` hook pickles the names the client asked for into files and
-writes ``result.json``. The cell thus costs one kernel round trip, and values
-never pass through ZMQ.
+The runner and the agent share a private *exchange* directory. The runner
+writes each incoming value to a file there, then sends the cell as an ordinary
+``execute_request`` whose metadata (key :data:`DESCRIPTION_KEY`) describes the
+values, the names to fetch and the notebook's execution count. The agent's
+``pre_run_cell`` hook reads that description from the request it is running
+(so a cell can never see another cell's) and loads the values into the user
+namespace; its ``post_run_cell`` hook pickles the names the client asked for
+into files and writes ``result.json``. The cell thus costs one kernel round
+trip, and values never pass through ZMQ.
 
 After a cell that raised, only names the cell actually rebound go back, so a
 stale value from an earlier cell never overwrites the notebook's. Values the
@@ -29,10 +31,12 @@ from didomagic import serialize
 from didomagic.filebundle import FILES_VALUE, Bundle
 from didomagic.protocol import CODE_VALUE, cloudpickle_version, python_version
 from didomagic.versions import InPlaceTracker
-from runner import asking, codeimport
+from runner import asking, codeimport, kernelcosts
 from runner.mirror import Mirror
 
-CELL_FILE = "cell.json"
+DESCRIPTION_KEY = "didomagic"
+"""The key of an ``execute_request``'s metadata that holds the cell's description."""
+
 RESULT_FILE = "result.json"
 
 
@@ -41,9 +45,6 @@ INPUT_FILE = "in.bin"
 
 OUTPUT_FILE = "out.bin"
 """Where the agent writes the values going back, end to end."""
-
-COUNT_FILE = "count.json"
-"""The notebook's execution count for the next cell, so its tracebacks say "Cell In[n]"."""
 
 
 def write_json(path: Path, body: dict[str, Any]) -> None:
@@ -66,15 +67,24 @@ class Agent:
         self.mirror = Mirror(Path.cwd(), asking.ask)
         """The notebook's project folder, mirrored under the kernel's working directory."""
         self._bundle: Bundle | None = None
+        self._info: Any = None
+        """The ``pre_run_cell`` info of the cell being run (a nested ``run_cell`` has its own)."""
+        self._loaded: object = object()
+        """The cell whose values were loaded (a nested ``run_cell`` shares its request)."""
+
+    def description(self) -> dict[str, Any] | None:
+        """The runner's description of the cell the kernel runs now (None: not a runner's)."""
+        kernel = getattr(self.shell, "kernel", None)
+        parent = kernel.get_parent() if kernel is not None else None
+        described = (parent.get("metadata") or {}).get(DESCRIPTION_KEY) if parent else None
+        return described if isinstance(described, dict) else None
 
     def pre_run_cell(self, info: Any = None) -> None:
-        """Load the values the runner left for this cell."""
-        cell = self.exchange / CELL_FILE
-        if not cell.exists():
-            self._request = None
+        """Load the values the runner sent for this cell (described in its request)."""
+        request = self.description()
+        if request is None or request.get("cell") == self._loaded:  # none, or a nested run_cell
             return
-        request = json.loads(cell.read_text())
-        cell.unlink()
+        self._loaded, self._info = request.get("cell"), info
         ns = self.shell.user_ns
         pairs, failures, code_failures = [], {}, {}
         files_parts: list[memoryview] | None = None
@@ -113,11 +123,13 @@ class Agent:
         for name, _ in pairs:
             if name not in failures:
                 self._versions.loaded(ns, name)
-        where = _versions(request.get("origin", {}))
-        self._failures = {
-            name: codeimport.explain(reason) or f"{reason} ({where})"
-            for name, reason in failures.items()
-        }
+        if failures:
+            where = _versions(request.get("origin", {}))
+            failures = {
+                name: codeimport.explain(reason) or f"{reason} ({where})"
+                for name, reason in failures.items()
+            }
+        self._failures = failures
         held = request.get("held", [])
         for name in self._versions.start(ns, [*(name for name, _ in pairs), *held]):
             if name in held:
@@ -131,9 +143,9 @@ class Agent:
 
     def post_run_cell(self, result: Any = None) -> None:
         """Pickle the names to send back and write ``result.json``."""
-        request, self._request = self._request, None
-        if request is None:
-            return
+        if self._request is None or getattr(result, "info", None) is not self._info:
+            return  # not a runner's cell, or a nested run_cell within one
+        request, self._request, self._info = self._request, None, None
         ns = self.shell.user_ns
         succeeded = bool(getattr(result, "success", False))
         names = serialize.names_to_return(ns, self._before, succeeded)
@@ -208,8 +220,9 @@ def install(exchange: str) -> None:
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
     shell.set_custom_exc((KeyboardInterrupt,), _interrupted)
+    kernelcosts.install(shell)
     plain = _plain_python_first(shell.transform_cell)
-    shell.transform_cell = _counted(shell, agent.exchange, plain)
+    shell.transform_cell = _counted(shell, agent, plain)
 
 
 def _interrupted(shell: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = None) -> list[str]:
@@ -218,15 +231,22 @@ def _interrupted(shell: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = N
     return [f"{etype.__name__}: {value}" if str(value) else etype.__name__]
 
 
-def _counted(shell: Any, exchange: Path, transform: Any) -> Any:
-    """Number the next cell as the notebook did (IPython reads the count right after this)."""
+def _counted(shell: Any, agent: Agent, transform: Any) -> Any:
+    """Number the next cell as the notebook did (IPython reads the count right after this).
+
+    The count comes in the cell's description; it is applied once per request
+    (the kernel transforms a cell twice, and a nested ``run_cell`` keeps its own).
+    """
+    counted: object = object()
 
     def transform_cell(raw_cell: str) -> str:
-        path = exchange / COUNT_FILE
-        if path.exists():
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                shell.execution_count = int(json.loads(path.read_text())["count"])
-            path.unlink(missing_ok=True)
+        nonlocal counted
+        described = agent.description()
+        if described is not None and described.get("cell") != counted:
+            counted = described.get("cell")
+            count = described.get("count")
+            if type(count) is int and count > 0:
+                shell.execution_count = count
         return str(transform(raw_cell))
 
     return transform_cell
@@ -240,12 +260,19 @@ def _plain_python_first(transform: Any) -> Any:
     10 KB cell that is 8 ms, twice what parsing it costs.
     """
 
+    last: tuple[str, str] = ("", "")  # the kernel transforms each cell twice: parse it once
+
     def transform_cell(raw_cell: str) -> str:
+        nonlocal last
+        if raw_cell == last[0] and raw_cell:
+            return last[1]
         try:
             compile(raw_cell, "<cell>", "exec", ast.PyCF_ONLY_AST)
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             return str(transform(raw_cell))
-        return raw_cell if raw_cell.endswith("\n") else raw_cell + "\n"
+        plain = raw_cell if raw_cell.endswith("\n") else raw_cell + "\n"
+        last = (raw_cell, plain)
+        return plain
 
     return transform_cell
 

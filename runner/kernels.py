@@ -196,8 +196,12 @@ class Kernel:
         silent: bool = False,
         on_output: OutputCallback | None = None,
         msg_id: str = "",
+        metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Execute ``code`` (as request ``msg_id`` if given); return its reply once idle."""
+        """Execute ``code`` (as request ``msg_id`` if given); return its reply once idle.
+
+        ``metadata`` goes in the request's metadata (the agent reads the cell's description there).
+        """
         content = {
             "code": code,
             "silent": silent,
@@ -206,7 +210,7 @@ class Kernel:
             "allow_stdin": False,
             "stop_on_error": False,
         }
-        msg = self._kc.session.msg("execute_request", content)
+        msg = self._kc.session.msg("execute_request", content, metadata=metadata)
         if msg_id:
             msg["header"]["msg_id"] = msg["msg_id"] = msg_id
         msg_id = msg["header"]["msg_id"]
@@ -264,10 +268,12 @@ class Kernel:
         timeout: float | None = None,
         limit_name: str = "its timeout",
         msg_id: str = "",
+        metadata: dict[str, Any] | None = None,
     ) -> CellOutcome:
         """Run a cell, streaming its outputs; enforce ``timeout`` and the session's limits.
 
-        ``msg_id`` (the notebook's request id) is the cell's request id in the kernel.
+        ``msg_id`` (the notebook's request id) is the cell's request id in the kernel;
+        ``metadata`` is its request's metadata.
         """
         published: list[dict[str, Any]] = []  # the errors the kernel showed, to name a failure
 
@@ -276,7 +282,9 @@ class Kernel:
                 published.append(content)
             on_output(msg_type, content)
 
-        run = asyncio.ensure_future(self._run(code, on_output=forward, msg_id=msg_id))
+        run = asyncio.ensure_future(
+            self._run(code, on_output=forward, msg_id=msg_id, metadata=metadata)
+        )
         death = asyncio.ensure_future(self._died())
         watched = {run, death}
         quota: asyncio.Future[str] | None = None

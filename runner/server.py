@@ -76,7 +76,7 @@ from didomagic.protocol import (
     encode,
     python_version,
 )
-from runner import accept, admission, agent, resources, results, safefiles
+from runner import accept, admission, agent, resources, results
 from runner.admission import RequestLimits
 from runner.broker import Broker
 from runner.certs import server_context
@@ -959,18 +959,15 @@ class SessionHandler:
         )
         with contextlib.suppress(OSError):  # a directory planted there, say
             (exchange / agent.RESULT_FILE).unlink()
-        safefiles.write_json(
-            exchange / agent.CELL_FILE,
-            {
-                "values": values,
-                "fetch": list(request.fetch),
-                "deletes": list(request.deletes),
-                "held": list(request.held),
-                "origin": self.client_versions,
-            },
-        )
-        if request.count > 0:
-            agent.write_json(exchange / agent.COUNT_FILE, {"count": request.count})
+        described = {  # travels in the execute_request: no file per cell
+            "cell": request.cell,
+            "values": values,
+            "fetch": list(request.fetch),
+            "deletes": list(request.deletes),
+            "held": list(request.held),
+            "origin": self.client_versions,
+            "count": request.count,
+        }
         started = time.perf_counter()
 
         limit = self.server.settings.max_output
@@ -1008,7 +1005,6 @@ class SessionHandler:
                 Status.ERROR,
                 failure or {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"},
             )
-            (exchange / agent.CELL_FILE).unlink(missing_ok=True)
         else:
             timeout, limit_name = request.timeout, "its timeout"
             cap = self.server.settings.cell_timeout
@@ -1018,7 +1014,12 @@ class SessionHandler:
             self.broker.open_cell(request.cell)
             try:
                 outcome = await kernel.execute(
-                    request.code, forward, timeout, limit_name, msg_id=request.parent
+                    request.code,
+                    forward,
+                    timeout,
+                    limit_name,
+                    msg_id=request.parent,
+                    metadata={agent.DESCRIPTION_KEY: described},
                 )
             finally:
                 self.broker.close_cell()
