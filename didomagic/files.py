@@ -50,7 +50,7 @@ from didomagic.filebundle import (
     FileOptions,
     SentFile,
 )
-from didomagic.project import Project, clean_relative, find_root
+from didomagic.project import ROOT_ENV, Project, clean_relative, find_root
 from didomagic.resources import Reply, Request, register_handler
 
 logger = logging.getLogger("didomagic.client")
@@ -203,16 +203,20 @@ register_handler(RESOURCE, serve)
 
 # --------------------------------------------------------------------------- before a cell
 
-_projects: dict[tuple[Path, str], Project] = {}
+_projects: dict[tuple[str, str | None], Project] = {}
 
 
 def _here() -> Project:
-    """The project of the notebook's working directory now (kept: it reads .gitignore files)."""
-    cwd = Path.cwd()
-    key = (find_root(cwd), str(cwd))
+    """The project of the notebook's working directory now (kept: it reads .gitignore files).
+
+    Kept per working directory (and ``DIDOMAGIC_PROJECT_ROOT``), as the code index
+    keeps its root: a cell does not look for the root's markers again.
+    """
+    key = (os.getcwd(), os.environ.get(ROOT_ENV))
     project = _projects.get(key)
     if project is None:
-        project = _projects[key] = Project(key[0], cwd)
+        cwd = Path(key[0])
+        project = _projects[key] = Project(find_root(cwd), cwd)
     return project
 
 
