@@ -7,8 +7,9 @@ values, the names to fetch and the notebook's execution count. The agent's
 ``pre_run_cell`` hook reads that description from the request it is running
 (so a cell can never see another cell's) and loads the values into the user
 namespace; its ``post_run_cell`` hook pickles the names the client asked for
-into files and writes ``result.json``. The cell thus costs one kernel round
-trip, and values never pass through ZMQ.
+into ``out.bin`` and the cell's ``execute_reply`` carries their headers, the
+failures and the deleted names back, in its metadata under the same key. The
+cell thus costs one kernel round trip, and values never pass through ZMQ.
 
 After a cell that raised, only names the cell actually rebound go back, so a
 stale value from an earlier cell never overwrites the notebook's. Values the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -37,21 +37,11 @@ from runner.mirror import Mirror
 DESCRIPTION_KEY = "didomagic"
 """The key of an ``execute_request``'s metadata that holds the cell's description."""
 
-RESULT_FILE = "result.json"
-
-
 INPUT_FILE = "in.bin"
 """Where the runner writes a cell's incoming values that are not cached, end to end."""
 
 OUTPUT_FILE = "out.bin"
 """Where the agent writes the values going back, end to end."""
-
-
-def write_json(path: Path, body: dict[str, Any]) -> None:
-    """Write ``body`` to ``path`` atomically (a reader sees all of it or nothing)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body))
-    os.replace(tmp, path)
 
 
 class Agent:
@@ -70,6 +60,8 @@ class Agent:
         self._info: Any = None
         """The ``pre_run_cell`` info of the cell being run (a nested ``run_cell`` has its own)."""
         self._loaded: object = object()
+        self._result: tuple[Any, dict[str, Any]] | None = None
+        """The last cell's result (its id, and what its reply carries), until the reply goes."""
         """The cell whose values were loaded (a nested ``run_cell`` shares its request)."""
 
     def description(self) -> dict[str, Any] | None:
@@ -180,15 +172,20 @@ class Agent:
         ]
         failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
         failures.update({name: WIDGET_STAYS for name in widgets})
-        write_json(
-            self.exchange / RESULT_FILE,
-            {
-                "values": values,
-                "failures": {**self._failures, **failures},
-                "deleted": deleted,
-            },
+        self._result = (
+            request.get("cell"),
+            {"values": values, "failures": {**self._failures, **failures}, "deleted": deleted},
         )
         self._before, self._failures = {}, {}
+
+    def reply_metadata(self, parent: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+        """Put the result of the cell that ``parent`` ran into its reply's ``metadata``."""
+        result, self._result = self._result, None
+        described = (parent.get("metadata") or {}).get(DESCRIPTION_KEY)
+        cell = described.get("cell") if isinstance(described, dict) else None
+        if result is not None and cell == result[0]:
+            metadata[DESCRIPTION_KEY] = result[1]
+        return metadata
 
 
 WIDGET_STAYS = "it is a widget, so it stays on the runner (it shows and answers in the notebook)"
@@ -219,10 +216,21 @@ def install(exchange: str) -> None:
     agent = Agent(shell, Path(exchange))
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
+    _reply_with(shell.kernel, agent)
     shell.set_custom_exc((KeyboardInterrupt,), _interrupted)
     kernelcosts.install(shell)
     plain = _plain_python_first(shell.transform_cell)
     shell.transform_cell = _counted(shell, agent, plain)
+
+
+def _reply_with(kernel: Any, agent: Agent) -> None:
+    """Make every ``execute_reply`` of ``kernel`` carry the agent's result for its cell."""
+    finish = kernel.finish_metadata
+
+    def finish_metadata(parent: Any, metadata: Any, reply_content: Any) -> Any:
+        return agent.reply_metadata(parent, finish(parent, metadata, reply_content))
+
+    kernel.finish_metadata = finish_metadata
 
 
 def _interrupted(shell: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = None) -> list[str]:

@@ -32,7 +32,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,8 @@ class CellOutcome:
 
     status: Status
     error: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The metadata of the cell's ``execute_reply`` (what the agent reports; untrusted)."""
 
 
 class Kernel:
@@ -309,13 +311,15 @@ class Kernel:
                     {run, death}, timeout=INTERRUPT_GRACE, return_when=asyncio.FIRST_COMPLETED
                 )
             if run in done:
-                return self._outcome(
-                    run.result()["content"],
+                reply = run.result()
+                outcome = self._outcome(
+                    reply["content"],
                     timed_out,
                     timeout,
                     limit_name,
                     published[-1] if published else None,
                 )
+                return replace(outcome, metadata=dict(reply.get("metadata") or {}))
             if timed_out and death not in done:
                 return CellOutcome(
                     Status.KERNEL_DIED,

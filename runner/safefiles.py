@@ -69,16 +69,6 @@ def open_regular(path: Path) -> int:
     return fd
 
 
-def read_regular(path: Path, limit: int) -> bytes:
-    """The bytes of the regular file at ``path``; raise if it holds more than ``limit``."""
-    fd = open_regular(path)
-    with open(fd, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise UnsafeFile(f"{path} holds more than {limit} bytes; it was not read")
-    return data
-
-
 def map_regular(path: Path) -> memoryview:
     """Map the regular file at ``path`` read-only (an empty view for an empty file)."""
     fd = open_regular(path)

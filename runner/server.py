@@ -957,8 +957,6 @@ class SessionHandler:
                 Installing(request.cell, count, line[-500:], done)
             ),
         )
-        with contextlib.suppress(OSError):  # a directory planted there, say
-            (exchange / agent.RESULT_FILE).unlink()
         described = {  # travels in the execute_request: no file per cell
             "cell": request.cell,
             "values": values,
@@ -1032,7 +1030,9 @@ class SessionHandler:
             and (outcome.error or {}).get("ename") == "KeyboardInterrupt"
         ):
             status = Status.INTERRUPTED
-        values, offsets, failures, deleted = results.collect(exchange, self.log_id)
+        values, offsets, failures, deleted = results.collect(
+            outcome.metadata.get(agent.DESCRIPTION_KEY), self.log_id
+        )
         out_path = exchange / agent.OUTPUT_FILE
         if status is Status.KERNEL_DIED:
             values, offsets = [], []
