@@ -2,14 +2,17 @@
 
 The runner and the agent share a private *exchange* directory. The runner
 writes each incoming value to a file there, then sends the cell as an ordinary
-``execute_request`` whose metadata (key :data:`DESCRIPTION_KEY`) describes the
-values, the names to fetch and the notebook's execution count. The agent's
-``pre_run_cell`` hook reads that description from the request it is running
-(so a cell can never see another cell's) and loads the values into the user
-namespace; its ``post_run_cell`` hook pickles the names the client asked for
-into ``out.bin`` and the cell's ``execute_reply`` carries their headers, the
-failures and the deleted names back, in its metadata under the same key. The
-cell thus costs one kernel round trip, and values never pass through ZMQ.
+``execute_request``: its metadata (key :data:`DESCRIPTION_KEY`) names this run
+of the cell (a token of its own: clients may reuse cell ids) and the notebook's
+execution count, its first buffer describes the values and
+the names to fetch, in JSON (a buffer, because ipykernel parses a request's
+metadata several times and its buffers never). The agent's ``pre_run_cell``
+hook reads that description from the request it is running (so a cell can
+never see another cell's) and loads the values into the user namespace; its
+``post_run_cell`` hook pickles the names the client asked for into ``out.bin``,
+and the cell's ``execute_reply`` carries their headers, the failures and the
+deleted names back, in its metadata under the same key. The cell thus costs
+one kernel round trip, and values never pass through ZMQ.
 
 After a cell that raised, only names the cell actually rebound go back, so a
 stale value from an earlier cell never overwrites the notebook's. Values the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -64,19 +68,26 @@ class Agent:
         """The last cell's result (its id, and what its reply carries), until the reply goes."""
         """The cell whose values were loaded (a nested ``run_cell`` shares its request)."""
 
-    def description(self) -> dict[str, Any] | None:
-        """The runner's description of the cell the kernel runs now (None: not a runner's)."""
+    def _parent(self) -> dict[str, Any]:
         kernel = getattr(self.shell, "kernel", None)
-        parent = kernel.get_parent() if kernel is not None else None
-        described = (parent.get("metadata") or {}).get(DESCRIPTION_KEY) if parent else None
+        return (kernel.get_parent() if kernel is not None else None) or {}
+
+    def description(self) -> dict[str, Any] | None:
+        """The cell the kernel runs now, as the runner named it (None: not a runner's cell)."""
+        described = (self._parent().get("metadata") or {}).get(DESCRIPTION_KEY)
         return described if isinstance(described, dict) else None
 
     def pre_run_cell(self, info: Any = None) -> None:
         """Load the values the runner sent for this cell (described in its request)."""
-        request = self.description()
-        if request is None or request.get("cell") == self._loaded:  # none, or a nested run_cell
+        named = self.description()
+        if named is None or named.get("run") == self._loaded:  # none, or a nested run_cell
             return
-        self._loaded, self._info = request.get("cell"), info
+        self._loaded, self._info = named.get("run"), info
+        try:
+            request = json.loads(memoryview(self._parent()["buffers"][0]).tobytes())
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            print(f"didomagic: the runner's description of this cell: {exc!r}", file=sys.stderr)
+            return
         ns = self.shell.user_ns
         pairs, failures, code_failures = [], {}, {}
         files_parts: list[memoryview] | None = None
@@ -173,7 +184,7 @@ class Agent:
         failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
         failures.update({name: WIDGET_STAYS for name in widgets})
         self._result = (
-            request.get("cell"),
+            self._loaded,
             {"values": values, "failures": {**self._failures, **failures}, "deleted": deleted},
         )
         self._before, self._failures = {}, {}
@@ -182,8 +193,8 @@ class Agent:
         """Put the result of the cell that ``parent`` ran into its reply's ``metadata``."""
         result, self._result = self._result, None
         described = (parent.get("metadata") or {}).get(DESCRIPTION_KEY)
-        cell = described.get("cell") if isinstance(described, dict) else None
-        if result is not None and cell == result[0]:
+        run = described.get("run") if isinstance(described, dict) else None
+        if result is not None and run == result[0]:
             metadata[DESCRIPTION_KEY] = result[1]
         return metadata
 
@@ -250,8 +261,8 @@ def _counted(shell: Any, agent: Agent, transform: Any) -> Any:
     def transform_cell(raw_cell: str) -> str:
         nonlocal counted
         described = agent.description()
-        if described is not None and described.get("cell") != counted:
-            counted = described.get("cell")
+        if described is not None and described.get("run") != counted:
+            counted = described.get("run")
             count = described.get("count")
             if type(count) is int and count > 0:
                 shell.execution_count = count

@@ -199,10 +199,12 @@ class Kernel:
         on_output: OutputCallback | None = None,
         msg_id: str = "",
         metadata: dict[str, Any] | None = None,
+        buffers: list[bytes] | None = None,
     ) -> dict[str, Any]:
         """Execute ``code`` (as request ``msg_id`` if given); return its reply once idle.
 
-        ``metadata`` goes in the request's metadata (the agent reads the cell's description there).
+        ``metadata`` and ``buffers`` go with the request (the agent reads the cell's
+        description there).
         """
         content = {
             "code": code,
@@ -216,7 +218,7 @@ class Kernel:
         if msg_id:
             msg["header"]["msg_id"] = msg["msg_id"] = msg_id
         msg_id = msg["header"]["msg_id"]
-        self._kc.shell_channel.send(msg)
+        self._kc.session.send(self._kc.shell_channel.socket, msg, buffers=buffers)
         idle = asyncio.Event()
         self._listeners[msg_id] = (on_output or (lambda t, c: None), idle)
         try:
@@ -271,11 +273,12 @@ class Kernel:
         limit_name: str = "its timeout",
         msg_id: str = "",
         metadata: dict[str, Any] | None = None,
+        buffers: list[bytes] | None = None,
     ) -> CellOutcome:
         """Run a cell, streaming its outputs; enforce ``timeout`` and the session's limits.
 
         ``msg_id`` (the notebook's request id) is the cell's request id in the kernel;
-        ``metadata`` is its request's metadata.
+        ``metadata`` and ``buffers`` go with its request.
         """
         published: list[dict[str, Any]] = []  # the errors the kernel showed, to name a failure
 
@@ -285,7 +288,7 @@ class Kernel:
             on_output(msg_type, content)
 
         run = asyncio.ensure_future(
-            self._run(code, on_output=forward, msg_id=msg_id, metadata=metadata)
+            self._run(code, on_output=forward, msg_id=msg_id, metadata=metadata, buffers=buffers)
         )
         death = asyncio.ensure_future(self._died())
         watched = {run, death}

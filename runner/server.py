@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import gc
 import hmac
+import json
 import logging
 import os
 import platform
@@ -957,15 +958,14 @@ class SessionHandler:
                 Installing(request.cell, count, line[-500:], done)
             ),
         )
-        described = {  # travels in the execute_request: no file per cell
-            "cell": request.cell,
+        described = {  # travels in the execute_request (see runner.agent): no file per cell
             "values": values,
             "fetch": list(request.fetch),
             "deletes": list(request.deletes),
             "held": list(request.held),
             "origin": self.client_versions,
-            "count": request.count,
         }
+        named = {"run": secrets.token_hex(8), "count": request.count}  # (cell ids may repeat)
         started = time.perf_counter()
 
         limit = self.server.settings.max_output
@@ -1017,7 +1017,8 @@ class SessionHandler:
                     timeout,
                     limit_name,
                     msg_id=request.parent,
-                    metadata={agent.DESCRIPTION_KEY: described},
+                    metadata={agent.DESCRIPTION_KEY: named},
+                    buffers=[json.dumps(described).encode()],
                 )
             finally:
                 self.broker.close_cell()

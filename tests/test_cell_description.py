@@ -28,13 +28,14 @@ def remote(shell, url: str, cell: str):  # type: ignore[no-untyped-def]
 
 
 def test_cells_under_one_notebook_request_each_get_their_own_values(module_runner):
-    """Cells sent from one notebook cell share its request id; each still loads its own values."""
+    """Cells sent from one notebook cell share its request id (and a client may reuse a
+    cell id); each still loads its own values."""
     session = RemoteSession(ConnectionURL.parse(module_runner.url))
     try:
         for n in range(3):
             packed = serialize.pack("n", n)
             result, buffers = session.execute(
-                Execute(f"c{n}", "twice = n * 2", (packed.header,), ("twice",), parent="shared-id"),
+                Execute("same", "twice = n * 2", (packed.header,), ("twice",), parent="shared-id"),
                 [packed.parts],
                 lambda output: None,
             )
