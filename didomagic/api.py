@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable, MutableMapping
-from dataclasses import replace
 from typing import Any
 
 from didomagic import display, files, packages, serialize
@@ -153,10 +152,10 @@ def _header(packed: serialize.Packed, digest: str = "") -> ValueHeader:
 
     ``digest``: the value's digest if already computed (its version).
     """
-    header = packed.header
-    if packed.nbytes < CACHE_MIN:
-        return header
-    return replace(header, digest=digest or packed.digest())
+    sizes = tuple([p.nbytes for p in packed.parts])
+    if sum(sizes) < CACHE_MIN:
+        return ValueHeader(packed.name, sizes)
+    return ValueHeader(packed.name, sizes, digest or packed.digest())
 
 
 def raise_for_status(result: Result, runner: str) -> None:

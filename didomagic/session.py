@@ -285,8 +285,10 @@ class RemoteSession:
             _check_size(request, held, self.description)
             request = replace(
                 request,
-                values=tuple(
+                values=tuple(  # (most values have no digest: those stay as they are)
                     replace(v, cached=bool(v.digest) and held.get(v.name) == v.digest)
+                    if v.digest or v.cached
+                    else v
                     for v in request.values
                 ),
             )
