@@ -11,8 +11,12 @@ Installed by the agent in each runner kernel (see :func:`install`):
 - ipykernel and then IPython each ask whether a cell needs an event loop
   (``should_run_async``: a full compile of the cell); the answer for the same
   transformed cell is kept, so a large cell is compiled for it once.
+- ipykernel publishes every request's code (``execute_input``) and a ``busy``
+  status on iopub, each a message through its I/O thread that the runner, the
+  kernel's only client, reads and drops. They are not published; the ``idle``
+  status, which ends a cell and a comm message for the runner, still is.
 
-Both look for what they patch and leave a kernel that lacks it as it is.
+Each looks for what it patches and leaves a kernel that lacks it as it is.
 """
 
 from __future__ import annotations
@@ -26,10 +30,28 @@ _PENDING = ("_flush_pending", "_subprocess_flush_pending", "_buffers")
 
 
 def install(shell: Any) -> None:
-    """Patch this kernel's output streams and ``shell``."""
+    """Patch this kernel's output streams, ``shell`` and its kernel."""
     for stream in (sys.stdout, sys.stderr):
         skip_idle_flush(stream)
     remember_async_check(shell)
+    kernel = getattr(shell, "kernel", None)
+    if kernel is not None:
+        publish_less(kernel)
+
+
+def publish_less(kernel: Any) -> bool:
+    """Stop ``kernel`` publishing ``execute_input`` and ``busy``; False if it cannot tell how."""
+    status = getattr(kernel, "_publish_status", None)
+    if status is None or not hasattr(kernel, "_publish_execute_input"):
+        return False
+
+    def publish_status(state: str, channel: str, parent: Any = None) -> None:
+        if state != "busy":
+            status(state, channel, parent)
+
+    kernel._publish_status = publish_status
+    kernel._publish_execute_input = lambda code, parent, execution_count: None
+    return True
 
 
 def skip_idle_flush(stream: Any) -> bool:
