@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -61,6 +62,8 @@ class Agent:
         self.mirror = Mirror(Path.cwd(), asking.ask)
         """The notebook's project folder, mirrored under the kernel's working directory."""
         self._bundle: Bundle | None = None
+        self._quiet: Bundle | None = None
+        """The last files bundle, less what it brought once (a cell without one uses it)."""
         self._info: Any = None
         """The ``pre_run_cell`` info of the cell being run (a nested ``run_cell`` has its own)."""
         self._loaded: object = object()
@@ -114,14 +117,19 @@ class Agent:
         for path in temporary:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        problems: list[str] = []
         if files_parts is not None:
             try:
                 self._bundle = serialize.unpack(files_parts)
                 problems = self.mirror.before_cell(self._bundle)
+                self._quiet = dataclasses.replace(self._bundle, tree=None, files={}, stale=[])
             except Exception as exc:
                 self._bundle, problems = None, [f"the notebook's files: {serialize.describe(exc)}"]
-            for problem in problems:
-                print(f"didomagic: {problem}", file=sys.stderr)
+        elif self._quiet is not None:  # nothing new: as the last bundle said
+            self._bundle = self._quiet
+            problems = self.mirror.before_cell(self._quiet)
+        for problem in problems:
+            print(f"didomagic: {problem}", file=sys.stderr)
         failures.update(serialize.unpack_into(ns, pairs))
         for name, _ in pairs:
             if name not in failures:
