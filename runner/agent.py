@@ -40,7 +40,7 @@ from runner import asking, codeimport, kernelcosts
 from runner.mirror import Mirror
 
 DESCRIPTION_KEY = "didomagic"
-"""The key of an ``execute_request``'s metadata that holds the cell's description."""
+"""The metadata key that names a cell's run in its request, and holds its result in the reply."""
 
 INPUT_FILE = "in.bin"
 """Where the runner writes a cell's incoming values that are not cached, end to end."""
@@ -67,9 +67,9 @@ class Agent:
         self._info: Any = None
         """The ``pre_run_cell`` info of the cell being run (a nested ``run_cell`` has its own)."""
         self._loaded: object = object()
+        """The run whose values were loaded (a nested ``run_cell`` shares its request)."""
         self._result: tuple[Any, dict[str, Any]] | None = None
-        """The last cell's result (its id, and what its reply carries), until the reply goes."""
-        """The cell whose values were loaded (a nested ``run_cell`` shares its request)."""
+        """The last cell's result (its run, and what its reply carries), until the reply goes."""
 
     def _parent(self) -> dict[str, Any]:
         kernel = getattr(self.shell, "kernel", None)
@@ -153,7 +153,7 @@ class Agent:
         self._request = request
 
     def post_run_cell(self, result: Any = None) -> None:
-        """Pickle the names to send back and write ``result.json``."""
+        """Pickle the names to send back into ``out.bin``; keep the result for the reply."""
         if self._request is None or getattr(result, "info", None) is not self._info:
             return  # not a runner's cell, or a nested run_cell within one
         request, self._request, self._info = self._request, None, None
