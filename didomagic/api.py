@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable, MutableMapping
-from dataclasses import replace
 from typing import Any
 
 from didomagic import display, files, packages, serialize
@@ -103,7 +102,10 @@ def run_cell(
         return _run_local(pool.local, spec, namespace, transform, sent, transfer)
     session = session or pool.session(runner, spec.tags, spec.os)
     safe = session.url.safe_results
-    sent.append(files.bundle_value(session.responder.state, spec.files, safe=safe))
+    state = session.responder.state
+    bundle = files.bundle_value(state, spec.files, safe=safe, skip_unchanged=True)
+    if bundle is not None:  # (None: the kernel holds what it would say)
+        sent.append(bundle)
     versions = session.versions.of(namespace, sent)
     request = Execute(
         cell=secrets.token_hex(8),
@@ -121,15 +123,23 @@ def run_cell(
         if result is not None:
             shown.append(result)
 
-    result, buffers = session.execute(
-        request,
-        [p.parts for p in sent],
-        on_output,
-        progress if isinstance(progress, Progress) else make_progress(progress),
-        versions,
-    )
+    try:
+        result, buffers = session.execute(
+            request,
+            [p.parts for p in sent],
+            on_output,
+            progress if isinstance(progress, Progress) else make_progress(progress),
+            versions,
+        )
+    except BaseException:
+        files.cell_ended(state, kept=False)  # whether its kernel got the bundle is not known
+        raise
+    if result.status is Status.KERNEL_DIED:
+        files.kernel_replaced(state)
+    else:
+        files.cell_ended(state, kept=True)
     returned = [(v.name, parts) for v, parts in zip(result.values, buffers, strict=True)]
-    returned = files.take_back(returned, session.responder.state, spec.files, safe=safe)
+    returned = files.take_back(returned, state, spec.files, safe=safe)
     failures = packages.hint_failures(result.failures, session.runner_name)
     unapplied = apply_values(namespace, returned, result.deleted, safe, transfer.expected())
     session.versions.after_cell(namespace, returned, result.failures, unapplied, result.deleted)
@@ -153,10 +163,10 @@ def _header(packed: serialize.Packed, digest: str = "") -> ValueHeader:
 
     ``digest``: the value's digest if already computed (its version).
     """
-    header = packed.header
-    if packed.nbytes < CACHE_MIN:
-        return header
-    return replace(header, digest=digest or packed.digest())
+    sizes = tuple([p.nbytes for p in packed.parts])
+    if sum(sizes) < CACHE_MIN:
+        return ValueHeader(packed.name, sizes)
+    return ValueHeader(packed.name, sizes, digest or packed.digest())
 
 
 def raise_for_status(result: Result, runner: str) -> None:

@@ -17,7 +17,10 @@ Three parts, one per moment of a cell:
   the runner was served it is not overwritten (``--get`` overwrites it).
 
 What a runner session was served is kept per session (the responder's state),
-so an unchanged file is not sent twice and a changed one is noticed.
+so an unchanged file is not sent twice and a changed one is noticed. A cell
+whose bundle would say nothing new (no tree, no ``--files``, no ``--get``,
+nothing stale, the same folder and limits as the last bundle the session's
+kernel got) sends none: the kernel's agent sets its mirror up from the last one.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from didomagic.filebundle import (
     FileOptions,
     SentFile,
 )
-from didomagic.project import Project, clean_relative, find_root
+from didomagic.project import ROOT_ENV, Project, clean_relative, find_root
 from didomagic.resources import Reply, Request, register_handler
 
 logger = logging.getLogger("didomagic.client")
@@ -83,6 +86,10 @@ class Ledger:
     tree_sent: bool = False
     diverged: set[str] = field(default_factory=set)
     """Files changed on both sides: the runner keeps its version until ``--get`` takes it."""
+    kept: tuple[Any, ...] | None = None
+    """What the last bundle the session's kernel surely got said (None: not known)."""
+    pending: tuple[Any, ...] | None = None
+    """What the bundle of the cell under way says."""
 
     def record(self, rel: str, path: Path, digest: str) -> None:
         """The session now holds ``path``'s current content (whose digest is ``digest``)."""
@@ -203,16 +210,22 @@ register_handler(RESOURCE, serve)
 
 # --------------------------------------------------------------------------- before a cell
 
-_projects: dict[tuple[Path, str], Project] = {}
+_projects: dict[tuple[str, str | None], Project] = {}
+_roots: dict[Path, str] = {}
+"""Each project root's tag in a bundle (its path hashed once)."""
 
 
 def _here() -> Project:
-    """The project of the notebook's working directory now (kept: it reads .gitignore files)."""
-    cwd = Path.cwd()
-    key = (find_root(cwd), str(cwd))
+    """The project of the notebook's working directory now (kept: it reads .gitignore files).
+
+    Kept per working directory (and ``DIDOMAGIC_PROJECT_ROOT``), as the code index
+    keeps its root: a cell does not look for the root's markers again.
+    """
+    key = (os.getcwd(), os.environ.get(ROOT_ENV))
     project = _projects.get(key)
     if project is None:
-        project = _projects[key] = Project(key[0], cwd)
+        cwd = Path(key[0])
+        project = _projects[key] = Project(find_root(cwd), cwd)
     return project
 
 
@@ -239,9 +252,12 @@ def bundle_value(
     safe: bool = False,
     lazy: bool = True,
     project: Project | None = None,
-) -> serialize.Packed:
+    skip_unchanged: bool = False,
+) -> serialize.Packed | None:
     """The files' part of a cell, packed as the value :data:`FILES_VALUE`; set the serving policy.
 
+    ``skip_unchanged``: None instead when the bundle would say nothing the
+    session's kernel does not hold (call :func:`cell_ended` after the cell).
     Raises :class:`FilesTooLarge` (nothing sent) when the ``--files`` to send
     are over ``--files-limit``, and :class:`FileRefused` for a listed path
     that is not served (outside the root, excluded).
@@ -274,13 +290,23 @@ def bundle_value(
         ]
         ledger.tree_sent = True
     _set_policy(_Policy(project, safe, frozenset(listed), options.files_limit))
+    root = _roots.get(project.root)
+    if root is None:
+        root = _roots[project.root] = (
+            f"{_digest(str(project.root).encode())[:12]}/{project.root.name or 'root'}"
+        )
+    get = [project.relative(pattern) for pattern in options.get]
+    said = (root, project.cwd, tuple(get), options.return_limit, lazy, safe)
+    ledger.pending = said
+    if skip_unchanged and said == ledger.kept and not (tree or files or stale or get):
+        return None
     bundle = Bundle(
-        root=f"{_digest(str(project.root).encode())[:12]}/{project.root.name or 'root'}",
+        root=root,
         cwd=project.cwd,
         tree=tree,
         files=files,
         stale=stale,
-        get=[project.relative(pattern) for pattern in options.get],
+        get=get,
         return_limit=options.return_limit,
         lazy=lazy,
     )
@@ -289,6 +315,25 @@ def bundle_value(
         bundle, protocol=serialize.PICKLE_PROTOCOL, buffer_callback=buffers.append
     )
     return serialize.Packed(FILES_VALUE, (memoryview(stream), *(b.raw() for b in buffers)))
+
+
+def cell_ended(state: MutableMapping[str, Any], *, kept: bool) -> None:
+    """A cell of the session ended: its kernel holds its bundle (``kept``), or not surely.
+
+    Not kept (the kernel was replaced, or the cell's fate is unknown): the next
+    cell sends its bundle, and the tree again if the kernel was replaced.
+    """
+    for ledger in state.get(RESOURCE, {}).values():
+        if isinstance(ledger, Ledger):
+            ledger.kept = ledger.pending if kept else None
+
+
+def kernel_replaced(state: MutableMapping[str, Any]) -> None:
+    """The session's kernel was replaced: its mirror is new, the tree goes again."""
+    cell_ended(state, kept=False)
+    for ledger in state.get(RESOURCE, {}).values():
+        if isinstance(ledger, Ledger):
+            ledger.tree_sent = False
 
 
 # --------------------------------------------------------------------------- after a cell

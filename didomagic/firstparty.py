@@ -20,6 +20,7 @@ import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
+import operator
 import os
 import site
 import sys
@@ -127,6 +128,8 @@ class CodeIndex:
         self._listings: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._described: dict[tuple[str, str], tuple[int, int, ModuleSource]] = {}
         self._path_dirs: tuple[str, ...] = ()
+        self._imported: tuple[Any, list[str], list[Any], dict[str, str]] | None = None
+        """The last :meth:`imported` answer, and the ``sys.modules`` it was worked out from."""
         self.root = project_root()
 
     # -- where first-party code lives
@@ -369,12 +372,28 @@ class CodeIndex:
         return found[:MAX_PACKAGE_MODULES]
 
     def imported(self) -> dict[str, str]:
-        """First-party modules imported here: name → source file."""
+        """First-party modules imported here: name → source file.
+
+        Kept while ``sys.modules`` holds the same names bound to the same
+        objects and the first-party directories are the same: an unchanged
+        notebook pays two list copies, not a lookup per module.
+        """
         with self.lock:
             self.served_dirs()
+            now = dict(sys.modules)  # one copy: another thread may be importing
+            names, modules = list(now), list(now.values())
+            kept = self._imported
+            if (
+                kept is not None
+                and kept[0] == self._dirs_key
+                and kept[1] == names
+                and len(kept[2]) == len(modules)
+                and all(map(operator.is_, kept[2], modules))
+            ):
+                return dict(kept[3])
             found = {}
             cache = self._classified
-            for name, module in list(sys.modules.items()):
+            for name, module in now.items():
                 cached = cache.get(name)
                 if cached is not None and cached[0] == id(module):
                     path = cached[1]
@@ -384,7 +403,8 @@ class CodeIndex:
                     path = self.classify(name, module)
                 if path is not None:
                     found[name] = path
-            return found
+            self._imported = (self._dirs_key, names, modules, found)
+            return dict(found)
 
 
 _index: CodeIndex | None = None

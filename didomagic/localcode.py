@@ -32,8 +32,10 @@ __all__ = [
     "PUSH_BUDGET",
     "RESOURCE",
     "SAFE_RESULTS",
+    "Ahead",
     "Bundle",
     "CodeState",
+    "ahead",
     "bundle_for",
     "forget",
     "imports_of",
@@ -161,6 +163,35 @@ def bundle_for(
     parts = (memoryview(head), *sources)
     header = ValueHeader(CODE_VALUE, tuple(p.nbytes for p in parts))
     return Bundle(header, parts, manifest, tuple(digests), len(sources))
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A cell's code bundle worked out on the caller's thread, for the session state it saw.
+
+    The I/O loop takes it instead of working the bundle out on a thread of its
+    own (a hop per cell) while :meth:`holds`; else it works it out again.
+    """
+
+    state: CodeState
+    seen: tuple[Any, ...]
+    bundle: Bundle | None
+
+    def holds(self, state: CodeState) -> bool:
+        """True while ``state`` is the one this was worked out for, and unchanged since."""
+        return state is self.state and _mark(state) == self.seen
+
+
+def _mark(state: CodeState) -> tuple[Any, ...]:
+    """What changes in a session's code state whenever it changes."""
+    return (state.last, state.sent, len(state.served), len(state.digests))
+
+
+def ahead(session_state: dict[str, Any], *, names_only: bool = False) -> Ahead:
+    """The next cell's bundle (as :func:`bundle_for` with :data:`PUSH_BUDGET`), worked out now."""
+    state = state_of(session_state)
+    seen = _mark(state)
+    return Ahead(state, seen, bundle_for(state, names_only=names_only, budget=PUSH_BUDGET))
 
 
 def warm_up() -> None:

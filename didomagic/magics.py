@@ -24,6 +24,9 @@ from didomagic.filebundle import DEFAULT_FILES_LIMIT, DEFAULT_RETURN_LIMIT, File
 from didomagic.files import parse_size
 from didomagic.linecommands import LineCall, command
 
+PARSED_KEPT = 64
+"""Option lines of ``%%remote`` whose parse is kept (the same few come again and again)."""
+
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
@@ -170,6 +173,7 @@ class RemoteMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self.mode = RemoteMode(shell)
         """The notebook-wide mode (``%remote on``)."""
+        self._parsed: dict[str, argparse.Namespace] = {}
 
     @magic_arguments()
     @argument(
@@ -287,10 +291,16 @@ class RemoteMagics(Magics):
             raise without_our_frames(exc) from exc.__cause__
 
     def _parse(self, line: str) -> Any:
-        try:
-            return parse_argstring(self.remote, line)
-        except UsageError as exc:
-            raise UsageError(f"%%remote: {exc}\n{linecommands.usage()}") from None
+        parsed = self._parsed.get(line)  # a notebook runs the same few option lines again
+        if parsed is None:
+            try:
+                parsed = parse_argstring(self.remote, line)
+            except UsageError as exc:
+                raise UsageError(f"%%remote: {exc}\n{linecommands.usage()}") from None
+            if len(self._parsed) >= PARSED_KEPT:
+                self._parsed.clear()
+            self._parsed[line] = parsed
+        return argparse.Namespace(**vars(parsed))  # (its values are only read)
 
     @cell_magic
     def local(self, line: str, cell: str) -> Any:

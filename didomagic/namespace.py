@@ -18,6 +18,7 @@ one is not.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import string
 import symtable
@@ -25,6 +26,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from didomagic.errors import ConfigurationError
+
+ANALYSED_KEPT = 64
+"""Plain-Python cells whose analysis is kept (it is a function of the cell's text alone)."""
 
 _CODE_MAGICS = {"time"}
 """Line and cell magics whose argument or body runs as code in the user namespace."""
@@ -52,7 +56,7 @@ def analyze_cell(cell: str, transform: Callable[[str], str] = transform_cell) ->
     (It still runs remotely, where the kernel reports its syntax error.)
     """
     try:
-        return _analyze_tree(ast.parse(cell))  # plain Python: IPython's transforms change nothing
+        return _analyze_plain(cell)  # plain Python: IPython's transforms change nothing
     except (SyntaxError, ValueError):
         pass
     except (RecursionError, MemoryError):
@@ -62,6 +66,12 @@ def analyze_cell(cell: str, transform: Callable[[str], str] = transform_cell) ->
     except Exception:
         return CellNames()
     return analyze_source(source)
+
+
+@functools.lru_cache(maxsize=ANALYSED_KEPT)
+def _analyze_plain(cell: str) -> CellNames:
+    """The names of a plain-Python cell (kept: a notebook runs the same cells again)."""
+    return _analyze_tree(ast.parse(cell))
 
 
 def _too_deep() -> ConfigurationError:

@@ -250,11 +250,13 @@ class RemoteSession:
         parts: Sequence[Sequence[memoryview]],
         events: EventSink,
         versions: Mapping[str, str] | None = None,
+        ahead: localcode.Ahead | None = None,
     ) -> tuple[Result, list[list[bytearray]]]:
         """Open the session if needed and run one cell (on the I/O loop); report to ``events``.
 
         ``versions``: the version of each value (see :class:`HeldVersions`); a
-        value the remote kernel holds at that version is not sent. A connection
+        value the remote kernel holds at that version is not sent. ``ahead``:
+        the code bundle the caller worked out (taken if still right). A connection
         that drops meanwhile is reopened and the session taken back; the cell
         goes on (or is sent again if the runner never got it all).
         """
@@ -267,7 +269,9 @@ class RemoteSession:
                 request = replace(request, values=values, held=names)
             code = localcode.state_of(self.responder.state)
             bundle = None
-            if not localcode.shipped(request.values):  # stats and reads: off the I/O loop
+            if ahead is not None and ahead.holds(code):  # worked out by the caller's thread
+                bundle = ahead.bundle
+            elif not localcode.shipped(request.values):  # stats and reads: off the I/O loop
                 bundle = await asyncio.to_thread(
                     localcode.bundle_for,
                     code,
@@ -281,8 +285,10 @@ class RemoteSession:
             _check_size(request, held, self.description)
             request = replace(
                 request,
-                values=tuple(
+                values=tuple(  # (most values have no digest: those stay as they are)
                     replace(v, cached=bool(v.digest) and held.get(v.name) == v.digest)
+                    if v.digest or v.cached
+                    else v
                     for v in request.values
                 ),
             )
@@ -336,8 +342,13 @@ class RemoteSession:
         reconnected), the first one abandons it.
         """
         request = replace(request, **comms.cell_identity())  # the notebook's own cell
+        ahead = None  # the code bundle, worked out on this (waiting) thread: no hop on the loop
+        if self.connected and not localcode.shipped(request.values):
+            ahead = localcode.ahead(self.responder.state, names_only=self.url.safe_results)
         return self._drive(
-            lambda events: self.execute_async(request, parts, events, versions), on_output, progress
+            lambda events: self.execute_async(request, parts, events, versions, ahead),
+            on_output,
+            progress,
         )
 
     def resume(

@@ -1,12 +1,18 @@
 """The helper loaded into every runner kernel: moves values in and out of its namespace.
 
-The runner and the agent share a private *exchange* directory. Before sending
-a cell as an ordinary ``execute_request``, the runner writes each incoming
-value to a file there and then ``cell.json`` describing them. The agent's
-``pre_run_cell`` hook loads those values into the user namespace; its
-``post_run_cell`` hook pickles the names the client asked for into files and
-writes ``result.json``. The cell thus costs one kernel round trip, and values
-never pass through ZMQ.
+The runner and the agent share a private *exchange* directory. The runner
+writes each incoming value to a file there, then sends the cell as an ordinary
+``execute_request``: its metadata (key :data:`DESCRIPTION_KEY`) names this run
+of the cell (a token of its own: clients may reuse cell ids) and the notebook's
+execution count, its first buffer describes the values and
+the names to fetch, in JSON (a buffer, because ipykernel parses a request's
+metadata several times and its buffers never). The agent's ``pre_run_cell``
+hook reads that description from the request it is running (so a cell can
+never see another cell's) and loads the values into the user namespace; its
+``post_run_cell`` hook pickles the names the client asked for into ``out.bin``,
+and the cell's ``execute_reply`` carries their headers, the failures and the
+deleted names back, in its metadata under the same key. The cell thus costs
+one kernel round trip, and values never pass through ZMQ.
 
 After a cell that raised, only names the cell actually rebound go back, so a
 stale value from an earlier cell never overwrites the notebook's. Values the
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -29,28 +36,17 @@ from didomagic import serialize
 from didomagic.filebundle import FILES_VALUE, Bundle
 from didomagic.protocol import CODE_VALUE, cloudpickle_version, python_version
 from didomagic.versions import InPlaceTracker
-from runner import asking, cleanpages, codeimport
+from runner import asking, cleanpages, codeimport, kernelcosts
 from runner.mirror import Mirror
 
-CELL_FILE = "cell.json"
-RESULT_FILE = "result.json"
-
+DESCRIPTION_KEY = "didomagic"
+"""The metadata key that names a cell's run in its request, and holds its result in the reply."""
 
 INPUT_FILE = "in.bin"
 """Where the runner writes a cell's incoming values that are not cached, end to end."""
 
 OUTPUT_FILE = "out.bin"
 """Where the agent writes the values going back, end to end."""
-
-COUNT_FILE = "count.json"
-"""The notebook's execution count for the next cell, so its tracebacks say "Cell In[n]"."""
-
-
-def write_json(path: Path, body: dict[str, Any]) -> None:
-    """Write ``body`` to ``path`` atomically (a reader sees all of it or nothing)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body))
-    os.replace(tmp, path)
 
 
 class Agent:
@@ -68,15 +64,35 @@ class Agent:
         self.mirror = Mirror(Path.cwd(), asking.ask)
         """The notebook's project folder, mirrored under the kernel's working directory."""
         self._bundle: Bundle | None = None
+        self._quiet: Bundle | None = None
+        """The last files bundle, less what it brought once (a cell without one uses it)."""
+        self._info: Any = None
+        """The ``pre_run_cell`` info of the cell being run (a nested ``run_cell`` has its own)."""
+        self._loaded: object = object()
+        """The run whose values were loaded (a nested ``run_cell`` shares its request)."""
+        self._result: tuple[Any, dict[str, Any]] | None = None
+        """The last cell's result (its run, and what its reply carries), until the reply goes."""
+
+    def _parent(self) -> dict[str, Any]:
+        kernel = getattr(self.shell, "kernel", None)
+        return (kernel.get_parent() if kernel is not None else None) or {}
+
+    def description(self) -> dict[str, Any] | None:
+        """The cell the kernel runs now, as the runner named it (None: not a runner's cell)."""
+        described = (self._parent().get("metadata") or {}).get(DESCRIPTION_KEY)
+        return described if isinstance(described, dict) else None
 
     def pre_run_cell(self, info: Any = None) -> None:
-        """Load the values the runner left for this cell."""
-        cell = self.exchange / CELL_FILE
-        if not cell.exists():
-            self._request = None
+        """Load the values the runner sent for this cell (described in its request)."""
+        named = self.description()
+        if named is None or named.get("run") == self._loaded:  # none, or a nested run_cell
             return
-        request = json.loads(cell.read_text())
-        cell.unlink()
+        self._loaded, self._info = named.get("run"), info
+        try:
+            request = json.loads(memoryview(self._parent()["buffers"][0]).tobytes())
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            print(f"didomagic: the runner's description of this cell: {exc!r}", file=sys.stderr)
+            return
         ns = self.shell.user_ns
         pairs, failures, code_failures = [], {}, {}
         files_parts: list[memoryview] | None = None
@@ -104,23 +120,30 @@ class Agent:
         for path in temporary:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        problems: list[str] = []
         if files_parts is not None:
             try:
                 self._bundle = serialize.unpack(files_parts)
                 problems = self.mirror.before_cell(self._bundle)
+                self._quiet = dataclasses.replace(self._bundle, tree=None, files={}, stale=[])
             except Exception as exc:
                 self._bundle, problems = None, [f"the notebook's files: {serialize.describe(exc)}"]
-            for problem in problems:
-                print(f"didomagic: {problem}", file=sys.stderr)
+        elif self._quiet is not None:  # nothing new: as the last bundle said
+            self._bundle = self._quiet
+            problems = self.mirror.before_cell(self._quiet)
+        for problem in problems:
+            print(f"didomagic: {problem}", file=sys.stderr)
         failures.update(serialize.unpack_into(ns, pairs))
         for name, _ in pairs:
             if name not in failures:
                 self._versions.loaded(ns, name)
-        where = _versions(request.get("origin", {}))
-        self._failures = {
-            name: codeimport.explain(reason) or f"{reason} ({where})"
-            for name, reason in failures.items()
-        }
+        if failures:
+            where = _versions(request.get("origin", {}))
+            failures = {
+                name: codeimport.explain(reason) or f"{reason} ({where})"
+                for name, reason in failures.items()
+            }
+        self._failures = failures
         held = request.get("held", [])
         for name in self._versions.start(ns, [*(name for name, _ in pairs), *held]):
             if name in held:
@@ -133,10 +156,10 @@ class Agent:
         self._request = request
 
     def post_run_cell(self, result: Any = None) -> None:
-        """Pickle the names to send back and write ``result.json``."""
-        request, self._request = self._request, None
-        if request is None:
-            return
+        """Pickle the names to send back into ``out.bin``; keep the result for the reply."""
+        if self._request is None or getattr(result, "info", None) is not self._info:
+            return  # not a runner's cell, or a nested run_cell within one
+        request, self._request, self._info = self._request, None, None
         ns = self.shell.user_ns
         succeeded = bool(getattr(result, "success", False))
         names = serialize.names_to_return(ns, self._before, succeeded)
@@ -171,15 +194,20 @@ class Agent:
         ]
         failures = {name: f"{reason} (on the runner)" for name, reason in failures.items()}
         failures.update({name: WIDGET_STAYS for name in widgets})
-        write_json(
-            self.exchange / RESULT_FILE,
-            {
-                "values": values,
-                "failures": {**self._failures, **failures},
-                "deleted": deleted,
-            },
+        self._result = (
+            self._loaded,
+            {"values": values, "failures": {**self._failures, **failures}, "deleted": deleted},
         )
         self._before, self._failures = {}, {}
+
+    def reply_metadata(self, parent: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+        """Put the result of the cell that ``parent`` ran into its reply's ``metadata``."""
+        result, self._result = self._result, None
+        described = (parent.get("metadata") or {}).get(DESCRIPTION_KEY)
+        run = described.get("run") if isinstance(described, dict) else None
+        if result is not None and run == result[0]:
+            metadata[DESCRIPTION_KEY] = result[1]
+        return metadata
 
 
 WIDGET_STAYS = "it is a widget, so it stays on the runner (it shows and answers in the notebook)"
@@ -210,9 +238,21 @@ def install(exchange: str) -> None:
     agent = Agent(shell, Path(exchange))
     shell.events.register("pre_run_cell", agent.pre_run_cell)
     shell.events.register("post_run_cell", agent.post_run_cell)
+    _reply_with(shell.kernel, agent)
     shell.set_custom_exc((KeyboardInterrupt,), _interrupted)
+    kernelcosts.install(shell)
     plain = _plain_python_first(shell.transform_cell)
-    shell.transform_cell = _counted(shell, agent.exchange, plain)
+    shell.transform_cell = _counted(shell, agent, plain)
+
+
+def _reply_with(kernel: Any, agent: Agent) -> None:
+    """Make every ``execute_reply`` of ``kernel`` carry the agent's result for its cell."""
+    finish = kernel.finish_metadata
+
+    def finish_metadata(parent: Any, metadata: Any, reply_content: Any) -> Any:
+        return agent.reply_metadata(parent, finish(parent, metadata, reply_content))
+
+    kernel.finish_metadata = finish_metadata
 
 
 def _interrupted(shell: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = None) -> list[str]:
@@ -221,15 +261,22 @@ def _interrupted(shell: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = N
     return [f"{etype.__name__}: {value}" if str(value) else etype.__name__]
 
 
-def _counted(shell: Any, exchange: Path, transform: Any) -> Any:
-    """Number the next cell as the notebook did (IPython reads the count right after this)."""
+def _counted(shell: Any, agent: Agent, transform: Any) -> Any:
+    """Number the next cell as the notebook did (IPython reads the count right after this).
+
+    The count comes in the cell's description; it is applied once per request
+    (the kernel transforms a cell twice, and a nested ``run_cell`` keeps its own).
+    """
+    counted: object = object()
 
     def transform_cell(raw_cell: str) -> str:
-        path = exchange / COUNT_FILE
-        if path.exists():
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                shell.execution_count = int(json.loads(path.read_text())["count"])
-            path.unlink(missing_ok=True)
+        nonlocal counted
+        described = agent.description()
+        if described is not None and described.get("run") != counted:
+            counted = described.get("run")
+            count = described.get("count")
+            if type(count) is int and count > 0:
+                shell.execution_count = count
         return str(transform(raw_cell))
 
     return transform_cell
@@ -243,12 +290,19 @@ def _plain_python_first(transform: Any) -> Any:
     10 KB cell that is 8 ms, twice what parsing it costs.
     """
 
+    last: tuple[str, str] = ("", "")  # the kernel transforms each cell twice: parse it once
+
     def transform_cell(raw_cell: str) -> str:
+        nonlocal last
+        if raw_cell == last[0] and raw_cell:
+            return last[1]
         try:
             compile(raw_cell, "<cell>", "exec", ast.PyCF_ONLY_AST)
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             return str(transform(raw_cell))
-        return raw_cell if raw_cell.endswith("\n") else raw_cell + "\n"
+        plain = raw_cell if raw_cell.endswith("\n") else raw_cell + "\n"
+        last = (raw_cell, plain)
+        return plain
 
     return transform_cell
 

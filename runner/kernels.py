@@ -32,7 +32,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,8 @@ class CellOutcome:
 
     status: Status
     error: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The metadata of the cell's ``execute_reply`` (what the agent reports; untrusted)."""
 
 
 class Kernel:
@@ -198,8 +200,14 @@ class Kernel:
         silent: bool = False,
         on_output: OutputCallback | None = None,
         msg_id: str = "",
+        metadata: dict[str, Any] | None = None,
+        buffers: list[bytes] | None = None,
     ) -> dict[str, Any]:
-        """Execute ``code`` (as request ``msg_id`` if given); return its reply once idle."""
+        """Execute ``code`` (as request ``msg_id`` if given); return its reply once idle.
+
+        ``metadata`` and ``buffers`` go with the request (the agent reads the cell's
+        description there).
+        """
         content = {
             "code": code,
             "silent": silent,
@@ -208,11 +216,11 @@ class Kernel:
             "allow_stdin": False,
             "stop_on_error": False,
         }
-        msg = self._kc.session.msg("execute_request", content)
+        msg = self._kc.session.msg("execute_request", content, metadata=metadata)
         if msg_id:
             msg["header"]["msg_id"] = msg["msg_id"] = msg_id
         msg_id = msg["header"]["msg_id"]
-        self._kc.shell_channel.send(msg)
+        self._kc.session.send(self._kc.shell_channel.socket, msg, buffers=buffers)
         idle = asyncio.Event()
         self._listeners[msg_id] = (on_output or (lambda t, c: None), idle)
         try:
@@ -266,10 +274,13 @@ class Kernel:
         timeout: float | None = None,
         limit_name: str = "its timeout",
         msg_id: str = "",
+        metadata: dict[str, Any] | None = None,
+        buffers: list[bytes] | None = None,
     ) -> CellOutcome:
         """Run a cell, streaming its outputs; enforce ``timeout`` and the session's limits.
 
-        ``msg_id`` (the notebook's request id) is the cell's request id in the kernel.
+        ``msg_id`` (the notebook's request id) is the cell's request id in the kernel;
+        ``metadata`` and ``buffers`` go with its request.
         """
         published: list[dict[str, Any]] = []  # the errors the kernel showed, to name a failure
 
@@ -278,7 +289,9 @@ class Kernel:
                 published.append(content)
             on_output(msg_type, content)
 
-        run = asyncio.ensure_future(self._run(code, on_output=forward, msg_id=msg_id))
+        run = asyncio.ensure_future(
+            self._run(code, on_output=forward, msg_id=msg_id, metadata=metadata, buffers=buffers)
+        )
         death = asyncio.ensure_future(self._died())
         watched = {run, death}
         quota: asyncio.Future[str] | None = None
@@ -303,13 +316,15 @@ class Kernel:
                     {run, death}, timeout=INTERRUPT_GRACE, return_when=asyncio.FIRST_COMPLETED
                 )
             if run in done:
-                return self._outcome(
-                    run.result()["content"],
+                reply = run.result()
+                outcome = self._outcome(
+                    reply["content"],
                     timed_out,
                     timeout,
                     limit_name,
                     published[-1] if published else None,
                 )
+                return replace(outcome, metadata=dict(reply.get("metadata") or {}))
             if timed_out and death not in done:
                 return CellOutcome(
                     Status.KERNEL_DIED,

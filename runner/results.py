@@ -1,23 +1,22 @@
-"""What a cell sends back, as its kernel's agent left it in the exchange directory.
+"""What a cell sends back, as its kernel's agent reported it.
 
-The agent writes ``result.json`` (the values' headers, failures, deleted
-names) and ``out.bin`` (the values' bytes, end to end). The kernel runs the
-user's code, so both are untrusted: they are read without following links or
-waiting on FIFOs (:mod:`runner.safefiles`), and ``result.json`` is checked
-field by field. What does not pass is logged and comes back as no values.
+The agent puts the values' headers, failures and deleted names in the
+metadata of the cell's ``execute_reply``, and the values' bytes, end to end,
+in ``out.bin`` in the exchange directory. The kernel runs the user's code, so
+both are untrusted: the report is checked field by field, and ``out.bin`` is
+read without following links or waiting on FIFOs (:mod:`runner.safefiles`).
+What does not pass is logged and comes back as no values.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from didomagic import serialize
-from didomagic.protocol import MAX_TEXT_SIZE, ValueHeader
-from runner import agent, safefiles
+from didomagic.protocol import ValueHeader
+from runner import safefiles
 
 logger = logging.getLogger("didomagic.runner")
 
@@ -25,20 +24,15 @@ Collected = tuple[list[ValueHeader], list[int], dict[str, str], list[str]]
 """Value headers, their offsets in ``out.bin``, failures by name, deleted names."""
 
 
-def collect(exchange: Path, log_id: str) -> Collected:
-    """Read and check ``result.json`` (then remove it); nothing if it is missing or bad."""
-    path = exchange / agent.RESULT_FILE
-    try:
-        body = json.loads(safefiles.read_regular(path, MAX_TEXT_SIZE))
-        return _checked(body)
-    except FileNotFoundError:
+def collect(body: Any, log_id: str) -> Collected:
+    """Check the agent's report of a cell (None: it made none, say the kernel died)."""
+    if body is None:
         return [], [], {}, []
-    except (safefiles.UnsafeFile, ValueError, TypeError, KeyError) as exc:
+    try:
+        return _checked(body)
+    except (ValueError, TypeError, KeyError) as exc:
         logger.warning("session %s: the kernel's result was refused: %s", log_id, exc)
         return [], [], {}, []
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def _checked(body: Any) -> Collected:

@@ -16,12 +16,11 @@ Either failure is an :class:`UnsafeFile` that says what was found.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import stat
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -70,16 +69,6 @@ def open_regular(path: Path) -> int:
     return fd
 
 
-def read_regular(path: Path, limit: int) -> bytes:
-    """The bytes of the regular file at ``path``; raise if it holds more than ``limit``."""
-    fd = open_regular(path)
-    with open(fd, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise UnsafeFile(f"{path} holds more than {limit} bytes; it was not read")
-    return data
-
-
 def map_regular(path: Path) -> memoryview:
     """Map the regular file at ``path`` read-only (an empty view for an empty file)."""
     fd = open_regular(path)
@@ -90,11 +79,3 @@ def map_regular(path: Path) -> memoryview:
         return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
     finally:
         os.close(fd)
-
-
-def write_json(path: Path, body: dict[str, Any]) -> None:
-    """Write ``body`` to ``path`` atomically, through a temporary file (:func:`replace_new`)."""
-    tmp = path.with_suffix(".tmp")
-    with replace_new(tmp) as f:
-        f.write(json.dumps(body).encode())
-    os.replace(tmp, path)

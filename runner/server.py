@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import gc
 import hmac
+import json
 import logging
 import os
 import platform
@@ -80,7 +81,7 @@ from didomagic.protocol import (
     encode,
     python_version,
 )
-from runner import accept, admission, agent, bulk, resources, results, safefiles
+from runner import accept, admission, agent, bulk, resources, results
 from runner.admission import RequestLimits
 from runner.broker import Broker
 from runner.certs import server_context
@@ -1058,20 +1059,14 @@ class SessionHandler:
                 Installing(request.cell, count, line[-500:], done)
             ),
         )
-        with contextlib.suppress(OSError):  # a directory planted there, say
-            (exchange / agent.RESULT_FILE).unlink()
-        safefiles.write_json(
-            exchange / agent.CELL_FILE,
-            {
-                "values": values,
-                "fetch": list(request.fetch),
-                "deletes": list(request.deletes),
-                "held": list(request.held),
-                "origin": self.client_versions,
-            },
-        )
-        if request.count > 0:
-            agent.write_json(exchange / agent.COUNT_FILE, {"count": request.count})
+        described = {  # travels in the execute_request (see runner.agent): no file per cell
+            "values": values,
+            "fetch": list(request.fetch),
+            "deletes": list(request.deletes),
+            "held": list(request.held),
+            "origin": self.client_versions,
+        }
+        named = {"run": secrets.token_hex(8), "count": request.count}  # (cell ids may repeat)
         started = time.perf_counter()
 
         limit = self.server.settings.max_output
@@ -1109,7 +1104,6 @@ class SessionHandler:
                 Status.ERROR,
                 failure or {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"},
             )
-            (exchange / agent.CELL_FILE).unlink(missing_ok=True)
         else:
             timeout, limit_name = request.timeout, "its timeout"
             cap = self.server.settings.cell_timeout
@@ -1119,7 +1113,13 @@ class SessionHandler:
             self.broker.open_cell(request.cell)
             try:
                 outcome = await kernel.execute(
-                    request.code, forward, timeout, limit_name, msg_id=request.parent
+                    request.code,
+                    forward,
+                    timeout,
+                    limit_name,
+                    msg_id=request.parent,
+                    metadata={agent.DESCRIPTION_KEY: named},
+                    buffers=[json.dumps(described).encode()],
                 )
             finally:
                 self.broker.close_cell()
@@ -1132,7 +1132,9 @@ class SessionHandler:
             and (outcome.error or {}).get("ename") == "KeyboardInterrupt"
         ):
             status = Status.INTERRUPTED
-        values, offsets, failures, deleted = results.collect(exchange, self.log_id)
+        values, offsets, failures, deleted = results.collect(
+            outcome.metadata.get(agent.DESCRIPTION_KEY), self.log_id
+        )
         out_path = exchange / agent.OUTPUT_FILE
         if status is Status.KERNEL_DIED:
             values, offsets = [], []

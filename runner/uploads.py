@@ -142,7 +142,7 @@ class Upload:
         self._created.clear()
 
     def described(self) -> list[dict[str, Any]]:
-        """The values as the agent reads them from ``cell.json``."""
+        """The values as the agent reads them in the cell's description."""
         text = {id(p): str(p) for p in self.paths}  # each distinct path made a string once
         return [
             {

@@ -58,14 +58,16 @@ def test_fit_in_place_comes_back_and_the_runner_keeps_its_newer_copy(shell, ns, 
     assert ns["same"] is True  # the runner's object was not overwritten by the notebook's copy
     assert np.allclose(ns["p"], ns["y"])
     values_in, held, _ = last_cell_line(module_runner)
-    # m and X unchanged: not sent again; the int fitted_id and the cell's file bundle are
-    assert held == 2 and values_in == 2
+    # m and X unchanged: not sent again; the int fitted_id is (and the file bundle, if it
+    # has news for the kernel)
+    assert held == 2 and 1 <= values_in <= 2
 
     shell.run_cell("m.coef_ = m.coef_ * 0")  # changed in the notebook since: it is sent
     result, cap = remote(shell, module_runner.url, "zero = float(abs(m.predict(X)).sum())")
     assert result.success, cap.stdout + cap.stderr
     assert ns["zero"] == 0.0
-    assert last_cell_line(module_runner)[:2] == (2, 1)  # m (and the file bundle) sent, X held
+    values_in, held, _ = last_cell_line(module_runner)
+    assert held == 1 and 1 <= values_in <= 2  # m (and maybe the file bundle) sent, X held
 
 
 def test_items_append_in_remote_and_local_cells(shell, ns, module_runner):

@@ -238,7 +238,9 @@ async def _until_answer(ws: object) -> list[str]:
 
 FIFO_RESULT = """
 import os
-def _plant(result=None, path=os.path.join({exchange!r}, 'result.json')):
+def _plant(result=None, path=os.path.join({exchange!r}, 'out.bin')):
+    if 'z' not in get_ipython().user_ns:  # the next cell: after the agent wrote its values
+        return
     if os.path.exists(path):
         os.unlink(path)
     os.mkfifo(path)
@@ -246,7 +248,7 @@ get_ipython().events.register('post_run_cell', _plant)
 """
 
 
-def test_a_fifo_planted_as_the_result_file_does_not_freeze_the_runner(case, target):
+def test_a_fifo_planted_as_the_values_file_does_not_freeze_the_runner(case, target):
     exchange = ""
 
     async def go() -> Result:
@@ -278,7 +280,7 @@ def test_a_fifo_planted_as_the_result_file_does_not_freeze_the_runner(case, targ
         second = future.result(TIMEOUT / 2)
     finally:  # a runner blocked reading the FIFO gets its writer (before the fix)
         with contextlib.suppress(OSError):
-            os.close(os.open(Path(exchange) / "result.json", os.O_WRONLY | os.O_NONBLOCK))
+            os.close(os.open(Path(exchange) / "out.bin", os.O_WRONLY | os.O_NONBLOCK))
     assert second.status is Status.OK
     assert legit_cell(case) == 42
     assert "not a regular file" in target.log
