@@ -11,6 +11,7 @@ What does not pass is logged and comes back as no values.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from didomagic.protocol import ValueHeader
 from runner import safefiles
 
 logger = logging.getLogger("didomagic.runner")
+
+RELEASE_ON_THREAD = 16 << 20
+"""Bytes of a finished result above which :func:`release` lets it go on a thread."""
 
 Collected = tuple[list[ValueHeader], list[int], dict[str, str], list[str]]
 """Value headers, their offsets in ``out.bin``, failures by name, deleted names."""
@@ -86,3 +90,20 @@ def output_parts(
             failures[v.name] = f"could not be sent back: {exc}"
         return [], []
     return parts, values
+
+
+def release(box: list[list[list[memoryview]]]) -> None:
+    """Let go of the finished result's parts that ``box`` holds (its only reference to them).
+
+    The parts map the kernel's ``out.bin``, already unlinked, so dropping the
+    last view unmaps it and frees its pages: 0.2 to 0.4 s per GB, which the
+    next cell would wait for on the event loop. A large result's box is
+    therefore emptied on a thread of its own (unmapping releases the GIL).
+    Build the box in the same statement that drops your own reference::
+
+        box, finished.parts = [finished.parts], []
+    """
+    if sum(part.nbytes for parts in box for value in parts for part in value) < RELEASE_ON_THREAD:
+        box.clear()
+        return
+    threading.Thread(target=box.clear, name="didomagic-release", daemon=True).start()

@@ -1211,7 +1211,10 @@ class SessionHandler:
         return replace(finished.result, bulk=ticket)
 
     def _forget_finished(self) -> None:
-        self.finished = None
+        finished, self.finished = self.finished, None
+        if finished is not None:  # (a large mapping goes on a thread, off the loop)
+            box, finished.parts = [finished.parts], []
+            results.release(box)
 
     async def _replace_kernel(self) -> None:
         old, self.kernel = self.kernel, await self.server.pool.take()

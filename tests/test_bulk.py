@@ -102,6 +102,32 @@ def test_a_value_changed_in_place_between_cells_is_sent_again_over_the_bulk_port
     api.default_pool().close()
 
 
+def _mapped_results(pid: int) -> int:
+    """Bytes of returned values (``out.bin`` files) the runner process has mapped now."""
+    total = 0
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if "out.bin" in line:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            total += end - start
+    return total
+
+
+def test_a_large_result_is_unmapped_once_the_next_cell_starts(runner_factory):
+    runner = runner_factory()
+    ns: dict[str, Any] = {}
+    api.run_cell(
+        api.CellSpec(f"import numpy as np\nb = np.ones({SIZE // 8})"), ns, runner=runner.url
+    )
+    assert ns["b"].sum() == SIZE // 8
+    assert _mapped_results(runner.process.pid) >= SIZE  # kept until the next cell, to resend
+    api.run_cell(api.CellSpec("n = 1"), ns, runner=runner.url)
+    assert ns["n"] == 1
+    wait_until(lambda: _mapped_results(runner.process.pid) < SIZE, "the result to be unmapped")
+    api.run_cell(api.CellSpec("c = b[:10].copy()"), ns, runner=runner.url)  # the session goes on
+    assert ns["c"].sum() == 10
+    api.default_pool().close()
+
+
 def test_small_values_keep_to_the_websocket(runner_factory):
     runner = runner_factory()
     ns: dict[str, Any] = {"a": np.ones(1000)}
