@@ -1123,9 +1123,9 @@ class SessionHandler:
                 )
             finally:
                 self.broker.close_cell()
-                if self.cache is not None:  # the kernel let go of the values this cell replaced
-                    self.cache.release()
             await self.broker.settled()  # no answer may cross the result
+        if self.cache is not None:  # the kernel let go of the values this cell replaced
+            self.cache.release()
         await self.outbox.join()  # every output leaves before the result
         status = outcome.status
         if (
