@@ -19,6 +19,14 @@ from didomagic.errors import ProtocolError
 from didomagic.protocol import Execute
 from runner import agent, safefiles
 
+RELEASE_AFTER = 1.0
+"""Seconds into a cell after which the files its values replaced are let go (see ValueCache).
+
+By then the kernel has, as a rule, rebound the names (its first step: if
+not, it frees the pages itself, as it would without this); a cell that ends
+sooner lets go of them as it ends. A long cell never holds them long.
+"""
+
 
 class UploadRefused(ProtocolError):
     """A value could not be written where it belongs (something was planted there)."""
@@ -170,9 +178,10 @@ class ValueCache:
     A file a newer value replaces is *retired*: its name goes at once, but
     the cache keeps it open until :meth:`release`. Freeing a memory-backed
     file's pages costs about 150 ms per GB, paid by whoever lets go of it
-    last; without this that is the kernel, when it rebinds the name in the
-    middle of the next cell. Held here, the kernel's unmapping is quick and
-    the pages are freed on a thread of the runner's once the cell ran.
+    last; without this that is the kernel, when it rebinds the name as the
+    next cell starts. Held here, the kernel's unmapping is quick and the
+    pages are freed on a thread of the runner's, once the cell ran or
+    :data:`RELEASE_AFTER` seconds into it, whichever comes first.
     """
 
     def __init__(self, directory: Path) -> None:
