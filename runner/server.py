@@ -95,7 +95,7 @@ from runner.limits import Limits, format_size
 from runner.sandbox import Sandbox
 from runner.session_packages import SessionPackages
 from runner.status import PageData, log_buffer, with_status_page
-from runner.uploads import Upload, ValueCache
+from runner.uploads import RELEASE_AFTER, Upload, ValueCache
 from runner.wire import IDLE_CLOSE_REASON, peer_of, refuse
 
 logger = logging.getLogger("didomagic.runner")
@@ -1111,6 +1111,8 @@ class SessionHandler:
                 timeout, limit_name = cap, "the runner's --cell-timeout"
             assert self.broker is not None
             self.broker.open_cell(request.cell)
+            assert self.cache is not None
+            release = asyncio.get_running_loop().call_later(RELEASE_AFTER, self.cache.release)
             try:
                 outcome = await kernel.execute(
                     request.code,
@@ -1123,7 +1125,10 @@ class SessionHandler:
                 )
             finally:
                 self.broker.close_cell()
+                release.cancel()
             await self.broker.settled()  # no answer may cross the result
+        if self.cache is not None:  # the kernel let go of the values this cell replaced
+            self.cache.release()
         await self.outbox.join()  # every output leaves before the result
         status = outcome.status
         if (

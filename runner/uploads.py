@@ -7,8 +7,10 @@ session holds, so an unchanged one is not sent again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,6 +18,14 @@ from didomagic import serialize
 from didomagic.errors import ProtocolError
 from didomagic.protocol import Execute
 from runner import agent, safefiles
+
+RELEASE_AFTER = 1.0
+"""Seconds into a cell after which the files its values replaced are let go (see ValueCache).
+
+By then the kernel has, as a rule, rebound the names (its first step: if
+not, it frees the pages itself, as it would without this); a cell that ends
+sooner lets go of them as it ends. A long cell never holds them long.
+"""
 
 
 class UploadRefused(ProtocolError):
@@ -164,12 +174,22 @@ class ValueCache:
     Lives as long as the session (moved into a replaced kernel's cache
     directory), in the cache directory of the session's kernel, removed with
     the session.
+
+    A file a newer value replaces is *retired*: its name goes at once, but
+    the cache keeps it open until :meth:`release`. Freeing a memory-backed
+    file's pages costs about 150 ms per GB, paid by whoever lets go of it
+    last; without this that is the kernel, when it rebinds the name as the
+    next cell starts. Held here, the kernel's unmapping is quick and the
+    pages are freed on a thread of the runner's, once the cell ran or
+    :data:`RELEASE_AFTER` seconds into it, whichever comes first.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(mode=0o700, exist_ok=True)  # a kernel's cache directory, empty
         self.entries: dict[str, tuple[str, Path]] = {}
+        self._retired: list[int] = []
+        """Descriptors of replaced files, closed by :meth:`release`."""
 
     def move_to(self, directory: Path) -> None:
         """Keep the cached values in ``directory`` from now on (a replaced kernel's cache)."""
@@ -193,12 +213,33 @@ class ValueCache:
     def store(self, name: str, digest: str, written: Path) -> Path:
         """Make ``written`` the cached bytes of ``name``; drop what it replaces."""
         path = self.directory / f"{digest}.bin"
+        self._retire(path)
         os.replace(written, path)
         old = self.entries.get(name)
         self.entries[name] = (digest, path)
         if old is not None and old[1] != path and old[1] not in self._paths():
+            self._retire(old[1])
             old[1].unlink(missing_ok=True)
         return path
+
+    def _retire(self, path: Path) -> None:
+        """Keep the file at ``path`` (about to lose its name) open until :meth:`release`."""
+        with contextlib.suppress(OSError):  # none there: nothing to free later
+            self._retired.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+
+    def release(self) -> threading.Thread | None:
+        """Let go of the retired files on a thread (freeing their pages takes a while).
+
+        Returns that thread (join it to wait), or None when nothing was retired.
+        """
+        retired, self._retired = self._retired, []
+        if not retired:
+            return None
+        thread = threading.Thread(
+            target=_close_all, args=(retired,), name="didomagic-cache-release", daemon=True
+        )
+        thread.start()
+        return thread
 
     def _paths(self) -> set[Path]:
         return {path for _, path in self.entries.values()}
@@ -207,3 +248,10 @@ class ValueCache:
         """Remove every cached file."""
         shutil.rmtree(self.directory, ignore_errors=True)
         self.entries.clear()
+        self.release()
+
+
+def _close_all(descriptors: list[int]) -> None:
+    for fd in descriptors:
+        with contextlib.suppress(OSError):
+            os.close(fd)
