@@ -123,7 +123,9 @@ class CodeIndex:
         self._editable_key: tuple[str, ...] | None = None
         self._editable: tuple[str, ...] = ()
         self._editable_names: frozenset[str] = frozenset()
-        self._classified: dict[str, tuple[int, str | None]] = {}
+        self._classified: dict[str, tuple[object, str | None]] = {}
+        """name → (the module object, its first-party file): the object, not its id, since a
+        module removed from ``sys.modules`` frees its id for the next one."""
         self._digests: dict[str, tuple[int, int, str, bytes | None]] = {}
         self._listings: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._described: dict[tuple[str, str], tuple[int, int, ModuleSource]] = {}
@@ -219,13 +221,13 @@ class CodeIndex:
     def classify(self, name: str, module: ModuleType) -> str | None:
         """The first-party source file of an imported module, or None (cached per module)."""
         cached = self._classified.get(name)
-        if cached is not None and cached[0] == id(module):
+        if cached is not None and cached[0] is module:
             return cached[1]
         path = None
         top = name.partition(".")[0]
         if top not in TOOL_PACKAGES and name != "__main__":
             path = self.first_party_file(getattr(module, "__file__", None))
-        self._classified[name] = (id(module), path)
+        self._classified[name] = (module, path)
         return path
 
     # -- sources
@@ -395,7 +397,7 @@ class CodeIndex:
             cache = self._classified
             for name, module in now.items():
                 cached = cache.get(name)
-                if cached is not None and cached[0] == id(module):
+                if cached is not None and cached[0] is module:
                     path = cached[1]
                 elif module is None:
                     continue
