@@ -102,7 +102,7 @@ def run_cell(
         return _run_local(pool.local, spec, namespace, transform, sent, transfer)
     session = session or pool.session(runner, spec.tags, spec.os)
     safe = session.url.safe_results
-    state = session.responder.state
+    state = session.cell_state()
     bundle = files.bundle_value(state, spec.files, safe=safe, skip_unchanged=True)
     if bundle is not None:  # (None: the kernel holds what it would say)
         sent.append(bundle)

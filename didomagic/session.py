@@ -95,6 +95,7 @@ class RemoteSession:
         """Which version of each value the remote kernel's namespace holds."""
         self.responder = _responder(url)
         """Answers the remote kernel's asks with the registered handlers (see resources)."""
+        self._responder_fresh = True  # no remote session has used it yet
         self._busy = asyncio.Lock()  # one cell at a time, whoever calls (run, run_async)
         self.runner_name = ticket.runner if ticket else url.address
         """The runner's name, once it has introduced itself."""
@@ -106,6 +107,18 @@ class RemoteSession:
         self.ticket = ticket
         """What it takes to reattach the remote session (kept in the user's ticket file)."""
         self._identity = {CLIENT_HEADER: client_secret()}
+
+    def cell_state(self) -> dict[str, Any]:
+        """The responder state a cell prepares what it sends in (its files bundle, say).
+
+        A fresh one when the next cell opens a new remote session, so that what
+        the cell records there (the tree went, these files went) holds for the
+        session that gets it, and the cell after does not send it all again.
+        """
+        if not self.connected and not self._responder_fresh:
+            self.responder = _responder(self.url)
+            self._responder_fresh = True
+        return self.responder.state
 
     @property
     def connected(self) -> bool:
@@ -160,7 +173,9 @@ class RemoteSession:
         self._connection = connection
         self._held.clear()  # a new remote session holds no values yet
         self.versions.clear()
-        self.responder = _responder(self.url)
+        if not self._responder_fresh:  # what it knew was of a remote session now gone
+            self.responder = _responder(self.url)
+        self._responder_fresh = False
         self.description = dict(connection.welcome.runner)
         self.runner_name = connection.runner_name
         self._bridge_widgets(events, connection)

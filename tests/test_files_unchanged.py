@@ -7,6 +7,7 @@ and a kernel that died is sent the project again (through a real runner).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from IPython.utils.capture import capture_output
@@ -79,3 +80,19 @@ def test_after_its_kernel_died_the_new_kernel_gets_the_project_again(
     ok(shell, url, "text = open('input.txt').read()\nopen('after.txt', 'w').write('new')")
     assert ns["text"] == "still here"
     assert (notebook_folder / "after.txt").read_text() == "new"
+
+
+def test_the_first_cell_of_a_new_session_is_remembered_so_the_second_sends_nothing(
+    shell, ns, runner_factory, notebook_folder: Path
+):
+    """The first cell's bundle (with the project's tree) was recorded in a responder the
+    session then replaced on opening, so the second cell walked and sent the tree again."""
+    runner = runner_factory()
+    (notebook_folder / "notes.txt").write_text("in the tree")
+    ok(shell, runner.url, "x = 1")  # opens the session: the tree goes
+    assert ledger(runner.url).tree_sent
+    ok(shell, runner.url, "y = 2")
+    counts = re.findall(r"\((\d+) values in, \d+ held, \d+ out\)", runner.log)
+    assert counts[-1] == "0", runner.log[-2000:]  # no bundle: the kernel holds the tree
+    ok(shell, runner.url, "z = open('notes.txt').read()")
+    assert ns["z"] == "in the tree"
