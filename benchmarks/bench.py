@@ -249,8 +249,14 @@ WARM_KERNELS = 2
 """Kernels the benchmark's runners keep started and waiting."""
 
 
-def start_runner(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    """A runner on a free port with two warm kernels (plus ``extra`` flags); its URL."""
+def start_runner(
+    *extra: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A runner on a free port with two warm kernels (plus ``extra`` flags); its URL.
+
+    ``cwd``: the checkout it runs from (first on its ``PYTHONPATH``); ``env``: added
+    to its environment.
+    """
     state = tempfile.mkdtemp(prefix="didomagic-bench-")
     process = subprocess.Popen(
         [
@@ -272,6 +278,14 @@ def start_runner(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
         ],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        env=None
+        if cwd is None and env is None
+        else {
+            **os.environ,
+            **({"PYTHONPATH": str(cwd)} if cwd is not None else {}),
+            **(env or {}),
+        },
     )
     assert process.stdout is not None
     return process, process.stdout.readline().decode().strip()

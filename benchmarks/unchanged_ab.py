@@ -14,43 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench import timed
+from benchmarks.bench import start_runner, timed
 from didomagic import serialize
 from didomagic.versions import version
-
-
-def start(
-    name: str, cwd: Path, env: dict[str, str], state: str
-) -> tuple[subprocess.Popen[bytes], str]:
-    """A runner from the checkout at ``cwd``, its state under ``state``; its URL."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "runner",
-            "--port",
-            "0",
-            "--state-dir",
-            state,
-            "--warm-kernels",
-            "1",
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(cwd), **env},
-    )
-    assert process.stdout is not None
-    return process, process.stdout.readline().decode().strip()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,10 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     setups = {"check on": (here, {}), "check off": (here, {"DIDOMAGIC_PAGEMAP": "off"})}
     if args.baseline is not None:
         setups["baseline"] = (args.baseline.resolve(), {})
-    states = tempfile.TemporaryDirectory(prefix="didomagic-ab-")
     runners = {
-        name: start(name, cwd, env, f"{states.name}/{i}")
-        for i, (name, (cwd, env)) in enumerate(setups.items())
+        name: start_runner("--warm-kernels", "1", cwd=cwd, env=env)
+        for name, (cwd, env) in setups.items()
     }
     from IPython.testing.globalipapp import start_ipython
 
@@ -106,7 +75,6 @@ def main(argv: list[str] | None = None) -> None:
             process.terminate()
         for process, _ in runners.values():
             process.wait(timeout=60)
-        states.cleanup()
 
 
 if __name__ == "__main__":
